@@ -1,0 +1,13 @@
+// AVX2 + FMA build of the CPU kernels; chosen at run time by at::get_cpu_capability().
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// GCC's target pragma enables the instructions but not the feature macros that ATen's and
+// Sleef's headers test, so declare those too (this file only; the ISA is checked at run time).
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#define FASTKD_ISA_NS isa_avx2
+#include "kd_loss_kernel.h"
+static_assert(at::vec::Vectorized<float>::size() == 8, "fastkd: AVX2 build did not get 256-bit vectors");

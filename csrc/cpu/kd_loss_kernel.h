@@ -1,0 +1,242 @@
+// The dense KD row kernel for the CPU. Included once per instruction set by kd_loss_<isa>.cpp,
+// which first defines FASTKD_ISA_NS and ATen's CPU_CAPABILITY macros, so that
+// at::vec::Vectorized is the AVX-512, AVX2 or plain build in that translation unit.
+//
+// Per row (a = s/T, b = t/T), with four row-sized fp32 (fp64 for double) scratch buffers per
+// thread and no [N, V] temporary besides the gradient:
+//   1. load + scale + max        A = a, B = b                  (the only read of the inputs)
+//   2. exp + sum                 Q = exp(a - max a), P = exp(b - max b)
+//   3. divergence terms          D = sum term, U = sum u;      Q <- q, P <- u   (kd_math.h)
+//   4. hard-label CE (optional)  B <- exp(s - max s)
+//   5. gradient                  g = w_kd (u - q U) + w_hard (softmax(s) - onehot(label))
+// The row stays in L2 between passes, so the inputs cross DRAM once and the gradient once.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kd_loss_cpu.h"
+
+namespace fastkd::cpu::FASTKD_ISA_NS {
+namespace {
+
+// kd_math.h's Ops policy for at::vec::Vectorized.
+template <typename acc_t>
+struct VecOps {
+  using Vec = at::vec::Vectorized<acc_t>;
+  static Vec log(Vec x) { return x.log(); }
+  static Vec abs(Vec x) { return x.abs(); }
+  static Vec unless_zero(Vec w, Vec y) { return Vec::blendv(y, Vec(0), w == Vec(0)); }
+  static Vec sign(Vec x) {
+    return Vec::blendv(Vec::blendv(Vec(0), Vec(1), x > Vec(0)), Vec(-1), x < Vec(0));
+  }
+};
+
+// Row-sized scratch, one per thread. (Not std::vector: this file is compiled once per ISA, and an
+// AVX-512 copy of a shared std:: template could be the one the linker keeps for all three.)
+template <typename acc_t>
+struct Scratch {
+  acc_t* data;
+  explicit Scratch(int64_t n) : data(new acc_t[n]) {}
+  ~Scratch() { delete[] data; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+template <typename acc_t>
+acc_t reduce_sum(at::vec::Vectorized<acc_t> v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, v);
+}
+
+template <typename acc_t>
+acc_t reduce_max(at::vec::Vectorized<acc_t> v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return at::vec::maximum(x, y); }, v);
+}
+
+// dst[0:V] = src * scale (in acc_t), dst[V:Vp] = -inf (contributes nothing anywhere); returns max.
+template <typename scalar_t, typename acc_t>
+acc_t load_scaled(const scalar_t* src, acc_t* dst, int64_t V, int64_t Vp, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* from = dst;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    from = src;  // scale straight from the input row
+  } else {
+    at::vec::convert(src, dst, V);
+  }
+  const Vec sc(scale);
+  Vec mx(kNegInf);
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) {
+    const Vec x = Vec::loadu(from + j) * sc;
+    x.store(dst + j);
+    mx = at::vec::maximum(mx, x);
+  }
+  if (j < Vp) {  // the last partial vector, padded with -inf
+    const Vec x = Vec::set(Vec(kNegInf), Vec::loadu(from + j, V - j) * sc, V - j);
+    x.store(dst + j);
+    mx = at::vec::maximum(mx, x);
+  }
+  return reduce_max(mx);
+}
+
+// dst[0:V] = src[0:V] in the output dtype.
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, scalar_t* dst, int64_t V) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, V * sizeof(acc_t));
+  } else {
+    at::vec::convert(src, dst, V);
+  }
+}
+
+// E = exp(X - m); returns sum(E). m must be finite.
+template <typename acc_t>
+acc_t exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(0);
+  const Vec mv(m);
+  for (int64_t j = 0; j < Vp; j += Vec::size()) {
+    const Vec e = (Vec::loadu(X + j) - mv).exp();
+    e.store(E + j);
+    acc = acc + e;
+  }
+  return reduce_sum(acc);
+}
+
+template <typename scalar_t, Divergence D>
+void dense_rows(const DenseArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using Ops = VecOps<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  const int64_t N = a.student.size(0);
+  const int64_t V = a.student.size(1);
+  const int64_t Vp = (V + Vec::size() - 1) / Vec::size() * Vec::size();
+  const scalar_t* S = a.student.const_data_ptr<scalar_t>();
+  const scalar_t* T = a.teacher.const_data_ptr<scalar_t>();
+  const int64_t* L = a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr;
+  acc_t* loss = a.loss.mutable_data_ptr<acc_t>();
+  scalar_t* G = a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
+
+  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2);
+  const acc_t inv_t = acc_t(1.0 / a.temperature);
+  const bool hard = a.hard_weight > 0;
+  const Vec beta(acc_t(a.beta));
+
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch(4 * Vp);
+    acc_t* A = scratch.data;
+    acc_t* B = A + Vp;
+    acc_t* Q = B + Vp;
+    acc_t* P = Q + Vp;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* s = S + r * V;
+      const scalar_t* t = T + r * V;
+      scalar_t* g = G ? G + r * V : nullptr;
+      int64_t label = -1;
+      if (L) {
+        label = L[r];
+        if (label == a.ignore_index) {
+          loss[r] = 0;
+          if (g) std::fill(g, g + V, scalar_t(0));
+          continue;
+        }
+        TORCH_CHECK(label >= 0 && label < V, "fastkd: labels must lie in [0, ", V,
+                    ") or equal ignore_index=", a.ignore_index, "; got ", label, " at row ", r);
+      }
+      // 1. load, scale, max
+      const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
+      const acc_t mb = load_scaled(t, B, V, Vp, inv_t);
+      if (ma == kNegInf) {  // no finite student logit: the row is empty
+        loss[r] = 0;
+        if (g) std::fill(g, g + V, scalar_t(0));
+        continue;
+      }
+      // 2. exp + sum (student always, teacher when it has a finite logit)
+      const acc_t Sa = exp_sum(A, Q, Vp, ma);
+      const Vec iSa(acc_t(1) / Sa);
+      acc_t div = 0, U = 0;
+      if (mb != kNegInf) {
+        const acc_t Sb = exp_sum(B, P, Vp, mb);
+        const Vec LA(ma + std::log(Sa)), LB(mb + std::log(Sb)), iSb(acc_t(1) / Sb);
+        // 3. divergence terms
+        Vec dv(0), uv(0);
+        for (int64_t j = 0; j < Vp; j += Vec::size()) {
+          const Vec q = Vec::loadu(Q + j) * iSa;
+          const Vec p = Vec::loadu(P + j) * iSb;
+          const Vec lq = Vec::loadu(A + j) - LA;
+          const Vec lp = Vec::loadu(B + j) - LB;
+          Vec term, u;
+          Elem<D>::template eval<Ops>(p, q, lp, lq, beta, term, u);
+          dv = dv + term;
+          uv = uv + u;
+          q.store(Q + j);
+          u.store(P + j);
+        }
+        div = reduce_sum(dv);
+        U = reduce_sum(uv);
+      } else {  // no finite teacher logit: no KD term for this row
+        for (int64_t j = 0; j < Vp; j += Vec::size()) (Vec::loadu(Q + j) * iSa).store(Q + j);
+        std::fill(P, P + Vp, acc_t(0));
+      }
+      // 4. hard-label cross-entropy at temperature 1: B <- softmax(s) numerator
+      acc_t ce = 0, iS1 = 0;
+      if (hard) {
+        const acc_t m1 = load_scaled(s, B, V, Vp, acc_t(1));
+        const acc_t S1 = exp_sum(B, B, Vp, m1);
+        iS1 = acc_t(1) / S1;
+        ce = m1 + std::log(S1) - static_cast<acc_t>(s[label]);
+      }
+      loss[r] = acc_t(w.kd_loss_weight) * div + acc_t(w.hard_weight) * ce;
+      if (!g) continue;
+      // 5. gradient, assembled in P then written once in the student's dtype
+      const Vec wkd(acc_t(w.kd_grad_weight)), Uv(U);
+      if (hard) {
+        const Vec wh(acc_t(w.hard_weight) * iS1);
+        for (int64_t j = 0; j < Vp; j += Vec::size()) {
+          const Vec gj = wkd * (Vec::loadu(P + j) - Vec::loadu(Q + j) * Uv) + wh * Vec::loadu(B + j);
+          gj.store(P + j);
+        }
+        P[label] -= acc_t(w.hard_weight);
+      } else {
+        for (int64_t j = 0; j < Vp; j += Vec::size()) {
+          (wkd * (Vec::loadu(P + j) - Vec::loadu(Q + j) * Uv)).store(P + j);
+        }
+      }
+      store_row(P, g, V);
+    }
+  });
+}
+
+template <typename scalar_t>
+void dense_rows_for(const DenseArgs& a) {
+  switch (a.divergence) {
+    case Divergence::ForwardKL: return dense_rows<scalar_t, Divergence::ForwardKL>(a);
+    case Divergence::ReverseKL: return dense_rows<scalar_t, Divergence::ReverseKL>(a);
+    case Divergence::JSD: return dense_rows<scalar_t, Divergence::JSD>(a);
+    case Divergence::SkewForwardKL: return dense_rows<scalar_t, Divergence::SkewForwardKL>(a);
+    case Divergence::SkewReverseKL: return dense_rows<scalar_t, Divergence::SkewReverseKL>(a);
+    case Divergence::TVD: return dense_rows<scalar_t, Divergence::TVD>(a);
+  }
+  TORCH_CHECK(false, "fastkd: unknown divergence code ", static_cast<int>(a.divergence));
+}
+
+}  // namespace
+
+void dense_kd_rows(const DenseArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(),
+                                  "fastkd_dense_kd_rows", [&] { dense_rows_for<scalar_t>(a); });
+}
+
+}  // namespace fastkd::cpu::FASTKD_ISA_NS

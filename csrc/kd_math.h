@@ -1,0 +1,155 @@
+// fastkd/csrc/kd_math.h -- the per-element math of every dense divergence, written once.
+//
+// Every backend (C++ CPU, CUDA) includes this header; fastkd/_math.py is its PyTorch twin and
+// the two are kept line-for-line alike. Per row, with p = softmax(t/T) (teacher) and
+// q = softmax(s/T) (student), a divergence D is given by two per-element quantities:
+//
+//   term_j  : D = sum_j term_j
+//   u_j     : the q-weighted score, so that dD/d(s_j/T) = u_j - q_j * U with U = sum_j u_j
+//
+// (softmax Jacobian: dD/da_j = q_j (g_j - sum_k q_k g_k) with g = dD/dq; u_j = q_j g_j up to a
+// constant that cancels). Terms use the convention 0 * log 0 = 0: an entry whose weight is
+// exactly zero contributes 0 even where its log is -inf, so masked (-inf) vocabulary entries never
+// produce NaN.
+//
+// `V` is any arithmetic type (float, double, at::vec::Vectorized<float>, ...) and `Ops` supplies
+// the few non-arithmetic operations for it; ScalarOps below serves host and device scalars.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTKD_HD __host__ __device__ __forceinline__
+#else
+#define FASTKD_HD inline
+#endif
+
+namespace fastkd {
+
+// The divergences of DESIGN.md section 2; names are parsed in one place (divergence_from_name).
+enum class Divergence : int {
+  ForwardKL = 0,
+  ReverseKL = 1,
+  JSD = 2,
+  SkewForwardKL = 3,
+  SkewReverseKL = 4,
+  TVD = 5,
+};
+
+// Scalar implementation of the Ops policy (host or device).
+template <typename T>
+struct ScalarOps {
+  static FASTKD_HD T log(T x) { return std::log(x); }
+  static FASTKD_HD T abs(T x) { return x < T(0) ? -x : x; }
+  // y where w != 0, else 0: the 0 * log 0 = 0 convention.
+  static FASTKD_HD T unless_zero(T w, T y) { return w == T(0) ? T(0) : y; }
+  static FASTKD_HD T sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0)); }
+};
+
+// Elem<D>::eval(p, q, lp, lq, beta) -> term, u   (see the header comment).
+template <Divergence D>
+struct Elem;
+
+template <>
+struct Elem<Divergence::ForwardKL> {  // KL(p || q)
+  template <typename Ops, typename V>
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
+    (void)q; (void)beta;
+    term = Ops::unless_zero(p, p * (lp - lq));
+    u = V(0) - p;
+  }
+};
+
+template <>
+struct Elem<Divergence::ReverseKL> {  // KL(q || p)
+  template <typename Ops, typename V>
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
+    (void)p; (void)beta;
+    term = Ops::unless_zero(q, q * (lq - lp));
+    u = term;
+  }
+};
+
+template <>
+struct Elem<Divergence::JSD> {  // beta KL(p || m) + (1-beta) KL(q || m), m = beta p + (1-beta) q
+  template <typename Ops, typename V>
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
+    const V omb = V(1) - beta;
+    const V m = beta * p + omb * q;
+    const V lm = Ops::log(m);
+    const V kq = Ops::unless_zero(q, q * (lq - lm));
+    term = Ops::unless_zero(p, beta * p * (lp - lm)) + omb * kq;
+    u = omb * kq;
+  }
+};
+
+template <>
+struct Elem<Divergence::SkewForwardKL> {  // KL(p || beta p + (1-beta) q)
+  template <typename Ops, typename V>
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
+    (void)lq;
+    const V omb = V(1) - beta;
+    const V m = beta * p + omb * q;
+    term = Ops::unless_zero(p, p * (lp - Ops::log(m)));
+    u = Ops::unless_zero(m, V(0) - omb * q * p / m);
+  }
+};
+
+template <>
+struct Elem<Divergence::SkewReverseKL> {  // KL(q || beta q + (1-beta) p)
+  template <typename Ops, typename V>
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
+    (void)lp;
+    const V m = beta * q + (V(1) - beta) * p;
+    const V lm = Ops::log(m);
+    term = Ops::unless_zero(q, q * (lq - lm));
+    u = Ops::unless_zero(q, q * (lq - lm) - beta * q * q / m);
+  }
+};
+
+template <>
+struct Elem<Divergence::TVD> {  // 1/2 sum |p - q|
+  template <typename Ops, typename V>
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
+    (void)lp; (void)lq; (void)beta;
+    term = V(0.5) * Ops::abs(p - q);
+    u = V(0.5) * q * Ops::sign(q - p);
+  }
+};
+
+// Per-row scalars shared by every backend: how the KD divergence and the hard-label CE combine.
+//   row loss          = kd_loss_weight * D + hard_weight * CE
+//   d loss / d s_j    = kd_grad_weight * (u_j - q_j U) + hard_weight * (softmax(s)_j - [j == label])
+struct RowWeights {
+  double kd_loss_weight;  // (1 - hard_weight) * (T^2 if scale_by_t2 else 1)
+  double kd_grad_weight;  // kd_loss_weight / T   (chain rule through s / T)
+  double hard_weight;
+};
+
+FASTKD_HD RowWeights row_weights(double temperature, double hard_weight, bool scale_by_t2) {
+  const double kd = (1.0 - hard_weight) * (scale_by_t2 ? temperature * temperature : 1.0);
+  return RowWeights{kd, kd / temperature, hard_weight};
+}
+
+}  // namespace fastkd
+
+#if !defined(__CUDA_ARCH__)
+#include <string_view>
+namespace fastkd {
+// The public divergence names (DESIGN.md section 2), the one place C++ maps them to the enum.
+inline constexpr std::string_view kDivergenceNames[] = {
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"};
+
+// Returns false when `name` is not a divergence.
+inline bool divergence_from_name(std::string_view name, Divergence* out) {
+  for (int i = 0; i < 6; ++i) {
+    if (kDivergenceNames[i] == name) {
+      *out = static_cast<Divergence>(i);
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace fastkd
+#endif

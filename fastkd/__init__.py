@@ -1,0 +1,14 @@
+"""fastkd: fused knowledge-distillation losses for large-vocabulary language models.
+
+    loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=2.0)
+
+See README.md for the quick start and docs/ for the math and the backends.
+"""
+from . import _schemas  # noqa: F401  (declares the op schemas before any kernel registers)
+from . import _ext  # noqa: F401  (loads fastkd._C when built; reports it once when not)
+from ._math import DIVERGENCES
+from .backends import available_backends
+from .dense_kd import KDLoss, kd_loss
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "KDLoss", "available_backends", "DIVERGENCES", "__version__"]

@@ -1,0 +1,24 @@
+"""Every fastkd op schema, in one list (the torchao way).
+
+Each op has one schema and one implementation per backend: the compiled ones register theirs with
+TORCH_LIBRARY_IMPL (csrc/cpu/, kernels/), the pure-PyTorch ones in fastkd/reference.py. The shapes
+and units of every argument are documented in docs/math.md.
+"""
+import torch
+
+_DENSE_ARGS = (
+    "Tensor student, Tensor teacher, Tensor? labels, str divergence, float temperature, "
+    "float beta, int ignore_index, float hard_weight, bool scale_by_t2, bool compute_grad"
+)
+
+SCHEMAS = {
+    # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
+    # int64 or None. Returns (loss [N] fp32 (fp64 for fp64 input), grad [N, V] in the student's
+    # dtype -- d loss[i] / d student[i] -- or an empty tensor when compute_grad is false).
+    "dense_kd": f"dense_kd({_DENSE_ARGS}) -> (Tensor, Tensor)",  # compiled: CPU (C++), CUDA
+    "dense_kd_torch": f"dense_kd_torch({_DENSE_ARGS}) -> (Tensor, Tensor)",  # pure PyTorch
+}
+
+LIB = torch.library.Library("fastkd", "DEF")
+for _schema in SCHEMAS.values():
+    LIB.define(_schema)

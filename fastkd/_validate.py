@@ -1,0 +1,99 @@
+"""Argument checks shared by the public losses: each error names the argument and its value."""
+import math
+from numbers import Real
+
+import torch
+
+from ._math import DIVERGENCES
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
+
+
+def check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
+    """Both logits tensors: one dtype, one device, one shape, the vocabulary last."""
+    check_logits(student_name, student)
+    check_logits(teacher_name, teacher)
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            f"vocabulary sizes differ: {student_name} has V={student.shape[-1]}, "
+            f"{teacher_name} has V={teacher.shape[-1]}"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{student_name} {tuple(student.shape)} and {teacher_name} {tuple(teacher.shape)} "
+            "must have the same leading shape"
+        )
+    if student.device != teacher.device:
+        raise ValueError(f"{student_name} is on {student.device} but {teacher_name} is on {teacher.device}")
+    if student.dtype != teacher.dtype:
+        raise TypeError(
+            f"{student_name} is {student.dtype} but {teacher_name} is {teacher.dtype}; pass both in "
+            f"one dtype, e.g. {teacher_name}.to({student.dtype})"
+        )
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    return float(temperature)
+
+
+def check_divergence(divergence, beta) -> float:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence={divergence!r}; expected one of {DIVERGENCES}")
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+    if divergence == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta}")
+    if divergence.startswith("skew_") and not 0 <= beta < 1:
+        raise ValueError(f"beta must lie in [0, 1) for divergence={divergence!r}, got {beta}")
+    return float(beta)
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction={reduction!r}; expected one of {REDUCTIONS}")
+
+
+def check_labels(labels, logits: torch.Tensor, ignore_index, hard_weight) -> torch.Tensor | None:
+    """Labels flattened to [N] int64 (or None); checks shape, dtype, device and, where that needs
+    no device sync (CPU tensors, eager mode), the range of every kept label."""
+    if isinstance(hard_weight, bool) or not isinstance(hard_weight, Real) or not 0 <= hard_weight <= 1:
+        raise ValueError(f"hard_weight must lie in [0, 1], got {hard_weight!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if labels is None:
+        if hard_weight > 0:
+            raise ValueError(f"hard_weight={hard_weight} needs labels (the hard-label term is CE against them)")
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    lead = tuple(logits.shape[:-1])
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels must have the logits' leading shape {lead}, got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {logits.device}")
+    flat = labels.reshape(-1).long()
+    vocab = logits.shape[-1]
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"got {int(flat[i])} at flat position {i}"
+            )
+    return flat

@@ -1,0 +1,85 @@
+"""`fastkd.kd_loss` / `fastkd.KDLoss`: KD loss against a dense teacher, loss and gradient in one pass.
+
+The op `fastkd::dense_kd` (compiled: csrc/cpu/) and its twin `fastkd::dense_kd_torch` (the pure
+PyTorch reference, fastkd/reference.py) take [N, V] rows; this module flattens the leading shape,
+checks the arguments, picks the backend and reduces the per-row losses.
+"""
+import torch
+
+from . import _validate, backends, reference  # noqa: F401  (reference registers dense_kd_torch)
+from ._autograd import register_fused
+from ._math import acc_dtype
+from ._reduce import reduce_rows
+
+_OPS = {"torch": "dense_kd_torch", "cpu": "dense_kd", "cuda": "dense_kd"}
+
+
+def _fake(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
+          scale_by_t2, compute_grad):
+    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
+    return loss, (torch.empty_like(student) if compute_grad else student.new_empty(0))
+
+
+for _name in set(_OPS.values()):
+    register_fused(f"fastkd::{_name}", _fake)
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forward_kl", beta=0.5,
+            reduction="mean", labels=None, ignore_index=-100, hard_weight=0.0, scale_by_t2=True,
+            backend="auto"):
+    """Knowledge-distillation loss of `student_logits` against `teacher_logits`.
+
+    student_logits, teacher_logits: [..., V] logits of one float dtype (fp32, bf16, fp16, fp64).
+    temperature: T > 0; both distributions are softmax(logits / T).
+    divergence: "forward_kl" | "reverse_kl" | "jsd" | "skew_forward_kl" | "skew_reverse_kl" | "tvd";
+        beta weighs "jsd" (in (0, 1)) and the skew KLs (in [0, 1)).
+    labels: [...] integer class ids or None; rows equal to `ignore_index` are ignored.
+    hard_weight: w in [0, 1]; row loss = (1 - w) KD + w CE(softmax(student), labels).
+    scale_by_t2: multiply the KD term by T^2 (Hinton's convention).
+    reduction: "mean" over kept rows | "sum" | "none" (the leading shape, 0 at ignored rows).
+    backend: "auto" | "torch" | "cpu" | ... (see fastkd.available_backends()).
+
+    Returns a float32 loss (float64 for float64 logits), in nats. The gradient with respect to
+    `student_logits` (in its dtype) is computed in this call and kept; backward only scales it.
+    See docs/math.md for the exact definitions.
+    """
+    _validate.check_pair(student_logits, teacher_logits)
+    temperature = _validate.check_temperature(temperature)
+    beta = _validate.check_divergence(divergence, beta)
+    _validate.check_reduction(reduction)
+    flat_labels = _validate.check_labels(labels, student_logits, ignore_index, hard_weight)
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    name = backends.resolve(backend, student_logits.device)
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    op = getattr(torch.ops.fastkd, _OPS[name])
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    rows, _ = op(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach(),
+                 flat_labels, divergence, temperature, beta, ignore_index, float(hard_weight),
+                 scale_by_t2, compute_grad)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
+
+
+class KDLoss(torch.nn.Module):
+    """Module form of `kd_loss`, with the same options and defaults.
+
+    forward(student_logits [..., V], teacher_logits [..., V], labels [...] or None) -> loss
+    """
+
+    def __init__(self, *, temperature=1.0, divergence="forward_kl", beta=0.5, reduction="mean",
+                 ignore_index=-100, hard_weight=0.0, scale_by_t2=True, backend="auto"):
+        super().__init__()
+        self.options = dict(temperature=temperature, divergence=divergence, beta=beta,
+                            reduction=reduction, ignore_index=ignore_index,
+                            hard_weight=hard_weight, scale_by_t2=scale_by_t2, backend=backend)
+        # Fail at construction, not at the first batch.
+        _validate.check_temperature(temperature)
+        _validate.check_divergence(divergence, beta)
+        _validate.check_reduction(reduction)
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return kd_loss(student_logits, teacher_logits, labels=labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
