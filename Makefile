@@ -19,10 +19,13 @@ $(VENV)/.deps: pyproject.toml
 
 venv: $(VENV)/.deps
 
-# Compile fastkd._C (incremental: ninja rebuilds only what changed) and install editable.
-build: venv
-	$(PY) setup.py -q build_ext --inplace
+# Install editable once (that compiles fastkd._C), then recompile what changed (ninja, incremental).
+$(VENV)/.editable: $(VENV)/.deps setup.py
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.editable
+	$(PY) setup.py -q build_ext --inplace
 
 test: build
 	$(PY) -m pytest -q tests

@@ -37,25 +37,50 @@ enum class Divergence : int {
   TVD = 5,
 };
 
+// The constants of beta that the mixtures need, computed once per call.
+template <typename V>
+struct Mix {
+  V beta, omb, log_beta, log_omb;  // beta, 1 - beta, log(beta), log(1 - beta)
+};
+
+template <typename V>
+inline Mix<V> make_mix(double beta) {  // host side, once per call
+  return Mix<V>{V(beta), V(1.0 - beta), V(std::log(beta)), V(std::log1p(-beta))};
+}
+
 // Scalar implementation of the Ops policy (host or device).
 template <typename T>
 struct ScalarOps {
   static FASTKD_HD T log(T x) { return std::log(x); }
+  static FASTKD_HD T exp(T x) { return std::exp(x); }
   static FASTKD_HD T abs(T x) { return x < T(0) ? -x : x; }
   // y where w != 0, else 0: the 0 * log 0 = 0 convention.
   static FASTKD_HD T unless_zero(T w, T y) { return w == T(0) ? T(0) : y; }
   static FASTKD_HD T sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0)); }
+  // log(exp(x) + exp(y)), -inf when both are -inf.
+  static FASTKD_HD T logaddexp(T x, T y) {
+    const T hi = x > y ? x : y;
+    const T lo = x > y ? y : x;
+    return hi == -INFINITY ? hi : hi + std::log1p(std::exp(lo - hi));
+  }
 };
 
-// Elem<D>::eval(p, q, lp, lq, beta) -> term, u   (see the header comment).
+// log m of a mixture m = a * x + b * y, from log-probabilities: exact where the linear-space
+// mixture would underflow to 0 (a denormal p next to a zero q) and where a weight is 0.
+template <typename Ops, typename V>
+FASTKD_HD V log_mix(V log_a, V lx, V log_b, V ly) {
+  return Ops::logaddexp(log_a + lx, log_b + ly);
+}
+
+// Elem<D>::eval(p, q, lp, lq, mix) -> term, u   (see the header comment).
 template <Divergence D>
 struct Elem;
 
 template <>
 struct Elem<Divergence::ForwardKL> {  // KL(p || q)
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
-    (void)q; (void)beta;
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+    (void)q; (void)mix;
     term = Ops::unless_zero(p, p * (lp - lq));
     u = V(0) - p;
   }
@@ -64,8 +89,8 @@ struct Elem<Divergence::ForwardKL> {  // KL(p || q)
 template <>
 struct Elem<Divergence::ReverseKL> {  // KL(q || p)
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
-    (void)p; (void)beta;
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+    (void)p; (void)mix;
     term = Ops::unless_zero(q, q * (lq - lp));
     u = term;
   }
@@ -74,45 +99,40 @@ struct Elem<Divergence::ReverseKL> {  // KL(q || p)
 template <>
 struct Elem<Divergence::JSD> {  // beta KL(p || m) + (1-beta) KL(q || m), m = beta p + (1-beta) q
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
-    const V omb = V(1) - beta;
-    const V m = beta * p + omb * q;
-    const V lm = Ops::log(m);
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+    const V lm = log_mix<Ops>(mix.log_beta, lp, mix.log_omb, lq);
     const V kq = Ops::unless_zero(q, q * (lq - lm));
-    term = Ops::unless_zero(p, beta * p * (lp - lm)) + omb * kq;
-    u = omb * kq;
+    term = Ops::unless_zero(p, mix.beta * p * (lp - lm)) + mix.omb * kq;
+    u = mix.omb * kq;
   }
 };
 
 template <>
-struct Elem<Divergence::SkewForwardKL> {  // KL(p || beta p + (1-beta) q)
+struct Elem<Divergence::SkewForwardKL> {  // KL(p || m), m = beta p + (1-beta) q
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
-    (void)lq;
-    const V omb = V(1) - beta;
-    const V m = beta * p + omb * q;
-    term = Ops::unless_zero(p, p * (lp - Ops::log(m)));
-    u = Ops::unless_zero(m, V(0) - omb * q * p / m);
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+    const V lm = log_mix<Ops>(mix.log_beta, lp, mix.log_omb, lq);
+    term = Ops::unless_zero(p, p * (lp - lm));
+    u = Ops::unless_zero(p, V(0) - mix.omb * q * Ops::exp(lp - lm));  // -(1-beta) q p / m
   }
 };
 
 template <>
-struct Elem<Divergence::SkewReverseKL> {  // KL(q || beta q + (1-beta) p)
+struct Elem<Divergence::SkewReverseKL> {  // KL(q || m), m = beta q + (1-beta) p
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
-    (void)lp;
-    const V m = beta * q + (V(1) - beta) * p;
-    const V lm = Ops::log(m);
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+    (void)p;
+    const V lm = log_mix<Ops>(mix.log_beta, lq, mix.log_omb, lp);
     term = Ops::unless_zero(q, q * (lq - lm));
-    u = Ops::unless_zero(q, q * (lq - lm) - beta * q * q / m);
+    u = Ops::unless_zero(q, q * (lq - lm - mix.beta * Ops::exp(lq - lm)));  // q (log q/m - beta q/m)
   }
 };
 
 template <>
 struct Elem<Divergence::TVD> {  // 1/2 sum |p - q|
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, V beta, V& term, V& u) {
-    (void)lp; (void)lq; (void)beta;
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+    (void)lp; (void)lq; (void)mix;
     term = V(0.5) * Ops::abs(p - q);
     u = V(0.5) * q * Ops::sign(q - p);
   }

@@ -1,33 +1,56 @@
 """The autograd and fake-tensor glue shared by every fused op.
 
-A fused op returns (loss [N], grad [N, V]) where grad[i] = d loss[i] / d input[i] was computed in
-the forward pass. Backward only scales that kept gradient, in place, by grad_output [N]: no second
-[N, V] buffer is ever allocated. The gradient is therefore consumed by the first backward, and a
-second backward through the same graph (retain_graph=True) raises.
+A fused op `op(x, *rest, compute_grad) -> (loss [N], grad [N, V])` computes, in its forward pass,
+grad[i] = d loss[i] / d x[i]. The first backward only scales that kept gradient, in place, by
+grad_output [N], and hands the same buffer on: no second [N, V] buffer is ever allocated.
+A repeated backward through the same graph (retain_graph=True, gradcheck), or one after a
+forward with compute_grad=False, recomputes the gradient from the op's inputs, which the op
+keeps references to (no copies) until the graph is freed.
 """
 import torch
 
 
 def _setup_context(ctx, inputs, output):
     _, grad = output
-    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # else autograd builds an [N, V] of zeros for `grad`'s grad
-    ctx.save_for_backward(grad)
+    ctx.kept = grad
+    ctx.tensor_slots = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    ctx.others = [a for a in inputs if not isinstance(a, torch.Tensor)]
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_slots))
 
 
-def _backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad_loss.numel() > 0:
-        raise RuntimeError(
-            "fastkd: this loss was computed without a gradient (grad mode off, or the student "
-            "did not require grad when the loss was computed); recompute it to backpropagate"
-        )
-    scale = grad_loss.unsqueeze(-1).to(grad.dtype)
-    return (grad.mul_(scale),) + (None,) * (ctx.n_inputs - 1)
+def _inputs(ctx):
+    tensors = iter(ctx.saved_tensors)
+    others = iter(ctx.others)
+    return [next(tensors) if i in ctx.tensor_slots else next(others) for i in range(ctx.n_inputs)]
+
+
+def make_backward(op):
+    """The backward of `op`, whose last argument is compute_grad."""
+
+    def backward(ctx, grad_loss, _grad_grad):
+        if grad_loss is None:  # the loss did not reach the output: no gradient, nothing consumed
+            return (None,) * ctx.n_inputs
+        grad, ctx.kept = ctx.kept, None
+        inputs = _inputs(ctx)
+        if grad is None or grad.shape != inputs[0].shape:
+            # A repeated backward (the kept gradient was consumed), or a forward run with
+            # compute_grad=False: compute the gradient now.
+            grad = op(*inputs[:-1], True)[1]
+        scale = grad_loss.unsqueeze(-1).to(grad.dtype)
+        # Eager: scale in place and hand the buffer on. Traced (torch.compile / AOTAutograd see
+        # fake or functional tensor subclasses): a graph may not mutate a forward output, so
+        # scale out of place and let the compiler plan the buffers.
+        inplace = type(grad) is torch.Tensor
+        return (grad.mul_(scale) if inplace else grad * scale,) + (None,) * (ctx.n_inputs - 1)
+
+    return backward
 
 
 def register_fused(qualname: str, fake):
     """Register `fake` (shapes only) and the kept-gradient autograd for the op `qualname`."""
     torch.library.register_fake(qualname)(fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    op = getattr(torch.ops.fastkd, qualname.split("::")[1])
+    torch.library.register_autograd(qualname, make_backward(op), setup_context=_setup_context)

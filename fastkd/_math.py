@@ -9,6 +9,7 @@ two per-element tensors:
 Terms follow 0 * log 0 = 0, so masked (-inf) entries never make NaN. Keep this file and
 kd_math.h line-for-line alike.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,11 @@ def _unless_zero(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(w == 0, torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
+def _log_mix(log_a: float, lx, log_b: float, ly):
+    """log(a e^lx + b e^ly) in log space: exact where the linear mixture would underflow."""
+    return torch.logaddexp(lx + log_a, ly + log_b)
+
+
 def elem(divergence: str, p, q, lp, lq, beta: float):
     """(term, u) for `divergence`; p, q, lp, lq are [..., V] tensors of one float dtype."""
     if divergence == "forward_kl":
@@ -27,18 +33,17 @@ def elem(divergence: str, p, q, lp, lq, beta: float):
     if divergence == "reverse_kl":
         term = _unless_zero(q, q * (lq - lp))
         return term, term
+    log_b, log_1mb = (math.log(beta) if beta > 0 else -math.inf), math.log1p(-beta)
     if divergence == "jsd":
-        m = beta * p + (1 - beta) * q
-        lm = m.log()
+        lm = _log_mix(log_b, lp, log_1mb, lq)
         kq = _unless_zero(q, q * (lq - lm))
         return _unless_zero(p, beta * p * (lp - lm)) + (1 - beta) * kq, (1 - beta) * kq
     if divergence == "skew_forward_kl":
-        m = beta * p + (1 - beta) * q
-        return _unless_zero(p, p * (lp - m.log())), _unless_zero(m, -(1 - beta) * q * p / m)
+        lm = _log_mix(log_b, lp, log_1mb, lq)
+        return _unless_zero(p, p * (lp - lm)), _unless_zero(p, -(1 - beta) * q * (lp - lm).exp())
     if divergence == "skew_reverse_kl":
-        m = beta * q + (1 - beta) * p
-        lm = m.log()
-        return _unless_zero(q, q * (lq - lm)), _unless_zero(q, q * (lq - lm) - beta * q * q / m)
+        lm = _log_mix(log_b, lq, log_1mb, lp)
+        return _unless_zero(q, q * (lq - lm)), _unless_zero(q, q * (lq - lm - beta * (lq - lm).exp()))
     if divergence == "tvd":
         return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p)
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")

@@ -34,10 +34,17 @@ template <typename acc_t>
 struct VecOps {
   using Vec = at::vec::Vectorized<acc_t>;
   static Vec log(Vec x) { return x.log(); }
+  static Vec exp(Vec x) { return x.exp(); }
   static Vec abs(Vec x) { return x.abs(); }
   static Vec unless_zero(Vec w, Vec y) { return Vec::blendv(y, Vec(0), w == Vec(0)); }
   static Vec sign(Vec x) {
     return Vec::blendv(Vec::blendv(Vec(0), Vec(1), x > Vec(0)), Vec(-1), x < Vec(0));
+  }
+  static Vec logaddexp(Vec x, Vec y) {
+    const Vec hi = at::vec::maximum(x, y);
+    const Vec lo = at::vec::minimum(x, y);
+    const Vec ninf(-std::numeric_limits<acc_t>::infinity());
+    return Vec::blendv(hi + (lo - hi).exp().log1p(), ninf, hi == ninf);
   }
 };
 
@@ -106,7 +113,7 @@ acc_t exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
   Vec acc(0);
   const Vec mv(m);
   for (int64_t j = 0; j < Vp; j += Vec::size()) {
-    const Vec e = (Vec::loadu(X + j) - mv).exp();
+    const Vec e = (Vec::loadu(X + j) - mv).exp_u20();
     e.store(E + j);
     acc = acc + e;
   }
@@ -132,7 +139,7 @@ void dense_rows(const DenseArgs& a) {
   const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2);
   const acc_t inv_t = acc_t(1.0 / a.temperature);
   const bool hard = a.hard_weight > 0;
-  const Vec beta(acc_t(a.beta));
+  const Mix<Vec> mix = make_mix<Vec>(a.beta);
 
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> scratch(4 * Vp);
@@ -178,7 +185,7 @@ void dense_rows(const DenseArgs& a) {
           const Vec lq = Vec::loadu(A + j) - LA;
           const Vec lp = Vec::loadu(B + j) - LB;
           Vec term, u;
-          Elem<D>::template eval<Ops>(p, q, lp, lq, beta, term, u);
+          Elem<D>::template eval<Ops>(p, q, lp, lq, mix, term, u);
           dv = dv + term;
           uv = uv + u;
           q.store(Q + j);
