@@ -72,16 +72,19 @@ FASTKD_HD V log_mix(V log_a, V lx, V log_b, V ly) {
   return Ops::logaddexp(log_a + lx, log_b + ly);
 }
 
-// Elem<D>::eval(p, q, lp, lq, mix) -> term, u   (see the header comment).
+// Elem<D>::eval(p, q, lp, lq, d, mix) -> term, u   (see the header comment).
+// d = lp - lq, computed by the caller as (b - a) - (lse(b) - lse(a)): the difference of two
+// nearby log-probabilities without the rounding of each (a near-converged student has
+// lp ~ lq, and forward/reverse KL are sums of p * d; see docs/math.md).
 template <Divergence D>
 struct Elem;
 
 template <>
 struct Elem<Divergence::ForwardKL> {  // KL(p || q)
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
-    (void)q; (void)mix;
-    term = Ops::unless_zero(p, p * (lp - lq));
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V d, const Mix<V>& mix, V& term, V& u) {
+    (void)q; (void)lp; (void)lq; (void)mix;
+    term = Ops::unless_zero(p, p * d);
     u = V(0) - p;
   }
 };
@@ -89,9 +92,9 @@ struct Elem<Divergence::ForwardKL> {  // KL(p || q)
 template <>
 struct Elem<Divergence::ReverseKL> {  // KL(q || p)
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
-    (void)p; (void)mix;
-    term = Ops::unless_zero(q, q * (lq - lp));
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V d, const Mix<V>& mix, V& term, V& u) {
+    (void)p; (void)lp; (void)lq; (void)mix;
+    term = Ops::unless_zero(q, V(0) - q * d);
     u = term;
   }
 };
@@ -99,7 +102,8 @@ struct Elem<Divergence::ReverseKL> {  // KL(q || p)
 template <>
 struct Elem<Divergence::JSD> {  // beta KL(p || m) + (1-beta) KL(q || m), m = beta p + (1-beta) q
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V d, const Mix<V>& mix, V& term, V& u) {
+    (void)d;
     const V lm = log_mix<Ops>(mix.log_beta, lp, mix.log_omb, lq);
     const V kq = Ops::unless_zero(q, q * (lq - lm));
     term = Ops::unless_zero(p, mix.beta * p * (lp - lm)) + mix.omb * kq;
@@ -110,7 +114,8 @@ struct Elem<Divergence::JSD> {  // beta KL(p || m) + (1-beta) KL(q || m), m = be
 template <>
 struct Elem<Divergence::SkewForwardKL> {  // KL(p || m), m = beta p + (1-beta) q
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V d, const Mix<V>& mix, V& term, V& u) {
+    (void)d;
     const V lm = log_mix<Ops>(mix.log_beta, lp, mix.log_omb, lq);
     term = Ops::unless_zero(p, p * (lp - lm));
     u = Ops::unless_zero(p, V(0) - mix.omb * q * Ops::exp(lp - lm));  // -(1-beta) q p / m
@@ -120,8 +125,8 @@ struct Elem<Divergence::SkewForwardKL> {  // KL(p || m), m = beta p + (1-beta) q
 template <>
 struct Elem<Divergence::SkewReverseKL> {  // KL(q || m), m = beta q + (1-beta) p
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
-    (void)p;
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V d, const Mix<V>& mix, V& term, V& u) {
+    (void)p; (void)d;
     const V lm = log_mix<Ops>(mix.log_beta, lq, mix.log_omb, lp);
     term = Ops::unless_zero(q, q * (lq - lm));
     u = Ops::unless_zero(q, q * (lq - lm - mix.beta * Ops::exp(lq - lm)));  // q (log q/m - beta q/m)
@@ -131,8 +136,8 @@ struct Elem<Divergence::SkewReverseKL> {  // KL(q || m), m = beta q + (1-beta) p
 template <>
 struct Elem<Divergence::TVD> {  // 1/2 sum |p - q|
   template <typename Ops, typename V>
-  static FASTKD_HD void eval(V p, V q, V lp, V lq, const Mix<V>& mix, V& term, V& u) {
-    (void)lp; (void)lq; (void)mix;
+  static FASTKD_HD void eval(V p, V q, V lp, V lq, V d, const Mix<V>& mix, V& term, V& u) {
+    (void)lp; (void)lq; (void)d; (void)mix;
     term = V(0.5) * Ops::abs(p - q);
     u = V(0.5) * q * Ops::sign(q - p);
   }

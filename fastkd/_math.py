@@ -26,12 +26,13 @@ def _log_mix(log_a: float, lx, log_b: float, ly):
     return torch.logaddexp(lx + log_a, ly + log_b)
 
 
-def elem(divergence: str, p, q, lp, lq, beta: float):
-    """(term, u) for `divergence`; p, q, lp, lq are [..., V] tensors of one float dtype."""
+def elem(divergence: str, p, q, lp, lq, d, beta: float):
+    """(term, u) for `divergence`; p, q, lp, lq are [..., V] tensors of one float dtype and
+    d = lp - lq computed as (b - a) - (lse(b) - lse(a)), without the rounding of lp and lq."""
     if divergence == "forward_kl":
-        return _unless_zero(p, p * (lp - lq)), -p
+        return _unless_zero(p, p * d), -p
     if divergence == "reverse_kl":
-        term = _unless_zero(q, q * (lq - lp))
+        term = _unless_zero(q, -q * d)
         return term, term
     log_b, log_1mb = (math.log(beta) if beta > 0 else -math.inf), math.log1p(-beta)
     if divergence == "jsd":

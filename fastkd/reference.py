@@ -22,30 +22,44 @@ def _finite_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(ok.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device)), ok
 
 
+def _softmax_parts(x: torch.Tensor):
+    """(softmax(x), float64 logsumexp(x) [.., 1]) over the last dim, formed as the kernels do:
+    exp(x - max) / sum, with the sum in float64. (exp(x - logsumexp(x)) rounds x - lse to fp32
+    first, a ~1e-6 error in the largest probabilities; a plain fp32 sum over a 128k vocabulary
+    drifts by ~1e-6 too, the size of a small KL.)"""
+    m = x.amax(-1, keepdim=True)
+    e = (x - m).exp()
+    total = e.sum(-1, keepdim=True, dtype=torch.float64)
+    return e * (1.0 / total).to(x.dtype), m.double() + total.log()
+
+
 def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, compute_grad):
     """Loss [n] and gradient [n, V] (acc dtype) of one chunk of rows."""
     acc = _math.acc_dtype(s.dtype)
     inv_t = 1.0 / temperature
     a, s_ok = _finite_rows(s.to(acc) * inv_t)
     b, t_ok = _finite_rows(t.to(acc) * inv_t)
-    lq, lp = a.log_softmax(-1), b.log_softmax(-1)
-    q = lq.exp()
-    term, u = _math.elem(divergence, lp.exp(), q, lp, lq, beta)
+    q, la = _softmax_parts(a)
+    p, lb = _softmax_parts(b)
+    lq, lp = a - la.to(acc), b - lb.to(acc)
+    term, u = _math.elem(divergence, p, q, lp, lq, (b - a) - (lb - la).to(acc), beta)
     kd_ok = (s_ok & t_ok).unsqueeze(-1)
     zero = torch.zeros((), dtype=acc, device=s.device)
-    loss = w.kd_loss * torch.where(kd_ok, term, zero).sum(-1)
+    loss = w.kd_loss * torch.where(kd_ok, term, zero).sum(-1, dtype=torch.float64).to(acc)
     grad = None
     if compute_grad:
-        grad = torch.where(kd_ok, w.kd_grad * (u - q * u.sum(-1, keepdim=True)), zero)
+        big_u = u.sum(-1, keepdim=True, dtype=torch.float64).to(acc)
+        grad = torch.where(kd_ok, w.kd_grad * (u - q * big_u), zero)
     keep = s_ok
     if labels is not None:
         keep = keep & (labels != ignore_index)
         if w.hard > 0:
             safe = torch.where(labels == ignore_index, 0, labels).unsqueeze(-1)
-            ls = _finite_rows(s.to(acc))[0].log_softmax(-1)
-            loss = loss - w.hard * ls.gather(-1, safe).squeeze(-1)
+            s1 = _finite_rows(s.to(acc))[0]
+            q1, l1 = _softmax_parts(s1)
+            loss = loss + w.hard * (l1.squeeze(-1) - s1.gather(-1, safe).squeeze(-1).double()).to(acc)
             if compute_grad:
-                grad = grad + w.hard * ls.exp()
+                grad = grad + w.hard * q1
                 grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard, dtype=acc))
     loss = torch.where(keep, loss, zero)
     if grad is not None:

@@ -1,5 +1,7 @@
 """Property-based tests (hypothesis) over shapes, dtypes, temperatures, masks and options:
 every compiled backend agrees with the torch reference, and invariants hold."""
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,7 @@ from conftest import COMPILED_CPU_BACKENDS, loss_and_grad
 
 pytestmark = pytest.mark.skipif(not COMPILED_CPU_BACKENDS, reason="fastkd._C not built")
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(__import__('os').environ.get('FASTKD_HYPOTHESIS_EXAMPLES', 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -49,6 +51,20 @@ def cases(draw):
     return s, t, opts
 
 
+def rounding_scale(s, t, opts):
+    """fp32 log-probabilities carry an absolute rounding error of a few eps * (|logits / T| + log V)
+    per entry, in every backend, though not identically; the divergences, and gradient entries
+    like q (log q - log p - D), are differences of such values. Returns (eps * that spread,
+    the loss weight, the gradient weight) for the tolerances below."""
+    finite = torch.cat([s.double()[s.isfinite()], t.double()[t.isfinite()]])
+    temp = opts["temperature"]
+    spread = 1 + math.log(s.shape[-1]) + (finite.abs().max().item() / temp if finite.numel() else 0)
+    eps = torch.finfo(torch.float64 if s.dtype == torch.float64 else torch.float32).eps
+    loss_weight = (temp * temp if opts["scale_by_t2"] else 1.0) + opts["hard_weight"]
+    grad_weight = (temp if opts["scale_by_t2"] else 1 / temp) + opts["hard_weight"]
+    return eps * spread, loss_weight, grad_weight
+
+
 @SETTINGS
 @given(cases(), st.sampled_from(COMPILED_CPU_BACKENDS or ["torch"]))
 def test_backend_agrees_with_reference(case, backend):
@@ -57,16 +73,13 @@ def test_backend_agrees_with_reference(case, backend):
     got, got_g = loss_and_grad(fastkd.kd_loss, s, t, backend=backend, **opts)
     assert torch.isfinite(got).all() and torch.isfinite(got_g.float()).all()
     assert got.shape == want.shape and got_g.dtype == s.dtype
+    err, loss_weight, grad_weight = rounding_scale(s, t, opts)
+    rows = s[..., 0].numel() if opts["reduction"] == "sum" else 1
     tol = 1e-10 if s.dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * (1 + want.abs().max().item()))
-    # Gradient entries like q (log q - log p - D) cancel: their rounding error grows with the
-    # size of the scaled logits |s/T|, which both backends round alike but not identically.
-    finite = s.double()[s.isfinite()]
-    spread = 1 + (finite.abs().max().item() / opts["temperature"] if finite.numel() else 0)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol + 8 * err * loss_weight * rows)
     gtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[s.dtype]
-    eps = torch.finfo(torch.float64 if s.dtype == torch.float64 else torch.float32).eps
     torch.testing.assert_close(got_g.double(), want_g.double(), rtol=gtol,
-                               atol=(gtol + 16 * eps * spread) * (1e-6 + want_g.abs().max().item()))
+                               atol=gtol * want_g.abs().max().item() + 4 * err * grad_weight)
 
 
 @SETTINGS
@@ -78,8 +91,12 @@ def test_invariants(case):
     loss, grad = loss_and_grad(fastkd.kd_loss, s, t, **opts)
     if opts["hard_weight"] == 0:
         assert (loss >= -1e-5).all()
+        # Each entry is rounded to the student's dtype (eps * sum |g|) after fp32 math whose
+        # error is rounding_scale's.
+        err, _, grad_weight = rounding_scale(s, t, opts)
         row_sums = grad.double().sum(-1)
-        assert row_sums.abs().max() <= 1e-3 * (1 + grad.double().abs().sum(-1).max())
+        bound = torch.finfo(s.dtype).eps * grad.double().abs().sum(-1).max() + 4 * err * grad_weight * s.shape[-1]
+        assert row_sums.abs().max() <= bound
     if opts["labels"] is not None:
         ignored = opts["labels"] == -100
         assert (loss[ignored] == 0).all() and (grad[ignored] == 0).all()

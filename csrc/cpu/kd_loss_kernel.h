@@ -106,18 +106,27 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t V) {
   }
 }
 
-// E = exp(X - m); returns sum(E). m must be finite.
+// E = exp(X - m); returns sum(E). m must be finite. The sum is fp32 within blocks of
+// kBlock vectors and double across them: a plain fp32 sum of 32k terms drifts by ~1e-6
+// relative, which is the whole KL of a nearly converged student.
+constexpr int64_t kBlock = 64;  // vectors per fp32 partial sum
+
 template <typename acc_t>
-acc_t exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
+double exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
   using Vec = at::vec::Vectorized<acc_t>;
-  Vec acc(0);
   const Vec mv(m);
-  for (int64_t j = 0; j < Vp; j += Vec::size()) {
-    const Vec e = (Vec::loadu(X + j) - mv).exp_u20();
-    e.store(E + j);
-    acc = acc + e;
+  double total = 0;
+  for (int64_t j0 = 0; j0 < Vp; j0 += kBlock * Vec::size()) {
+    const int64_t j1 = std::min(Vp, j0 + kBlock * Vec::size());
+    Vec acc(0);
+    for (int64_t j = j0; j < j1; j += Vec::size()) {
+      const Vec e = (Vec::loadu(X + j) - mv).exp_u20();
+      e.store(E + j);
+      acc = acc + e;
+    }
+    total += reduce_sum(acc);
   }
-  return reduce_sum(acc);
+  return total;
 }
 
 template <typename scalar_t, Divergence D>
@@ -171,28 +180,36 @@ void dense_rows(const DenseArgs& a) {
         continue;
       }
       // 2. exp + sum (student always, teacher when it has a finite logit)
-      const acc_t Sa = exp_sum(A, Q, Vp, ma);
-      const Vec iSa(acc_t(1) / Sa);
+      const double Sa = exp_sum(A, Q, Vp, ma);
+      const Vec iSa(static_cast<acc_t>(1.0 / Sa));
       acc_t div = 0, U = 0;
       if (mb != kNegInf) {
-        const acc_t Sb = exp_sum(B, P, Vp, mb);
-        const Vec LA(ma + std::log(Sa)), LB(mb + std::log(Sb)), iSb(acc_t(1) / Sb);
-        // 3. divergence terms
-        Vec dv(0), uv(0);
-        for (int64_t j = 0; j < Vp; j += Vec::size()) {
-          const Vec q = Vec::loadu(Q + j) * iSa;
-          const Vec p = Vec::loadu(P + j) * iSb;
-          const Vec lq = Vec::loadu(A + j) - LA;
-          const Vec lp = Vec::loadu(B + j) - LB;
-          Vec term, u;
-          Elem<D>::template eval<Ops>(p, q, lp, lq, mix, term, u);
-          dv = dv + term;
-          uv = uv + u;
-          q.store(Q + j);
-          u.store(P + j);
+        const double Sb = exp_sum(B, P, Vp, mb);
+        const double la = double(ma) + std::log(Sa), lb = double(mb) + std::log(Sb);
+        const Vec LA(static_cast<acc_t>(la)), LB(static_cast<acc_t>(lb));
+        const Vec iSb(static_cast<acc_t>(1.0 / Sb));
+        const Vec dL(static_cast<acc_t>(lb - la));
+        // 3. divergence terms (summed like exp_sum: fp32 in blocks, double across)
+        double div_sum = 0, u_sum = 0;
+        for (int64_t j0 = 0; j0 < Vp; j0 += kBlock * Vec::size()) {
+          const int64_t j1 = std::min(Vp, j0 + kBlock * Vec::size());
+          Vec dv(0), uv(0);
+          for (int64_t j = j0; j < j1; j += Vec::size()) {
+            const Vec q = Vec::loadu(Q + j) * iSa;
+            const Vec p = Vec::loadu(P + j) * iSb;
+            const Vec a = Vec::loadu(A + j), b = Vec::loadu(B + j);
+            Vec term, u;
+            Elem<D>::template eval<Ops>(p, q, b - LB, a - LA, (b - a) - dL, mix, term, u);
+            dv = dv + term;
+            uv = uv + u;
+            q.store(Q + j);
+            u.store(P + j);
+          }
+          div_sum += reduce_sum(dv);
+          u_sum += reduce_sum(uv);
         }
-        div = reduce_sum(dv);
-        U = reduce_sum(uv);
+        div = static_cast<acc_t>(div_sum);
+        U = static_cast<acc_t>(u_sum);
       } else {  // no finite teacher logit: no KD term for this row
         for (int64_t j = 0; j < Vp; j += Vec::size()) (Vec::loadu(Q + j) * iSa).store(Q + j);
         std::fill(P, P + Vp, acc_t(0));
@@ -201,9 +218,9 @@ void dense_rows(const DenseArgs& a) {
       acc_t ce = 0, iS1 = 0;
       if (hard) {
         const acc_t m1 = load_scaled(s, B, V, Vp, acc_t(1));
-        const acc_t S1 = exp_sum(B, B, Vp, m1);
-        iS1 = acc_t(1) / S1;
-        ce = m1 + std::log(S1) - static_cast<acc_t>(s[label]);
+        const double S1 = exp_sum(B, B, Vp, m1);
+        iS1 = static_cast<acc_t>(1.0 / S1);
+        ce = static_cast<acc_t>(double(m1) + std::log(S1) - double(s[label]));
       }
       loss[r] = acc_t(w.kd_loss_weight) * div + acc_t(w.hard_weight) * ce;
       if (!g) continue;
