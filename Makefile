@@ -32,7 +32,7 @@ test: build
 
 demo: build
 	$(PY) -m fastkd info
-	$(PY) -m fastkd bench --shapes 256x32000,256x128256 --repeats 3
+	$(PY) -m fastkd bench --shapes 512x32000,256x128256 --repeats 3
 
 bench: build
 	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,rounds

@@ -1,0 +1,44 @@
+"""csrc/kd_math.h is the one statement of the per-element math for every backend: it must compile
+as plain host C++ and, where nvcc is installed, as CUDA device code (no GPU needed)."""
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+DIVS = ["ForwardKL", "ReverseKL", "JSD", "SkewForwardKL", "SkewReverseKL", "TVD"]
+
+SOURCE = """
+#include "kd_math.h"
+#include <cmath>
+template <fastkd::Divergence D>
+{qual} float eval_one(float p, float q, fastkd::Mix<float> mix) {{
+  float term, u, lp = std::log(p), lq = std::log(q);
+  fastkd::Elem<D>::template eval<fastkd::ScalarOps<float>>(p, q, lp, lq, lp - lq, mix, term, u);
+  return term + u + float(fastkd::row_weights(2.0, 0.1, true).kd_grad_weight);
+}}
+{body}
+"""
+
+
+def _instantiations(qual):
+    return "\n".join(f"template {qual} float eval_one<fastkd::Divergence::{d}>(float, float, fastkd::Mix<float>);" for d in DIVS)
+
+
+def test_host_compile(tmp_path):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "host.cpp"
+    src.write_text(SOURCE.format(qual="", body=_instantiations("")))
+    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", "-I", str(CSRC), "-c", str(src), "-o", str(tmp_path / "host.o")], check=True)
+
+
+def test_device_compile(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    src = tmp_path / "device.cu"
+    src.write_text(SOURCE.format(qual="__device__", body=_instantiations("__device__")))
+    subprocess.run([nvcc, "-std=c++17", "-I", str(CSRC), "-c", str(src), "-o", str(tmp_path / "device.o")], check=True)
