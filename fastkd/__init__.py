@@ -9,6 +9,11 @@ from . import _ext  # noqa: F401  (loads fastkd._C when built; reports it once w
 from ._math import DIVERGENCES
 from .backends import available_backends
 from .dense_kd import KDLoss, kd_loss
+from .sparse_kd import SparseKDLoss, sparse_kd_loss
+from .sparse_teacher import SparseTeacher, sample_teacher, topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "available_backends", "DIVERGENCES", "__version__"]
+__all__ = [
+    "kd_loss", "KDLoss", "sparse_kd_loss", "SparseKDLoss", "SparseTeacher", "topk_teacher",
+    "sample_teacher", "available_backends", "DIVERGENCES", "__version__",
+]

@@ -11,12 +11,23 @@ _DENSE_ARGS = (
     "float beta, int ignore_index, float hard_weight, bool scale_by_t2, bool compute_grad"
 )
 
+_SPARSE_ARGS = (
+    "Tensor student, Tensor indices, Tensor logprobs, Tensor tail_logmass, Tensor? labels, "
+    "str tail, float temperature, int ignore_index, float hard_weight, bool scale_by_t2, "
+    "bool compute_grad"
+)
+
 SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
     # int64 or None. Returns (loss [N] fp32 (fp64 for fp64 input), grad [N, V] in the student's
     # dtype -- d loss[i] / d student[i] -- or an empty tensor when compute_grad is false).
     "dense_kd": f"dense_kd({_DENSE_ARGS}) -> (Tensor, Tensor)",  # compiled: CPU (C++), CUDA
     "dense_kd_torch": f"dense_kd_torch({_DENSE_ARGS}) -> (Tensor, Tensor)",  # pure PyTorch
+    # Forward KL against a sparse teacher: student [N, V]; indices [N, k] int64 token ids;
+    # logprobs [N, k] fp32 log p_T of those ids (-inf: padding); tail_logmass [N] fp32 log of
+    # the teacher's mass outside the ids (-inf: none); tail "bucket" | "renorm_teacher" |
+    # "renorm_both". Returns (loss [N], grad [N, V]) like dense_kd.
+    "sparse_kd_torch": f"sparse_kd_torch({_SPARSE_ARGS}) -> (Tensor, Tensor)",  # pure PyTorch
 }
 
 LIB = torch.library.Library("fastkd", "DEF")

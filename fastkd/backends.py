@@ -35,16 +35,19 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if _why_unavailable(b) is None]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend to run for tensors on `device`; raises ValueError for an unusable request."""
+def resolve(backend: str, device: torch.device, implemented=BACKENDS, op: str = "this loss") -> str:
+    """The backend to run `op` on tensors on `device`, among the backends that `implemented` it;
+    raises ValueError for an unusable request."""
     if backend == "auto":
         for name in _PREFERENCE.get(device.type, ("torch",)):
-            if _why_unavailable(name) is None:
+            if name in implemented and _why_unavailable(name) is None:
                 return name
         return "torch"
     why = _why_unavailable(backend)
     if why is not None:
         raise ValueError(f"backend={backend!r} is not available: {why}")
+    if backend not in implemented:
+        raise ValueError(f"backend={backend!r} has no kernel for {op} yet; use one of {list(implemented)}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' runs on CPU tensors; the logits are on {device}")
     if backend in ("triton", "cuda") and device.type != "cuda":

@@ -1,0 +1,130 @@
+"""`fastkd.sparse_kd_loss` / `fastkd.SparseKDLoss`: forward KL against a `SparseTeacher`.
+
+The op `fastkd::sparse_kd_torch` (fastkd/sparse_reference.py) takes [N, V] rows; this module
+checks the teacher against the student, picks the backend and reduces the per-row losses.
+"""
+import math
+
+import torch
+
+from . import _validate, backends, sparse_reference
+from ._autograd import register_fused
+from ._math import acc_dtype
+from ._reduce import reduce_rows
+from .sparse_teacher import KINDS, SparseTeacher
+
+_OPS = {"torch": "sparse_kd_torch"}
+TAILS = sparse_reference.TAILS
+
+
+def _fake(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
+          hard_weight, scale_by_t2, compute_grad):
+    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
+    return loss, (torch.empty_like(student) if compute_grad else student.new_empty(0))
+
+
+for _name in set(_OPS.values()):
+    register_fused(f"fastkd::{_name}", _fake)
+
+
+def _check_teacher(teacher, student):
+    if not isinstance(teacher, SparseTeacher):
+        raise TypeError(f"teacher must be a fastkd.SparseTeacher (from topk_teacher or "
+                        f"sample_teacher), got {type(teacher).__name__}")
+    if teacher.kind not in KINDS:
+        raise ValueError(f"teacher.kind must be one of {KINDS}, got {teacher.kind!r}")
+    lead, vocab = tuple(student.shape[:-1]), student.shape[-1]
+    idx, lp, tail = teacher.indices, teacher.logprobs, teacher.tail_logmass
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"teacher.indices must be an integer tensor, got {idx.dtype}")
+    if idx.dim() < 1 or tuple(idx.shape[:-1]) != lead or lp.shape != idx.shape:
+        raise ValueError(f"teacher.indices {tuple(idx.shape)} and teacher.logprobs {tuple(lp.shape)} "
+                         f"must both be [..., k] with the student's leading shape {lead}")
+    if tuple(tail.shape) != lead:
+        raise ValueError(f"teacher.tail_logmass must have the student's leading shape {lead}, got {tuple(tail.shape)}")
+    k = idx.shape[-1]
+    if k > vocab:
+        raise ValueError(f"the teacher keeps k={k} ids per row but the student's vocabulary has V={vocab}")
+    for name, x in (("indices", idx), ("logprobs", lp), ("tail_logmass", tail)):
+        if x.device != student.device:
+            raise ValueError(f"teacher.{name} is on {x.device} but student_logits is on {student.device}")
+    idx = idx.reshape(-1, k).long()
+    lp = lp.reshape(-1, k).float()
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel():
+        known = lp > float("-inf")
+        bad = known & ((idx < 0) | (idx >= vocab))
+        if bad.any():
+            r, c = bad.nonzero()[0].tolist()
+            raise ValueError(f"teacher.indices must lie in [0, {vocab}); got {int(idx[r, c])} at row {r}")
+        ids = torch.where(known, idx, -1 - torch.arange(k, device=idx.device))  # padding never collides
+        srt = ids.sort(-1).values
+        dup = srt[:, 1:] == srt[:, :-1]
+        if dup.any():
+            r, c = dup.nonzero()[0].tolist()
+            raise ValueError(f"teacher.indices has a duplicate id {int(srt[r, c])} in row {r}")
+    return idx, lp, tail.reshape(-1).float()
+
+
+def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", labels=None,
+                   ignore_index=-100, hard_weight=0.0, scale_by_t2=True, temperature=None,
+                   divergence="forward_kl", backend="auto"):
+    """Forward-KL distillation loss of `student_logits` [..., V] against a sparse teacher.
+
+    teacher: a SparseTeacher from fastkd.topk_teacher / fastkd.sample_teacher, [..., k].
+    tail: "bucket" (exact KL of the (k+1)-bin coarsenings) | "renorm_teacher" | "renorm_both";
+        a "sampled" teacher always uses "renorm_teacher" (unbiased gradient), and refuses
+        "renorm_both".
+    temperature: the teacher's (fixed when it was compressed); passing another value is an error.
+    divergence: only "forward_kl" is defined for sparse teachers.
+    Other options as in fastkd.kd_loss. Returns a float32 loss in nats (float64 for fp64 logits).
+    """
+    _validate.check_logits("student_logits", student_logits)
+    if divergence != "forward_kl":
+        raise ValueError(f"divergence={divergence!r}: a sparse teacher supports only 'forward_kl' "
+                         "(the other divergences need the teacher's full distribution)")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+    idx, lp, tail_lp = _check_teacher(teacher, student_logits)
+    t_temp = _validate.check_temperature(teacher.temperature)
+    if temperature is not None and not math.isclose(float(temperature), t_temp, rel_tol=0, abs_tol=0):
+        raise ValueError(f"temperature={temperature} differs from the teacher's temperature={t_temp}: "
+                         "a sparse teacher's tempered distribution is fixed when it is compressed; "
+                         "rebuild the teacher at the temperature you want")
+    if teacher.kind == "sampled":
+        if tail == "renorm_both":
+            raise ValueError("tail='renorm_both' is biased for a sampled teacher; sampled KD uses 'renorm_teacher'")
+        tail = "renorm_teacher"
+    _validate.check_reduction(reduction)
+    flat_labels = _validate.check_labels(labels, student_logits, ignore_index, hard_weight)
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    name = backends.resolve(backend, student_logits.device, implemented=tuple(_OPS), op="sparse_kd_loss")
+    vocab = student_logits.shape[-1]
+    op = getattr(torch.ops.fastkd, _OPS[name])
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    rows, _ = op(student_logits.reshape(-1, vocab), idx, lp, tail_lp, flat_labels, tail, t_temp,
+                 ignore_index, float(hard_weight), scale_by_t2, compute_grad)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+class SparseKDLoss(torch.nn.Module):
+    """Module form of `sparse_kd_loss`, with the same options and defaults.
+
+    forward(student_logits [..., V], teacher: SparseTeacher, labels [...] or None) -> loss
+    """
+
+    def __init__(self, *, tail="bucket", reduction="mean", ignore_index=-100, hard_weight=0.0,
+                 scale_by_t2=True, temperature=None, divergence="forward_kl", backend="auto"):
+        super().__init__()
+        if tail not in TAILS:
+            raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+        _validate.check_reduction(reduction)
+        self.options = dict(tail=tail, reduction=reduction, ignore_index=ignore_index,
+                            hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                            temperature=temperature, divergence=divergence, backend=backend)
+
+    def forward(self, student_logits, teacher, labels=None):
+        return sparse_kd_loss(student_logits, teacher, labels=labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
