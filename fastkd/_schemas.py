@@ -27,6 +27,7 @@ SCHEMAS = {
     # logprobs [N, k] fp32 log p_T of those ids (-inf: padding); tail_logmass [N] fp32 log of
     # the teacher's mass outside the ids (-inf: none); tail "bucket" | "renorm_teacher" |
     # "renorm_both". Returns (loss [N], grad [N, V]) like dense_kd.
+    "sparse_kd": f"sparse_kd({_SPARSE_ARGS}) -> (Tensor, Tensor)",  # compiled: CPU (C++)
     "sparse_kd_torch": f"sparse_kd_torch({_SPARSE_ARGS}) -> (Tensor, Tensor)",  # pure PyTorch
 }
 

@@ -1,6 +1,7 @@
 """`fastkd.sparse_kd_loss` / `fastkd.SparseKDLoss`: forward KL against a `SparseTeacher`.
 
-The op `fastkd::sparse_kd_torch` (fastkd/sparse_reference.py) takes [N, V] rows; this module
+The ops `fastkd::sparse_kd` (compiled: csrc/cpu/) and `fastkd::sparse_kd_torch` (the
+reference, fastkd/sparse_reference.py) take [N, V] rows; this module
 checks the teacher against the student, picks the backend and reduces the per-row losses.
 """
 import math
@@ -13,7 +14,7 @@ from ._math import acc_dtype
 from ._reduce import reduce_rows
 from .sparse_teacher import KINDS, SparseTeacher
 
-_OPS = {"torch": "sparse_kd_torch"}
+_OPS = {"torch": "sparse_kd_torch", "cpu": "sparse_kd"}
 TAILS = sparse_reference.TAILS
 
 

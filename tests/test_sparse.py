@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import logits, loss_and_grad
+from conftest import CPU_BACKENDS, logits, loss_and_grad
 
 TAILS = ["bucket", "renorm_teacher", "renorm_both"]
 
@@ -48,17 +48,35 @@ def oracle_sparse(s, teacher, tail, reduction="mean", labels=None, hard_weight=0
     return rows.sum() if reduction == "sum" else rows.sum() / keep.sum().clamp_min(1)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_topk_matches_oracle(tail, reduction):
+def test_topk_matches_oracle(backend, tail, reduction):
     s, t = logits((2, 3, 40), torch.float64), logits((2, 3, 40), torch.float64, seed=1)
     teacher = fastkd.topk_teacher(t, k=7, temperature=1.5)
     lab = torch.tensor([[3, -100, 7], [0, 39, -100]])
     opts = dict(reduction=reduction, labels=lab, hard_weight=0.3)
     want, want_g = loss_and_grad(oracle_sparse, s, teacher, tail, **opts)
-    got, got_g = loss_and_grad(fastkd.sparse_kd_loss, s, teacher, tail=tail, **opts)
+    got, got_g = loss_and_grad(fastkd.sparse_kd_loss, s, teacher, tail=tail, backend=backend, **opts)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_g.double(), want_g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_compiled_backends_match_reference(tail, dtype):
+    for backend in CPU_BACKENDS[1:]:
+        s = logits((6, 3, 333), dtype)
+        teacher = fastkd.topk_teacher(logits((6, 3, 333), dtype, seed=1), k=17, temperature=2.0)
+        lab = torch.randint(0, 333, (6, 3))
+        lab[::2, 1] = -100
+        opts = dict(tail=tail, labels=lab, hard_weight=0.2, reduction="none")
+        want, want_g = loss_and_grad(fastkd.sparse_kd_loss, s, teacher, backend="torch", **opts)
+        got, got_g = loss_and_grad(fastkd.sparse_kd_loss, s, teacher, backend=backend, **opts)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        gtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        torch.testing.assert_close(got_g.double(), want_g.double(), rtol=gtol, atol=gtol * want_g.abs().max().item())
 
 
 @pytest.mark.parametrize("tail", TAILS)
@@ -109,13 +127,14 @@ def test_tiny_tail_stays_finite():
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("tail", TAILS)
-def test_gradcheck(tail):
+def test_gradcheck(backend, tail):
     s = logits((3, 9), torch.float64).requires_grad_(True)
     teacher = fastkd.topk_teacher(logits((3, 9), torch.float64, seed=1), k=3, temperature=1.3)
     lab = torch.tensor([2, -100, 8])
     assert torch.autograd.gradcheck(
-        lambda x: fastkd.sparse_kd_loss(x, teacher, tail=tail, labels=lab, hard_weight=0.2), (s,))
+        lambda x: fastkd.sparse_kd_loss(x, teacher, tail=tail, labels=lab, hard_weight=0.2, backend=backend), (s,))
 
 
 def test_sample_teacher_structure():
@@ -165,7 +184,7 @@ def test_sampled_kd_gradient_is_unbiased():
         (lambda t: fastkd.topk_teacher(t, k=4)._replace(tail_logmass=torch.zeros(4)), {}, ValueError, r"tail_logmass must have the student's leading shape"),
         (lambda t: fastkd.topk_teacher(t[:2], k=4), {}, ValueError, r"leading shape \(3,\)"),
         (lambda t: (t,), {}, TypeError, r"teacher must be a fastkd.SparseTeacher"),
-        (lambda t: fastkd.topk_teacher(t, k=4), dict(backend="cpu"), ValueError, r"no kernel for sparse_kd_loss yet"),
+        (lambda t: fastkd.topk_teacher(t, k=4), dict(backend="triton"), ValueError, r"backend='triton' is not available"),
     ],
 )
 def test_bad_input(make, kwargs, exc, match):
@@ -187,9 +206,11 @@ def test_opcheck_and_compile():
     s = logits((6, 37)).requires_grad_(True)
     tk = fastkd.topk_teacher(logits((6, 37), seed=1), k=5, temperature=2.0)
     lab = torch.tensor([0, -100, 5, 36, 2, -100])
-    for tail in TAILS:
-        args = (s, tk.indices, tk.logprobs, tk.tail_logmass, lab, tail, 2.0, -100, 0.25, True, True)
-        torch.library.opcheck(torch.ops.fastkd.sparse_kd_torch, args)
+    ops = [torch.ops.fastkd.sparse_kd_torch] + ([torch.ops.fastkd.sparse_kd] if "cpu" in CPU_BACKENDS else [])
+    for op in ops:
+        for tail in TAILS:
+            args = (s, tk.indices, tk.logprobs, tk.tail_logmass, lab, tail, 2.0, -100, 0.25, True, True)
+            torch.library.opcheck(op, args)
 
     def f(x):
         return fastkd.sparse_kd_loss(x, tk, labels=lab, hard_weight=0.1)

@@ -68,11 +68,7 @@ std::tuple<at::Tensor, at::Tensor> dense_kd_cpu(
   a.scale_by_t2 = scale_by_t2;
   a.compute_grad = compute_grad;
   if (N > 0 && student.size(1) > 0) {
-    switch (cpu_isa()) {
-      case Isa::Avx512: isa_avx512::dense_kd_rows(a); break;
-      case Isa::Avx2: isa_avx2::dense_kd_rows(a); break;
-      case Isa::Default: isa_default::dense_kd_rows(a); break;
-    }
+    run_for_isa(&isa_default::dense_kd_rows, &isa_avx2::dense_kd_rows, &isa_avx512::dense_kd_rows, a);
   } else {
     a.loss.zero_();
   }

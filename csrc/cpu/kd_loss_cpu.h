@@ -52,9 +52,38 @@ inline const char* isa_name(Isa isa) {
 // more than computing it (about 40 ms vs 8 ms for 131 MB here).
 at::Tensor empty_hugepage_like(const at::Tensor& like);
 
-// The kernels, one per instruction set; kd_loss_cpu.cpp picks one at run time.
-namespace isa_default { void dense_kd_rows(const DenseArgs& a); }
-namespace isa_avx2 { void dense_kd_rows(const DenseArgs& a); }
-namespace isa_avx512 { void dense_kd_rows(const DenseArgs& a); }
+// One call of the sparse-teacher KD op, validated. student [N, V]; indices [N, k] int64;
+// logprobs [N, k] float (-inf: padding); tail_logmass [N] float; labels [N] int64 or undefined.
+enum class Tail { Bucket = 0, RenormTeacher = 1, RenormBoth = 2 };
+struct SparseArgs {
+  at::Tensor student, indices, logprobs, tail_logmass, labels;
+  at::Tensor loss, grad;
+  Tail tail;
+  double temperature, hard_weight;
+  int64_t ignore_index;
+  bool scale_by_t2, compute_grad;
+};
+
+// The kernels, one per instruction set (isa_*.cpp); the ops pick one with cpu_isa().
+#define FASTKD_DECLARE_KERNELS(ns)              \
+  namespace ns {                                \
+  void dense_kd_rows(const DenseArgs& a);       \
+  void sparse_kd_rows(const SparseArgs& a);     \
+  }
+FASTKD_DECLARE_KERNELS(isa_default)
+FASTKD_DECLARE_KERNELS(isa_avx2)
+FASTKD_DECLARE_KERNELS(isa_avx512)
+#undef FASTKD_DECLARE_KERNELS
+
+// Calls ns::fn(args) for the ISA this machine runs.
+template <typename Args>
+void run_for_isa(void (*def)(const Args&), void (*avx2)(const Args&), void (*avx512)(const Args&),
+                 const Args& args) {
+  switch (cpu_isa()) {
+    case Isa::Avx512: return avx512(args);
+    case Isa::Avx2: return avx2(args);
+    case Isa::Default: return def(args);
+  }
+}
 
 }  // namespace fastkd::cpu

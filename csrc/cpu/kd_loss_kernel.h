@@ -1,4 +1,4 @@
-// The dense KD row kernel for the CPU. Included once per instruction set by kd_loss_<isa>.cpp,
+// The dense KD row kernel for the CPU. Included once per instruction set by isa_<isa>.cpp,
 // which first defines FASTKD_ISA_NS and ATen's CPU_CAPABILITY macros, so that
 // at::vec::Vectorized is the AVX-512, AVX2 or plain build in that translation unit.
 //
@@ -25,109 +25,10 @@
 #include <type_traits>
 
 #include "kd_loss_cpu.h"
+#include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
-
-// kd_math.h's Ops policy for at::vec::Vectorized.
-template <typename acc_t>
-struct VecOps {
-  using Vec = at::vec::Vectorized<acc_t>;
-  static Vec log(Vec x) { return x.log(); }
-  static Vec exp(Vec x) { return x.exp(); }
-  static Vec abs(Vec x) { return x.abs(); }
-  static Vec unless_zero(Vec w, Vec y) { return Vec::blendv(y, Vec(0), w == Vec(0)); }
-  static Vec sign(Vec x) {
-    return Vec::blendv(Vec::blendv(Vec(0), Vec(1), x > Vec(0)), Vec(-1), x < Vec(0));
-  }
-  static Vec logaddexp(Vec x, Vec y) {
-    const Vec hi = at::vec::maximum(x, y);
-    const Vec lo = at::vec::minimum(x, y);
-    const Vec ninf(-std::numeric_limits<acc_t>::infinity());
-    return Vec::blendv(hi + (lo - hi).exp().log1p(), ninf, hi == ninf);
-  }
-};
-
-// Row-sized scratch, one per thread. (Not std::vector: this file is compiled once per ISA, and an
-// AVX-512 copy of a shared std:: template could be the one the linker keeps for all three.)
-template <typename acc_t>
-struct Scratch {
-  acc_t* data;
-  explicit Scratch(int64_t n) : data(new acc_t[n]) {}
-  ~Scratch() { delete[] data; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
-template <typename acc_t>
-acc_t reduce_sum(at::vec::Vectorized<acc_t> v) {
-  return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, v);
-}
-
-template <typename acc_t>
-acc_t reduce_max(at::vec::Vectorized<acc_t> v) {
-  return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return at::vec::maximum(x, y); }, v);
-}
-
-// dst[0:V] = src * scale (in acc_t), dst[V:Vp] = -inf (contributes nothing anywhere); returns max.
-template <typename scalar_t, typename acc_t>
-acc_t load_scaled(const scalar_t* src, acc_t* dst, int64_t V, int64_t Vp, acc_t scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t* from = dst;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    from = src;  // scale straight from the input row
-  } else {
-    at::vec::convert(src, dst, V);
-  }
-  const Vec sc(scale);
-  Vec mx(kNegInf);
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) {
-    const Vec x = Vec::loadu(from + j) * sc;
-    x.store(dst + j);
-    mx = at::vec::maximum(mx, x);
-  }
-  if (j < Vp) {  // the last partial vector, padded with -inf
-    const Vec x = Vec::set(Vec(kNegInf), Vec::loadu(from + j, V - j) * sc, V - j);
-    x.store(dst + j);
-    mx = at::vec::maximum(mx, x);
-  }
-  return reduce_max(mx);
-}
-
-// dst[0:V] = src[0:V] in the output dtype.
-template <typename scalar_t, typename acc_t>
-void store_row(const acc_t* src, scalar_t* dst, int64_t V) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, src, V * sizeof(acc_t));
-  } else {
-    at::vec::convert(src, dst, V);
-  }
-}
-
-// E = exp(X - m); returns sum(E). m must be finite. The sum is fp32 within blocks of
-// kBlock vectors and double across them: a plain fp32 sum of 32k terms drifts by ~1e-6
-// relative, which is the whole KL of a nearly converged student.
-constexpr int64_t kBlock = 64;  // vectors per fp32 partial sum
-
-template <typename acc_t>
-double exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec mv(m);
-  double total = 0;
-  for (int64_t j0 = 0; j0 < Vp; j0 += kBlock * Vec::size()) {
-    const int64_t j1 = std::min(Vp, j0 + kBlock * Vec::size());
-    Vec acc(0);
-    for (int64_t j = j0; j < j1; j += Vec::size()) {
-      const Vec e = (Vec::loadu(X + j) - mv).exp_u20();
-      e.store(E + j);
-      acc = acc + e;
-    }
-    total += reduce_sum(acc);
-  }
-  return total;
-}
 
 template <typename scalar_t, Divergence D>
 void dense_rows(const DenseArgs& a) {
