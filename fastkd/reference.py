@@ -33,6 +33,28 @@ def _softmax_parts(x: torch.Tensor):
     return e * (1.0 / total).to(x.dtype), m.double() + total.log()
 
 
+def finish_rows(s, s_ok, labels, ignore_index, w, loss, grad):
+    """Add the hard-label CE term (temperature 1) to a chunk's KD loss [n] and gradient [n, V]
+    (or None), then zero the rows that are ignored or have no finite student logit."""
+    acc = loss.dtype
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    keep = s_ok
+    if labels is not None:
+        keep = keep & (labels != ignore_index)
+        if w.hard > 0:
+            safe = torch.where(labels == ignore_index, 0, labels).unsqueeze(-1)
+            s1 = _finite_rows(s.to(acc))[0]
+            q1, l1 = _softmax_parts(s1)
+            loss = loss + w.hard * (l1.squeeze(-1) - s1.gather(-1, safe).squeeze(-1).double()).to(acc)
+            if grad is not None:
+                grad = grad + w.hard * q1
+                grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard, dtype=acc))
+    loss = torch.where(keep, loss, zero)
+    if grad is not None:
+        grad = torch.where(keep.unsqueeze(-1), grad, zero)
+    return loss, grad
+
+
 def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, compute_grad):
     """Loss [n] and gradient [n, V] (acc dtype) of one chunk of rows."""
     acc = _math.acc_dtype(s.dtype)
@@ -50,21 +72,7 @@ def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, c
     if compute_grad:
         big_u = u.sum(-1, keepdim=True, dtype=torch.float64).to(acc)
         grad = torch.where(kd_ok, w.kd_grad * (u - q * big_u), zero)
-    keep = s_ok
-    if labels is not None:
-        keep = keep & (labels != ignore_index)
-        if w.hard > 0:
-            safe = torch.where(labels == ignore_index, 0, labels).unsqueeze(-1)
-            s1 = _finite_rows(s.to(acc))[0]
-            q1, l1 = _softmax_parts(s1)
-            loss = loss + w.hard * (l1.squeeze(-1) - s1.gather(-1, safe).squeeze(-1).double()).to(acc)
-            if compute_grad:
-                grad = grad + w.hard * q1
-                grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard, dtype=acc))
-    loss = torch.where(keep, loss, zero)
-    if grad is not None:
-        grad = torch.where(keep.unsqueeze(-1), grad, zero)
-    return loss, grad
+    return finish_rows(s, s_ok, labels, ignore_index, w, loss, grad)
 
 
 def dense_kd_rows(student, teacher, labels, divergence, temperature, beta, ignore_index,

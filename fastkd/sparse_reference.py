@@ -14,7 +14,7 @@ Chunked over rows like the dense reference; row sums in float64.
 import torch
 
 from . import _math
-from .reference import _finite_rows, chunk_rows
+from .reference import _finite_rows, chunk_rows, finish_rows
 
 TAILS = ("bucket", "renorm_teacher", "renorm_both")
 
@@ -60,23 +60,7 @@ def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, 
     loss = w.kd_loss * kd.to(acc)
     if grad is not None:
         grad = w.kd_grad * grad
-    keep = s_ok
-    if labels is not None:
-        keep = keep & (labels != ignore_index)
-        if w.hard > 0:
-            from .reference import _softmax_parts
-
-            safe = torch.where(labels == ignore_index, 0, labels).unsqueeze(-1)
-            s1 = _finite_rows(s.to(acc))[0]
-            q1, l1 = _softmax_parts(s1)
-            loss = loss + w.hard * (l1.squeeze(-1) - s1.gather(-1, safe).squeeze(-1).double()).to(acc)
-            if grad is not None:
-                grad = grad + w.hard * q1
-                grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard, dtype=acc))
-    loss = torch.where(keep, loss, zero)
-    if grad is not None:
-        grad = torch.where(keep.unsqueeze(-1), grad, zero)
-    return loss, grad
+    return finish_rows(s, s_ok, labels, ignore_index, w, loss, grad)
 
 
 def sparse_kd_rows(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,

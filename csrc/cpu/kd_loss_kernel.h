@@ -61,17 +61,8 @@ void dense_rows(const DenseArgs& a) {
       const scalar_t* s = S + r * V;
       const scalar_t* t = T + r * V;
       scalar_t* g = G ? G + r * V : nullptr;
-      int64_t label = -1;
-      if (L) {
-        label = L[r];
-        if (label == a.ignore_index) {
-          loss[r] = 0;
-          if (g) std::fill(g, g + V, scalar_t(0));
-          continue;
-        }
-        TORCH_CHECK(label >= 0 && label < V, "fastkd: labels must lie in [0, ", V,
-                    ") or equal ignore_index=", a.ignore_index, "; got ", label, " at row ", r);
-      }
+      int64_t label;
+      if (!kept_row(L, r, V, a.ignore_index, loss, g, &label)) continue;
       // 1. load, scale, max
       const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
       const acc_t mb = load_scaled(t, B, V, Vp, inv_t);

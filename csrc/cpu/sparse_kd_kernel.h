@@ -51,17 +51,8 @@ void sparse_rows(const SparseArgs& a) {
       const int64_t* idx = IDX + r * K;
       const float* lp = LP + r * K;
       scalar_t* g = G ? G + r * V : nullptr;
-      int64_t label = -1;
-      if (L) {
-        label = L[r];
-        if (label == a.ignore_index) {
-          loss[r] = 0;
-          if (g) std::fill(g, g + V, scalar_t(0));
-          continue;
-        }
-        TORCH_CHECK(label >= 0 && label < V, "fastkd: labels must lie in [0, ", V,
-                    ") or equal ignore_index=", a.ignore_index, "; got ", label, " at row ", r);
-      }
+      int64_t label;
+      if (!kept_row(L, r, V, a.ignore_index, loss, g, &label)) continue;
       for (int64_t c = 0; c < K; ++c) {
         TORCH_CHECK(lp[c] == -INFINITY || (idx[c] >= 0 && idx[c] < V),
                     "fastkd: teacher indices must lie in [0, ", V, "); got ", idx[c], " at row ", r);

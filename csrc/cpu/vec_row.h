@@ -5,6 +5,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
@@ -114,6 +115,24 @@ double exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
     total += reduce_sum(acc);
   }
   return total;
+}
+
+// The label of row r (-1 without labels), after checking it; returns false for an ignored row,
+// whose loss and gradient it zeroes.
+template <typename scalar_t, typename acc_t>
+bool kept_row(const int64_t* labels, int64_t r, int64_t V, int64_t ignore_index, acc_t* loss,
+              scalar_t* g, int64_t* label) {
+  *label = -1;
+  if (!labels) return true;
+  *label = labels[r];
+  if (*label == ignore_index) {
+    loss[r] = 0;
+    if (g) std::fill(g, g + V, scalar_t(0));
+    return false;
+  }
+  TORCH_CHECK(*label >= 0 && *label < V, "fastkd: labels must lie in [0, ", V,
+              ") or equal ignore_index=", ignore_index, "; got ", *label, " at row ", r);
+  return true;
 }
 
 }  // namespace
