@@ -4,7 +4,6 @@ at the same shape and against a naive PyTorch top-k loss (log_softmax + gather),
 Issue 3's target: sparse fwd+bwd at most 0.75x the dense fused time (no teacher row to read).
 """
 import pytest
-import torch
 import torch.nn.functional as F
 
 import fastkd

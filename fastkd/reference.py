@@ -75,22 +75,27 @@ def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, c
     return finish_rows(s, s_ok, labels, ignore_index, w, loss, grad)
 
 
-def dense_kd_rows(student, teacher, labels, divergence, temperature, beta, ignore_index,
-                  hard_weight, scale_by_t2, compute_grad):
-    """The `fastkd::dense_kd_torch` op: see fastkd/_schemas.py for shapes."""
+def chunked_rows(student, labels, compute_grad, chunk):
+    """Run `chunk(rows, labels_of_rows) -> (loss [n], grad [n, V] or None)` over row chunks of
+    `student` [N, V]; returns the op's (loss [N], grad [N, V] or an empty tensor)."""
     n, vocab = student.shape
-    w = _math.row_weights(temperature, hard_weight, scale_by_t2)
     loss = student.new_empty(n, dtype=_math.acc_dtype(student.dtype))
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)
-        lab = None if labels is None else labels[rows]
-        loss[rows], g = _dense_chunk(student[rows], teacher[rows], lab, divergence, temperature,
-                                     beta, ignore_index, w, compute_grad)
+        loss[rows], g = chunk(rows, None if labels is None else labels[rows])
         if compute_grad:
             grad[rows] = g
     return loss, grad
+
+
+def dense_kd_rows(student, teacher, labels, divergence, temperature, beta, ignore_index,
+                  hard_weight, scale_by_t2, compute_grad):
+    """The `fastkd::dense_kd_torch` op: see fastkd/_schemas.py for shapes."""
+    w = _math.row_weights(temperature, hard_weight, scale_by_t2)
+    return chunked_rows(student, labels, compute_grad, lambda rows, lab: _dense_chunk(
+        student[rows], teacher[rows], lab, divergence, temperature, beta, ignore_index, w, compute_grad))
 
 
 torch.library.impl("fastkd::dense_kd_torch", "CompositeExplicitAutograd")(dense_kd_rows)

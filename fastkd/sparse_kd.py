@@ -4,8 +4,6 @@ The ops `fastkd::sparse_kd` (compiled: csrc/cpu/) and `fastkd::sparse_kd_torch` 
 reference, fastkd/sparse_reference.py) take [N, V] rows; this module
 checks the teacher against the student, picks the backend and reduces the per-row losses.
 """
-import math
-
 import torch
 
 from . import _validate, backends, sparse_reference
@@ -87,7 +85,7 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
         raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
     idx, lp, tail_lp = _check_teacher(teacher, student_logits)
     t_temp = _validate.check_temperature(teacher.temperature)
-    if temperature is not None and not math.isclose(float(temperature), t_temp, rel_tol=0, abs_tol=0):
+    if temperature is not None and float(temperature) != t_temp:
         raise ValueError(f"temperature={temperature} differs from the teacher's temperature={t_temp}: "
                          "a sparse teacher's tempered distribution is fixed when it is compressed; "
                          "rebuild the teacher at the temperature you want")

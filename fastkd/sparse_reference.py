@@ -14,7 +14,7 @@ Chunked over rows like the dense reference; row sums in float64.
 import torch
 
 from . import _math
-from .reference import _finite_rows, chunk_rows, finish_rows
+from .reference import _finite_rows, chunked_rows, finish_rows
 
 TAILS = ("bucket", "renorm_teacher", "renorm_both")
 
@@ -68,19 +68,10 @@ def sparse_kd_rows(student, indices, logprobs, tail_logmass, labels, tail, tempe
     """The `fastkd::sparse_kd_torch` op."""
     if tail not in TAILS:
         raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
-    n, vocab = student.shape
     w = _math.row_weights(temperature, hard_weight, scale_by_t2)
-    loss = student.new_empty(n, dtype=_math.acc_dtype(student.dtype))
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-    step = chunk_rows(vocab)
-    for r in range(0, n, step):
-        rows = slice(r, r + step)
-        lab = None if labels is None else labels[rows]
-        loss[rows], g = _sparse_chunk(student[rows], indices[rows], logprobs[rows], tail_logmass[rows],
-                                      lab, tail, temperature, ignore_index, w, compute_grad)
-        if compute_grad:
-            grad[rows] = g
-    return loss, grad
+    return chunked_rows(student, labels, compute_grad, lambda rows, lab: _sparse_chunk(
+        student[rows], indices[rows], logprobs[rows], tail_logmass[rows], lab, tail, temperature,
+        ignore_index, w, compute_grad))
 
 
 torch.library.impl("fastkd::sparse_kd_torch", "CompositeExplicitAutograd")(sparse_kd_rows)
