@@ -67,8 +67,7 @@ void dense_rows(const DenseArgs& a) {
       const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
       const acc_t mb = load_scaled(t, B, V, Vp, inv_t);
       if (ma == kNegInf) {  // no finite student logit: the row is empty
-        loss[r] = 0;
-        if (g) std::fill(g, g + V, scalar_t(0));
+        zero_row(loss, r, g, V);
         continue;
       }
       // 2. exp + sum (student always, teacher when it has a finite logit)

@@ -5,7 +5,11 @@
 //   1. load + scale + max          A = s / T                    (the only read of the row)
 //   2. exp + sum with the k ids masked to -inf: E = exp(a - max), the student's tail sum over
 //      j not in I directly (never S - sum_I); then the ids' own E, and the loss
-//   4. gradient                    g = w (E * c - teacher at I) + hard part, written once
+//   3. gradient                    g = w (c_out E + [j in I] ((c_in - c_out) E - target)) + hard
+//      part, written once. Per tail mode (fastkd/sparse_reference.py), with P = sum_I p:
+//        bucket          c_in = (P + r_p) / S,  c_out = c_in - r_p / S_tail,  target p,  q over S
+//        renorm_teacher  c_in = c_out = 1 / S,                            target p / P,  q over S
+//        renorm_both     c_in = 1 / S_I, c_out = 0,                       target p / P,  q over S_I
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -58,12 +62,11 @@ void sparse_rows(const SparseArgs& a) {
                     "fastkd: teacher indices must lie in [0, ", V, "); got ", idx[c], " at row ", r);
       }
       const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
-      if (ma == kNegInf) {
-        loss[r] = 0;
-        if (g) std::fill(g, g + V, scalar_t(0));
+      if (ma == kNegInf) {  // no finite student logit: the row is empty
+        zero_row(loss, r, g, V);
         continue;
       }
-      // 2 + 3. exp + sum with the ids masked to -inf: the sum is the student's tail mass itself
+      // 2. exp + sum with the ids masked to -inf: the sum is the student's tail mass itself
       // (never S - sum_I); the ids' own exps are added back, a sum of positives.
       double s_in = 0, big_p = 0;
       for (int64_t c = 0; c < K; ++c) {
@@ -81,19 +84,18 @@ void sparse_rows(const SparseArgs& a) {
       }
       const double s_all = s_tail + s_in;
       const double log_s_all = std::log(s_all);
-      const double log_norm = a.tail == Tail::RenormBoth ? std::log(s_in) : log_s_all;
-      const double log_big_p = std::log(big_p);
-      const double tail_lp = TAIL[r];
-      const double r_p = a.tail == Tail::Bucket ? std::exp(tail_lp) : 0.0;
+      const bool bucket = a.tail == Tail::Bucket;
+      const double r_p = bucket ? std::exp(double(TAIL[r])) : 0.0;
+      const double log_norm = a.tail == Tail::RenormBoth ? std::log(s_in) : log_s_all;  // of q
+      const double target_shift = bucket ? 0.0 : std::log(big_p);  // log p - shift = log target
       double kd = 0;
       for (int64_t c = 0; c < K; ++c) {
         if (lp[c] == -INFINITY) continue;
-        const double lq = double(A[idx[c]]) - double(ma) - log_norm;
-        const double lpc = a.tail == Tail::Bucket ? double(lp[c]) : double(lp[c]) - log_big_p;
-        kd += std::exp(lpc) * (lpc - lq);
+        const double lt = double(lp[c]) - target_shift;
+        kd += std::exp(lt) * (lt - (double(A[idx[c]]) - double(ma) - log_norm));
       }
-      if (r_p > 0) kd += r_p * (tail_lp - (std::log(s_tail) - log_s_all));
-      // 4. gradient: E * c_all everywhere, then the ids' own values
+      if (r_p > 0) kd += r_p * (double(TAIL[r]) - (std::log(s_tail) - log_s_all));
+      // 3. gradient
       acc_t ce = 0, i_s1 = 0;
       if (hard) {
         const acc_t m1 = load_scaled(s, B, V, Vp, acc_t(1));
@@ -103,10 +105,10 @@ void sparse_rows(const SparseArgs& a) {
       }
       loss[r] = static_cast<acc_t>(w.kd_loss_weight * kd) + acc_t(w.hard_weight) * ce;
       if (!g) continue;
-      double c_all = 0;  // d/da_j = E_j * c_all for j outside I
-      if (a.tail == Tail::Bucket) c_all = (big_p + r_p) / s_all - (s_tail > 0 ? r_p / s_tail : 0.0);
-      if (a.tail == Tail::RenormTeacher) c_all = 1.0 / s_all;
-      const Vec wc(static_cast<acc_t>(w.kd_grad_weight * c_all));
+      const double c_in = bucket ? (big_p + r_p) / s_all : std::exp(-log_norm);
+      const double c_out = bucket ? c_in - (s_tail > 0 ? r_p / s_tail : 0.0)
+                                  : (a.tail == Tail::RenormTeacher ? c_in : 0.0);
+      const Vec wc(static_cast<acc_t>(w.kd_grad_weight * c_out));
       if (hard) {
         const Vec wh(acc_t(w.hard_weight) * i_s1);
         for (int64_t j = 0; j < Vp; j += Vec::size()) (wc * Vec::loadu(E + j) + wh * Vec::loadu(B + j)).store(A + j);
@@ -116,15 +118,8 @@ void sparse_rows(const SparseArgs& a) {
       for (int64_t c = 0; c < K; ++c) {  // j in I: the in-I coefficient and the teacher's target
         if (lp[c] == -INFINITY) continue;
         const int64_t i = idx[c];
-        double gi;
-        if (a.tail == Tail::Bucket) {
-          gi = E[i] * (big_p + r_p) / s_all - std::exp(double(lp[c]));
-        } else if (a.tail == Tail::RenormTeacher) {
-          gi = E[i] / s_all - std::exp(double(lp[c]) - log_big_p);
-        } else {
-          gi = E[i] / s_in - std::exp(double(lp[c]) - log_big_p);
-        }
-        A[i] += static_cast<acc_t>(w.kd_grad_weight * gi) - static_cast<acc_t>(w.kd_grad_weight * c_all) * E[i];
+        const double target = std::exp(double(lp[c]) - target_shift);
+        A[i] += static_cast<acc_t>(w.kd_grad_weight * ((c_in - c_out) * E[i] - target));
       }
       if (hard) A[label] -= acc_t(w.hard_weight);
       store_row(A, g, V);

@@ -117,6 +117,13 @@ double exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
   return total;
 }
 
+// A row that contributes nothing: loss 0 and, when there is one, a zero gradient row.
+template <typename scalar_t, typename acc_t>
+void zero_row(acc_t* loss, int64_t r, scalar_t* g, int64_t V) {
+  loss[r] = 0;
+  if (g) std::fill(g, g + V, scalar_t(0));
+}
+
 // The label of row r (-1 without labels), after checking it; returns false for an ignored row,
 // whose loss and gradient it zeroes.
 template <typename scalar_t, typename acc_t>
@@ -126,8 +133,7 @@ bool kept_row(const int64_t* labels, int64_t r, int64_t V, int64_t ignore_index,
   if (!labels) return true;
   *label = labels[r];
   if (*label == ignore_index) {
-    loss[r] = 0;
-    if (g) std::fill(g, g + V, scalar_t(0));
+    zero_row(loss, r, g, V);
     return false;
   }
   TORCH_CHECK(*label >= 0 && *label < V, "fastkd: labels must lie in [0, ", V,
