@@ -107,12 +107,7 @@ void dense_rows(const DenseArgs& a) {
       }
       // 4. hard-label cross-entropy at temperature 1: B <- softmax(s) numerator
       acc_t ce = 0, iS1 = 0;
-      if (hard) {
-        const acc_t m1 = load_scaled(s, B, V, Vp, acc_t(1));
-        const double S1 = exp_sum(B, B, Vp, m1);
-        iS1 = static_cast<acc_t>(1.0 / S1);
-        ce = static_cast<acc_t>(double(m1) + std::log(S1) - double(s[label]));
-      }
+      if (hard) ce = hard_label_ce(s, B, V, Vp, label, &iS1);
       loss[r] = acc_t(w.kd_loss_weight) * div + acc_t(w.hard_weight) * ce;
       if (!g) continue;
       // 5. gradient, assembled in P then written once in the student's dtype

@@ -97,12 +97,7 @@ void sparse_rows(const SparseArgs& a) {
       if (r_p > 0) kd += r_p * (double(TAIL[r]) - (std::log(s_tail) - log_s_all));
       // 3. gradient
       acc_t ce = 0, i_s1 = 0;
-      if (hard) {
-        const acc_t m1 = load_scaled(s, B, V, Vp, acc_t(1));
-        const double s1 = exp_sum(B, B, Vp, m1);
-        i_s1 = static_cast<acc_t>(1.0 / s1);
-        ce = static_cast<acc_t>(double(m1) + std::log(s1) - double(s[label]));
-      }
+      if (hard) ce = hard_label_ce(s, B, V, Vp, label, &i_s1);
       loss[r] = static_cast<acc_t>(w.kd_loss_weight * kd) + acc_t(w.hard_weight) * ce;
       if (!g) continue;
       const double c_in = bucket ? (big_p + r_p) / s_all : std::exp(-log_norm);

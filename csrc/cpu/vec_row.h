@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -115,6 +116,16 @@ double exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
     total += reduce_sum(acc);
   }
   return total;
+}
+
+// The hard-label term at temperature 1 of student row s (V entries): B[0:Vp] <- exp(s - max s),
+// *inv_sum <- 1 / sum of them (so softmax(s) = B * inv_sum); returns CE = lse(s) - s[label].
+template <typename scalar_t, typename acc_t>
+acc_t hard_label_ce(const scalar_t* s, acc_t* B, int64_t V, int64_t Vp, int64_t label, acc_t* inv_sum) {
+  const acc_t m1 = load_scaled(s, B, V, Vp, acc_t(1));
+  const double s1 = exp_sum(B, B, Vp, m1);
+  *inv_sum = static_cast<acc_t>(1.0 / s1);
+  return static_cast<acc_t>(double(m1) + std::log(s1) - double(s[label]));
 }
 
 // A row that contributes nothing: loss 0 and, when there is one, a zero gradient row.
