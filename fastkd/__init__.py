@@ -11,9 +11,9 @@ from .backends import available_backends
 from .dense_kd import KDLoss, kd_loss
 from .sparse_kd import SparseKDLoss, sparse_kd_loss
 from .sparse_teacher import SparseTeacher, sample_teacher, topk_teacher
-
-__version__ = "0.1.0"
+from ._version import __version__
+from . import cache  # noqa: E402  (fastkd.cache: the on-disk teacher cache)
 __all__ = [
     "kd_loss", "KDLoss", "sparse_kd_loss", "SparseKDLoss", "SparseTeacher", "topk_teacher",
-    "sample_teacher", "available_backends", "DIVERGENCES", "__version__",
+    "sample_teacher", "available_backends", "DIVERGENCES", "cache", "__version__",
 ]

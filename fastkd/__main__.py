@@ -1,4 +1,4 @@
-"""Command line: `python -m fastkd info` and `python -m fastkd bench`."""
+"""Command line: `python -m fastkd info`, `python -m fastkd bench` and `python -m fastkd cache`."""
 import argparse
 import json
 import os
@@ -75,6 +75,12 @@ def main(argv=None) -> int:
     b.add_argument("--json", default=None, help="also write the rows as JSON here ('-' for stdout)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
+    from fastkd.cache import cli as cache_cli
+
+    c = sub.add_parser("cache", help="run a teacher over tokens and write its sparse rows to a cache",
+                       description=cache_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache_cli.add_arguments(c)
+    c.set_defaults(fn=cache_cli.run)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -55,6 +55,7 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int = 64, temperature: float =
     for r in range(0, n, step):
         b = flat[r:r + step].float() * (1.0 / temperature)
         lse = _log_normaliser(b)
+        lse = torch.where(lse > float("-inf"), lse, 0.0)  # no finite entry: every log-prob is -inf
         vals, ids = b.topk(k, dim=-1)
         indices[r:r + step] = ids
         logprobs[r:r + step] = (vals.double() - lse).float()

@@ -114,6 +114,20 @@ def test_topk_teacher_values():
     assert (teacher.logprobs[..., :-1] >= teacher.logprobs[..., 1:]).all()
 
 
+def test_sparse_teachers_of_masked_rows_have_no_nan():
+    """A row with no finite logit gives -inf everywhere (no NaN); a row with fewer finite
+    entries than k pads with -inf."""
+    t = logits((3, 40))
+    t[0] = float("-inf")
+    t[1, 3:] = float("-inf")
+    teacher = fastkd.topk_teacher(t, k=5, temperature=2.0)
+    assert not teacher.logprobs.isnan().any() and not teacher.tail_logmass.isnan().any()
+    assert torch.isinf(teacher.logprobs[0]).all() and torch.isinf(teacher.tail_logmass[:2]).all()
+    assert torch.isfinite(teacher.logprobs[1, :3]).all() and torch.isinf(teacher.logprobs[1, 3:]).all()
+    sampled = fastkd.sample_teacher(t[1:], num_samples=8, temperature=2.0)
+    assert set(sampled.indices[0][sampled.logprobs[0] > float("-inf")].tolist()) <= {0, 1, 2}
+
+
 def test_tiny_tail_stays_finite():
     """A tail mass of ~1e-12 is kept in log space: finite loss and gradient, matching fp64."""
     t = torch.full((2, 100), -30.0)

@@ -1,0 +1,89 @@
+"""The cache's row codec: SparseTeacher rows <-> the arrays of one shard (docs/cache-format.md).
+
+top-k rows are sorted by log-prob, largest first. The largest is stored as float32 (`top`);
+every other entry as an 8-bit code of its distance below it, d = top - logprob >= 0:
+codes 0 .. L-1 are linear (d = c * step, error <= step / 2), codes L .. 254 grow geometrically up
+to `max_delta` (coarse, for entries far below the top that carry almost no mass), 255 is -inf
+(padding). `step` is set from k so that the linear range covers every entry of the smallest
+prefix that carries 99% of the stored mass: such an entry lies less than ln(100 (k - 1)) nats
+below the top. The tail log-mass is stored as float32.
+
+sampled rows store each unique id's count (log-prob = log(count / num_samples), exact); count 0
+is padding.
+"""
+import math
+
+import torch
+
+from . import _bits
+from ..sparse_teacher import SparseTeacher
+
+PAD_CODE = 255
+LINEAR_CODES = 241  # codes 0 .. 240
+MAX_DELTA = 60.0  # nats below the top where the geometric codes end (and larger d are clipped)
+
+
+def logprob_quantisation(k: int) -> dict:
+    """The quantisation parameters for top-k rows (recorded in the manifest)."""
+    reach = math.log(100.0 * max(k - 1, 1)) + 0.05
+    return {"scheme": "u8-below-top", "linear_codes": LINEAR_CODES,
+            "step": reach / (LINEAR_CODES - 1), "max_delta": MAX_DELTA, "pad_code": PAD_CODE}
+
+
+def delta_table(q: dict) -> torch.Tensor:
+    """float32 [256]: the distance below the top that each code stands for (+inf for padding)."""
+    lin, step = q["linear_codes"], q["step"]
+    far = q["pad_code"] - lin  # geometric codes
+    d_lin = torch.arange(lin, dtype=torch.float64) * step
+    top_lin = (lin - 1) * step
+    ratio = (q["max_delta"] / top_lin) ** (1.0 / far)
+    d_far = top_lin * ratio ** torch.arange(1, far + 1, dtype=torch.float64)
+    inf = torch.full((256 - q["pad_code"],), math.inf, dtype=torch.float64)
+    return torch.cat([d_lin, d_far, inf]).float()
+
+
+def _encode_deltas(d: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Nearest code for each distance d (float64; nan or +inf -> padding)."""
+    finite = table[:PAD_CODE].double()
+    mids = (finite[1:] + finite[:-1]) * 0.5
+    codes = torch.bucketize(d.clamp(max=finite[-1].item()), mids)
+    return torch.where(torch.isfinite(d), codes, PAD_CODE).to(torch.uint8)
+
+
+def encode(rows: SparseTeacher, meta: dict) -> dict:
+    """Flat rows ([n, k]) -> the shard's tensors."""
+    ids, lp = rows.indices, rows.logprobs
+    n, k = ids.shape
+    if meta["kind"] == "topk":
+        lp, order = lp.sort(dim=-1, descending=True, stable=True)
+        ids = ids.gather(-1, order)
+        top = lp[:, 0].float()
+        d = top.double().unsqueeze(-1) - lp[:, 1:].double()
+        d = torch.where(lp[:, 1:] > float("-inf"), d, math.inf)
+        out = {"top_logprob": top.contiguous(), "tail_logmass": rows.tail_logmass.float().contiguous(),
+               "codes": _encode_deltas(d, delta_table(meta["logprob_quantisation"])).contiguous()}
+    else:
+        counts = torch.round(lp.double().exp() * meta["num_samples"]).to(torch.int64)
+        out = {"counts": _bits.pack(counts, meta["count_bits"])}
+    out["ids"] = _bits.pack(ids, meta["id_bits"])
+    return out
+
+
+def decode(arrays: dict, meta: dict, start: int, stop: int, table: torch.Tensor | None = None) -> SparseTeacher:
+    """Rows [start, stop) of one shard's tensors -> SparseTeacher ([stop - start, k]). `table`:
+    delta_table(meta["logprob_quantisation"]), passed by callers that decode often."""
+    k, n = meta["k"], stop - start
+    ids = _bits.unpack(arrays["ids"], meta["id_bits"], start * k, stop * k).view(n, k).long()
+    if meta["kind"] == "topk":
+        top = arrays["top_logprob"][start:stop]
+        table = delta_table(meta["logprob_quantisation"]) if table is None else table
+        lp = torch.empty(n, k, dtype=torch.float32)
+        lp[:, 0] = top
+        torch.sub(top.unsqueeze(-1), table[arrays["codes"][start:stop].long()], out=lp[:, 1:])
+        tail = arrays["tail_logmass"][start:stop].clone()
+    else:
+        counts = _bits.unpack(arrays["counts"], meta["count_bits"], start * k, stop * k).view(n, k)
+        logs = torch.arange(meta["num_samples"] + 1, dtype=torch.float64).div(meta["num_samples"]).log()
+        lp = logs.float()[counts.long()]
+        tail = torch.full((n,), float("-inf"))
+    return SparseTeacher(ids, lp, tail, meta["temperature"], meta["kind"])

@@ -1,0 +1,163 @@
+"""`python -m fastkd cache`: run a teacher over a token stream and write its sparse rows to a cache.
+
+The teacher is a local Hugging Face causal-LM directory (needs `transformers`; nothing is
+downloaded) or a Python callable named as `module:name` or `path/to/file.py:name` that maps
+int64 token ids [B, L] to logits [B, L, V]. The input is a `.npy` array of token ids, a text file
+of whitespace-separated ids (`--input-format ids`), or plain text tokenised with the teacher
+directory's tokenizer (or `--tokenizer DIR`). The stream is cut into sequences of `--seq-len`
+tokens (the last may be shorter); cache token i is the teacher's distribution at input position i.
+Re-running the same command on the same output directory resumes where a killed run stopped.
+"""
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .writer import SHARD_TOKENS, CacheWriter
+from ..sparse_teacher import sample_teacher, topk_teacher
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--teacher", required=True, help="HF causal-LM directory, or module:callable / file.py:callable")
+    p.add_argument("--input", required=True, help="token ids (.npy, or text of ids with --input-format ids) or text")
+    p.add_argument("--output", required=True, help="cache directory (created, or resumed)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--k", type=int, help="keep the top-k entries of each row")
+    what.add_argument("--num-samples", type=int, help="keep num_samples draws of each row (sampled KD)")
+    p.add_argument("--temperature", type=float, required=True, help="temperature of the cached distribution")
+    p.add_argument("--input-format", choices=["auto", "npy", "ids", "text"], default="auto",
+                   help="auto: .npy is ids, anything else is text (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer directory for text input (default: the teacher's)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher call")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (at least)")
+    p.add_argument("--teacher-name", default=None, help="recorded in the manifest (default: from --teacher)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per batch, so a resumed run draws the same)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _is_hf_dir(spec: str) -> bool:
+    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json"))
+
+
+def _load_callable(spec: str):
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"--teacher {spec!r}: expected an HF model directory or module:callable / file.py:callable")
+    if module_name.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location("fastkd_cache_teacher", module_name)
+        if loaded is None or not os.path.isfile(module_name):
+            raise SystemExit(f"--teacher: no such file {module_name!r}")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SystemExit(f"--teacher: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _need_transformers(what: str):
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(f"{what} needs the optional dependency transformers: pip install 'fastkd[hf]'") from None
+    return transformers
+
+
+def load_teacher(spec: str, device: str):
+    """-> (callable ids [B, L] -> logits [B, L, V], default name)."""
+    if _is_hf_dir(spec):
+        transformers = _need_transformers(f"--teacher {spec!r} (a Hugging Face model directory)")
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True).to(device).eval()
+
+        def teacher(ids):
+            return model(input_ids=ids).logits
+
+        return teacher, os.path.basename(os.path.normpath(spec))
+    return _load_callable(spec), spec
+
+
+def load_tokens(args) -> torch.Tensor:
+    fmt = args.input_format
+    if fmt == "auto":
+        fmt = "npy" if args.input.endswith(".npy") else "text"
+    if fmt == "npy":
+        ids = np.load(args.input, allow_pickle=False)
+    elif fmt == "ids":
+        with open(args.input) as f:
+            ids = np.array(f.read().split(), dtype=np.int64)
+    else:
+        source = args.tokenizer or (args.teacher if _is_hf_dir(args.teacher) else None)
+        if source is None:
+            raise SystemExit("--input is text: give --tokenizer DIR (an HF tokenizer), or token ids "
+                             "(.npy, or --input-format ids)")
+        transformers = _need_transformers("tokenising text input")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+        with open(args.input, encoding="utf-8") as f:
+            ids = np.array(tokenizer(f.read())["input_ids"], dtype=np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise SystemExit(f"--input: expected a 1-D array of integer token ids, got {ids.dtype} {ids.shape}")
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def run(args) -> int:
+    for name in ("seq_len", "batch_size", "shard_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    tokens = load_tokens(args)
+    teacher, default_name = load_teacher(args.teacher, args.device)
+    if tokens.numel() == 0:
+        raise SystemExit(f"--input {args.input!r} holds no tokens")
+    with torch.no_grad():
+        probe = teacher(tokens[:1].view(1, 1).to(args.device))
+    vocab = probe.shape[-1]
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise SystemExit(f"--input: token ids must lie in [0, {vocab}) (the teacher's vocabulary), "
+                         f"got [{int(tokens.min())}, {int(tokens.max())}]")
+    writer = CacheWriter(args.output, vocab_size=vocab, kind="topk" if args.k else "sampled", k=args.k,
+                         num_samples=args.num_samples, temperature=args.temperature,
+                         teacher=args.teacher_name or default_name, seq_len=args.seq_len,
+                         shard_tokens=args.shard_tokens)
+    start = writer.num_tokens
+    if start % args.seq_len and start != tokens.numel():
+        raise SystemExit(f"{args.output!r} ends inside a sequence (token {start}, --seq-len "
+                         f"{args.seq_len}): resume with the --seq-len it was written with")
+    from tqdm import tqdm
+
+    bar = tqdm(total=tokens.numel(), initial=start, unit="tok", unit_scale=True, disable=args.no_progress,
+               desc="fastkd cache", file=sys.stderr)
+    began, step = time.perf_counter(), args.seq_len * args.batch_size
+    with torch.no_grad():
+        for a in range(start, tokens.numel(), step):
+            chunk = tokens[a:a + step]
+            full = chunk.numel() // args.seq_len * args.seq_len
+            parts = [chunk[:full].view(-1, args.seq_len)] if full else []
+            if full < chunk.numel():
+                parts.append(chunk[full:].view(1, -1))  # the stream's last, shorter sequence
+            for ids in parts:
+                logits = teacher(ids.to(args.device))
+                if args.k:
+                    rows = topk_teacher(logits, k=args.k, temperature=args.temperature)
+                else:
+                    gen = torch.Generator(device=logits.device).manual_seed(args.seed * 1_000_003 + a)
+                    rows = sample_teacher(logits, num_samples=args.num_samples,
+                                          temperature=args.temperature, generator=gen)
+                writer.append(rows, ids)
+            bar.update(chunk.numel())
+    writer.close()
+    bar.close()
+    done = tokens.numel() - start
+    took = time.perf_counter() - began
+    shards = writer.manifest["shards"]
+    size = sum(e["bytes"] for e in shards)
+    print(f"{args.output}: {writer.num_tokens} tokens in {len(shards)} shards, {size / max(writer.num_tokens, 1):.1f} "
+          f"bytes/token; this run {done} tokens in {took:.1f} s ({done / max(took, 1e-9):.0f} tokens/s)"
+          + (f", resumed at token {start}" if start else ""))
+    return 0

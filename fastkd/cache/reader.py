@@ -1,0 +1,130 @@
+"""TeacherCache: random access to a teacher-logit cache; TeacherCacheDataset: a torch Dataset over it.
+
+    cache = fastkd.cache.TeacherCache("cache/", vocab_size=32000, temperature=2.0)
+    teacher = cache[4096:4096 + 8192]        # SparseTeacher, [8192, k]
+    loss = fastkd.sparse_kd_loss(student_logits, teacher)
+
+Shards are memory-mapped when first touched and checked against their sha256 then.
+"""
+import bisect
+import math
+
+import torch
+
+from . import _bits, _codec, _store
+from ..sparse_teacher import SparseTeacher
+
+
+class TeacherCache:
+    """The cache in `directory`. `vocab_size` / `temperature`: when given, a cache made for another
+    vocabulary or temperature is refused. `verify`: check each shard's sha256 when first mapped."""
+
+    def __init__(self, directory: str, *, vocab_size: int | None = None,
+                 temperature: float | None = None, verify: bool = True):
+        self.directory, self.verify = directory, verify
+        self.manifest = m = _store.read_manifest(directory)
+        if vocab_size is not None and vocab_size != m["vocab_size"]:
+            raise _store.CacheError(f"{directory!r} was made for vocab_size={m['vocab_size']}, "
+                                    f"the student has vocab_size={vocab_size}")
+        if temperature is not None and not math.isclose(temperature, m["temperature"], rel_tol=1e-9):
+            raise _store.CacheError(f"{directory!r} holds the teacher at temperature={m['temperature']}, "
+                                    f"asked for temperature={temperature} (a sparse teacher's "
+                                    "temperature is fixed when it is cached)")
+        self._starts = [0]
+        for entry in m["shards"]:
+            self._starts.append(self._starts[-1] + entry["num_tokens"])
+        if self._starts[-1] != m["num_tokens"]:
+            raise _store.CacheError(f"{directory!r}: shards hold {self._starts[-1]} tokens, "
+                                    f"the manifest says {m['num_tokens']}")
+        self._shards = [None] * len(m["shards"])
+        self._table = _codec.delta_table(m["logprob_quantisation"]) if m["kind"] == "topk" else None
+
+    def __len__(self) -> int:
+        return self.manifest["num_tokens"]
+
+    @property
+    def temperature(self) -> float:
+        return self.manifest["temperature"]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Shard bytes (all of them: teacher rows, token ids, headers) per cached token."""
+        return sum(e["bytes"] for e in self.manifest["shards"]) / max(len(self), 1)
+
+    def _shard(self, i: int) -> dict:
+        if self._shards[i] is None:
+            self._shards[i] = _store.open_shard(self.directory, self.manifest["shards"][i], self.verify)
+        return self._shards[i]
+
+    def verify_all(self) -> None:
+        """Check every shard's sha256 now (CacheError on the first mismatch)."""
+        for entry in self.manifest["shards"]:
+            _store.open_shard(self.directory, entry, verify=True)
+
+    def _pieces(self, start: int, stop: int):
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"token range [{start}, {stop}) outside the cache's [0, {len(self)})")
+        i = bisect.bisect_right(self._starts, start) - 1
+        while start < stop:
+            end = min(stop, self._starts[i + 1])
+            yield i, start - self._starts[i], end - self._starts[i]
+            start, i = end, i + 1
+
+    def read(self, start: int, stop: int) -> SparseTeacher:
+        """Teacher rows of tokens [start, stop): SparseTeacher with [stop - start, k] entries."""
+        m = self.manifest
+        parts = [_codec.decode(self._shard(i), m, a, b, self._table) for i, a, b in self._pieces(start, stop)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return SparseTeacher(torch.empty(0, m["k"], dtype=torch.long), torch.empty(0, m["k"]),
+                                 torch.empty(0), m["temperature"], m["kind"])
+        return SparseTeacher(*(torch.cat([getattr(p, f) for p in parts]) for f in ("indices", "logprobs", "tail_logmass")),
+                             m["temperature"], m["kind"])
+
+    def tokens(self, start: int, stop: int) -> torch.Tensor:
+        """The input token ids of tokens [start, stop) (int64), when the cache keeps them."""
+        if not self.manifest["has_tokens"]:
+            raise _store.CacheError(f"{self.directory!r} was written without the input token ids")
+        parts = [_bits.unpack(self._shard(i)["tokens"], self.manifest["id_bits"], a, b)
+                 for i, a, b in self._pieces(start, stop)]
+        return torch.cat(parts).long() if parts else torch.empty(0, dtype=torch.long)
+
+    def __getitem__(self, key) -> SparseTeacher:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("a cache slice must have step 1")
+            return self.read(start, max(start, stop))
+        index = key + len(self) if key < 0 else key
+        row = self.read(index, index + 1)
+        return SparseTeacher(row.indices[0], row.logprobs[0], row.tail_logmass[0], row.temperature, row.kind)
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """Sequences of `seq_len` tokens (default: the manifest's) from a cache; a last partial
+    sequence is dropped. Item i: {"indices" [L, k], "logprobs" [L, k], "tail_logmass" [L] and,
+    when kept, "input_ids" [L]}; `teacher(batch)` turns a (collated) item back into a SparseTeacher."""
+
+    def __init__(self, cache: TeacherCache, seq_len: int | None = None):
+        seq_len = seq_len or cache.manifest["seq_len"]
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int (the cache records {cache.manifest['seq_len']!r})")
+        self.cache, self.seq_len = cache, seq_len
+
+    def __len__(self) -> int:
+        return len(self.cache) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sequence {i} outside [0, {len(self)})")
+        a, b = i * self.seq_len, (i + 1) * self.seq_len
+        rows = self.cache.read(a, b)
+        item = {"indices": rows.indices, "logprobs": rows.logprobs, "tail_logmass": rows.tail_logmass}
+        if self.cache.manifest["has_tokens"]:
+            item["input_ids"] = self.cache.tokens(a, b)
+        return item
+
+    def teacher(self, batch: dict) -> SparseTeacher:
+        return SparseTeacher(batch["indices"], batch["logprobs"], batch["tail_logmass"],
+                             self.cache.temperature, self.cache.manifest["kind"])

@@ -1,0 +1,159 @@
+"""CacheWriter: appends SparseTeacher rows to a teacher-logit cache directory, shard by shard.
+
+    with fastkd.cache.CacheWriter("cache/", vocab_size=32000, kind="topk", k=64,
+                                  temperature=2.0, teacher="my-teacher") as w:
+        for tokens in batches:                      # [B, L] token ids
+            w.append(fastkd.topk_teacher(teacher(tokens), k=64, temperature=2.0), tokens)
+
+Rows are buffered until at least `shard_tokens` are held, then written as one shard (atomically)
+and recorded in the manifest; `close()` writes what is left. A writer killed at any point leaves
+a valid cache of the shards written so far; opening the same directory again with the same
+settings resumes it (`num_tokens` says where), and different settings are refused.
+"""
+import glob
+import math
+import os
+
+import torch
+
+from . import _bits, _codec, _store
+from .._version import __version__
+from ..sparse_teacher import KINDS, SparseTeacher
+
+SHARD_TOKENS = 1 << 16
+_SETTINGS = ("kind", "k", "num_samples", "vocab_size", "temperature", "teacher", "seq_len",
+             "id_bits", "count_bits", "logprob_quantisation", "has_tokens")
+
+
+def cache_settings(*, vocab_size: int, kind: str, k: int | None = None, num_samples: int | None = None,
+                   temperature: float, teacher: str, seq_len: int | None = None, has_tokens: bool = True) -> dict:
+    """The manifest fields that fix a cache's format (everything but its shard list)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= 1 << _bits.MAX_WIDTH:
+        raise ValueError(f"vocab_size must be an int in [1, {1 << _bits.MAX_WIDTH}], got {vocab_size!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "topk":
+        if num_samples is not None:
+            raise ValueError("num_samples is for kind='sampled'; a top-k cache takes k")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+            raise ValueError(f"k must be an int in [1, vocab_size={vocab_size}], got {k!r}")
+    else:
+        if k is not None:
+            raise ValueError("k is for kind='topk'; a sampled cache takes num_samples")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= 255:
+            raise ValueError(f"num_samples must be an int in [1, 255], got {num_samples!r}")
+        k = num_samples
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not isinstance(teacher, str) or not teacher:
+        raise ValueError(f"teacher must be a non-empty name, got {teacher!r}")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"seq_len must be a positive int or None, got {seq_len!r}")
+    return {
+        "kind": kind, "k": k, "num_samples": num_samples, "vocab_size": vocab_size,
+        "temperature": float(temperature), "teacher": teacher, "seq_len": seq_len,
+        "id_bits": _bits.width_for(vocab_size),
+        "count_bits": _bits.width_for(num_samples + 1) if kind == "sampled" else None,
+        "logprob_quantisation": _codec.logprob_quantisation(k) if kind == "topk" else None,
+        "has_tokens": bool(has_tokens),
+    }
+
+
+class CacheWriter:
+    """Writes (or resumes) the cache in `directory`; see the module docstring."""
+
+    def __init__(self, directory: str, *, vocab_size: int, kind: str = "topk", k: int | None = None,
+                 num_samples: int | None = None, temperature: float, teacher: str,
+                 seq_len: int | None = None, has_tokens: bool = True, shard_tokens: int = SHARD_TOKENS):
+        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
+        settings = cache_settings(vocab_size=vocab_size, kind=kind, k=k, num_samples=num_samples,
+                                  temperature=temperature, teacher=teacher, seq_len=seq_len,
+                                  has_tokens=has_tokens)
+        self.directory, self.shard_tokens = directory, shard_tokens
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(directory), "*.tmp")):
+            os.remove(stale)  # a write that was killed before its rename
+        if os.path.exists(os.path.join(directory, _store.MANIFEST)):
+            manifest = _store.read_manifest(directory)
+            diff = [f"{key}: cache has {manifest.get(key)!r}, asked for {settings[key]!r}"
+                    for key in _SETTINGS if manifest.get(key) != settings[key]]
+            if diff:
+                raise _store.CacheError(f"{directory!r} holds a cache with other settings; use a new "
+                                        "directory to write a different one (" + "; ".join(diff) + ")")
+            self.manifest = manifest
+        else:
+            self.manifest = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION,
+                             **settings, "num_tokens": 0, "shards": [], "created_by": f"fastkd {__version__}"}
+            _store.write_manifest(directory, self.manifest)
+        self._rows, self._tokens, self._buffered = [], [], 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens written to shards so far (where a resumed writer continues)."""
+        return self.manifest["num_tokens"]
+
+    def append(self, teacher: SparseTeacher, tokens: torch.Tensor | None = None) -> None:
+        """Add rows: `teacher` [..., k] and, when the cache keeps them, the input token ids [...]."""
+        m = self.manifest
+        if not isinstance(teacher, SparseTeacher):
+            raise TypeError(f"teacher must be a fastkd.SparseTeacher, got {type(teacher).__name__}")
+        if teacher.kind != m["kind"] or teacher.indices.shape[-1] != m["k"]:
+            want = f"top-{m['k']}" if m["kind"] == "topk" else f"sampled-{m['k']}"
+            raise ValueError(f"teacher: this cache holds {want} rows, got {teacher.kind} rows with "
+                             f"{teacher.indices.shape[-1]} entries")
+        if not math.isclose(teacher.temperature, m["temperature"], rel_tol=1e-9):
+            raise ValueError(f"teacher.temperature={teacher.temperature} but the cache was made at "
+                             f"temperature={m['temperature']}")
+        ids = teacher.indices.detach().reshape(-1, m["k"]).cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m["vocab_size"]):
+            raise ValueError(f"teacher.indices must lie in [0, vocab_size={m['vocab_size']}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        rows = SparseTeacher(ids, teacher.logprobs.detach().reshape(-1, m["k"]).float().cpu(),
+                             teacher.tail_logmass.detach().reshape(-1).float().cpu(), m["temperature"], m["kind"])
+        if m["has_tokens"]:
+            if tokens is None:
+                raise ValueError("tokens: this cache keeps the input token ids; pass them with the rows")
+            tokens = tokens.detach().reshape(-1).cpu()
+            if tokens.numel() != ids.shape[0]:
+                raise ValueError(f"tokens has {tokens.numel()} ids for {ids.shape[0]} teacher rows")
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= m["vocab_size"]):
+                raise ValueError(f"tokens must lie in [0, vocab_size={m['vocab_size']})")
+            self._tokens.append(tokens)
+        elif tokens is not None:
+            raise ValueError("tokens: this cache was opened with has_tokens=False")
+        self._rows.append(rows)
+        self._buffered += ids.shape[0]
+        if self._buffered >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard and record it in the manifest."""
+        if not self._buffered:
+            return
+        m = self.manifest
+        rows = SparseTeacher(*(torch.cat([getattr(r, f) for r in self._rows]) for f in ("indices", "logprobs", "tail_logmass")),
+                             m["temperature"], m["kind"])
+        tensors = _codec.encode(rows, m)
+        if m["has_tokens"]:
+            tensors["tokens"] = _bits.pack(torch.cat(self._tokens), m["id_bits"])
+        index = len(m["shards"])
+        name = f"shard-{index:05d}.safetensors"
+        data = _store.shard_bytes(tensors, {"format": _store.FORMAT, "num_tokens": self._buffered,
+                                            "first_token": m["num_tokens"]})
+        entry = _store.write_shard(self.directory, name, data)
+        entry["num_tokens"] = self._buffered
+        m["shards"].append(entry)
+        m["num_tokens"] += self._buffered
+        _store.write_manifest(self.directory, m)
+        self._rows, self._tokens, self._buffered = [], [], 0
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()

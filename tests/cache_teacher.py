@@ -1,0 +1,20 @@
+"""A deterministic toy teacher for the `python -m fastkd cache` tests: ids [B, L] -> logits [B, L, V].
+
+FASTKD_TEST_KILL_AFTER=n makes the process SIGKILL itself on its n-th call (a killed writer)."""
+import os
+import signal
+
+import torch
+
+VOCAB = 1000
+_W = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0)) * 3.0
+_calls = 0
+
+
+def teacher(ids: torch.Tensor) -> torch.Tensor:
+    global _calls
+    _calls += 1
+    if _calls == int(os.environ.get("FASTKD_TEST_KILL_AFTER", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    context = _W[ids].cumsum(1) / torch.arange(1, ids.shape[1] + 1).view(1, -1, 1)
+    return _W[ids] + 0.5 * context
