@@ -29,6 +29,14 @@ SCHEMAS = {
     # "renorm_both". Returns (loss [N], grad [N, V]) like dense_kd.
     "sparse_kd": f"sparse_kd({_SPARSE_ARGS}) -> (Tensor, Tensor)",  # compiled: CPU (C++)
     "sparse_kd_torch": f"sparse_kd_torch({_SPARSE_ARGS}) -> (Tensor, Tensor)",  # pure PyTorch
+    # Top-k compression of a teacher: logits [N, V] (any float dtype) at temperature T ->
+    # (indices [N, k] int64, largest first; logprobs [N, k] fp32; tail_logmass [N] fp32).
+    "topk_teacher": "topk_teacher(Tensor logits, int k, float temperature) -> (Tensor, Tensor, Tensor)",
+    "topk_teacher_torch": "topk_teacher_torch(Tensor logits, int k, float temperature) -> (Tensor, Tensor, Tensor)",
+    # Draws for sampled KD by inverse CDF: logits [N, V]; uniforms [N, S] fp64, each row
+    # ascending in [0, 1) -> draws [N, S] int64 token ids, ascending (-1: row with no finite logit).
+    "sample_teacher_draws": "sample_teacher_draws(Tensor logits, Tensor uniforms, float temperature) -> Tensor",
+    "sample_teacher_draws_torch": "sample_teacher_draws_torch(Tensor logits, Tensor uniforms, float temperature) -> Tensor",
 }
 
 LIB = torch.library.Library("fastkd", "DEF")

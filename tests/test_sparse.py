@@ -233,3 +233,46 @@ def test_opcheck_and_compile():
     got, got_g = loss_and_grad(torch.compile(f, fullgraph=True, backend="aot_eager"), s)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_g, want_g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape,k", [((3, 4, 77), 5), ((9, 1000), 64), ((2, 33), 33), ((5, 17), 1)])
+def test_teacher_compression_backends_agree(dtype, shape, k):
+    """topk_teacher and sample_teacher: backend cpu equals the torch reference (ids exactly,
+    log-probs to fp32 rounding), masked entries included."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("fastkd._C not built")
+    t = (logits(shape, torch.float32) * 3).to(dtype)
+    t[..., 0, 3:7] = float("-inf")
+    if shape[-1] > 40:
+        t.view(-1, shape[-1])[-1, k // 2 + 1:] = float("-inf")  # fewer finite entries than k
+    want = fastkd.topk_teacher(t, k=k, temperature=1.5, backend="torch")
+    got = fastkd.topk_teacher(t, k=k, temperature=1.5, backend="cpu")
+    finite = want.logprobs > float("-inf")
+    assert torch.equal(got.logprobs > float("-inf"), finite)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-6)  # both largest first
+    exact = F.log_softmax(t.double() / 1.5, -1).gather(-1, got.indices).float()  # ids match values
+    torch.testing.assert_close(got.logprobs[finite], exact[finite], rtol=0, atol=2e-6)
+    if dtype in (torch.float32, torch.float64):  # (bf16/fp16 rows hold ties, which either may order)
+        assert torch.equal(got.indices[finite], want.indices[finite])
+    torch.testing.assert_close(got.tail_logmass, want.tail_logmass, rtol=0, atol=2e-5)
+    draws = [fastkd.sample_teacher(t, num_samples=16, temperature=1.5, backend=b,
+                                   generator=torch.Generator().manual_seed(7)) for b in ("torch", "cpu")]
+    same = (draws[0].indices == draws[1].indices).float().mean()
+    assert same >= 0.995  # a draw within rounding of a CDF step may land on its neighbour
+    assert not draws[1].logprobs.isnan().any()
+
+
+def test_teacher_compression_opcheck():
+    t = logits((5, 70)) * 2
+    t[1] = float("-inf")
+    u = torch.rand(5, 9, dtype=torch.float64).sort(-1).values
+    names = ["topk_teacher_torch", "sample_teacher_draws_torch"]
+    if "cpu" in CPU_BACKENDS:
+        names += ["topk_teacher", "sample_teacher_draws"]
+    for name in names:
+        op = getattr(torch.ops.fastkd, name)
+        torch.library.opcheck(op, (t, 6, 2.0) if "topk" in name else (t, u, 2.0))
+        if "draws" in name:
+            d = op(t, u, 2.0)
+            assert (d[1] == -1).all() and (d[0] >= 0).all() and (d[0][1:] >= d[0][:-1]).all()

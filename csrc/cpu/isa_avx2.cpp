@@ -11,4 +11,5 @@
 #define FASTKD_ISA_NS isa_avx2
 #include "kd_loss_kernel.h"
 #include "sparse_kd_kernel.h"
+#include "teacher_kernel.h"
 static_assert(at::vec::Vectorized<float>::size() == 8, "fastkd: AVX2 build did not get 256-bit vectors");

@@ -15,4 +15,5 @@
 #define FASTKD_ISA_NS isa_avx512
 #include "kd_loss_kernel.h"
 #include "sparse_kd_kernel.h"
+#include "teacher_kernel.h"
 static_assert(at::vec::Vectorized<float>::size() == 16, "fastkd: AVX-512 build did not get 512-bit vectors");

@@ -3,3 +3,4 @@
 #define FASTKD_ISA_NS isa_default
 #include "kd_loss_kernel.h"
 #include "sparse_kd_kernel.h"
+#include "teacher_kernel.h"

@@ -64,11 +64,28 @@ struct SparseArgs {
   bool scale_by_t2, compute_grad;
 };
 
+// One call of topk_teacher: logits [N, V] contiguous; outputs indices [N, k] int64 (largest
+// first), logprobs [N, k] float32, tail_logmass [N] float32.
+struct TopkArgs {
+  at::Tensor logits, indices, logprobs, tail_logmass;
+  int64_t k;
+  double temperature;
+};
+
+// One call of sample_teacher's draws: logits [N, V]; uniforms [N, S] float64, each row ascending
+// in [0, 1); output draws [N, S] int64, ascending ids (-1 for a row with no finite logit).
+struct SampleArgs {
+  at::Tensor logits, uniforms, draws;
+  double temperature;
+};
+
 // The kernels, one per instruction set (isa_*.cpp); the ops pick one with cpu_isa().
 #define FASTKD_DECLARE_KERNELS(ns)              \
   namespace ns {                                \
   void dense_kd_rows(const DenseArgs& a);       \
   void sparse_kd_rows(const SparseArgs& a);     \
+  void topk_teacher_rows(const TopkArgs& a);    \
+  void sample_teacher_rows(const SampleArgs& a); \
   }
 FASTKD_DECLARE_KERNELS(isa_default)
 FASTKD_DECLARE_KERNELS(isa_avx2)
