@@ -39,4 +39,4 @@ def test_sparse_fwd_bwd(benchmark, impl):
         fn(x).backward()
 
     step()
-    benchmark.pedantic(step, rounds=5, iterations=1)
+    benchmark.pedantic(step, rounds=10, iterations=1)
