@@ -348,3 +348,62 @@ def test_cli_with_a_local_hugging_face_model_and_text(tmp_path):
     got = cache.read(40, 80)
     assert torch.equal(got.indices, _sorted(exact)[0])
     assert _mass99_error(_sorted(exact)[1], got.logprobs) <= 0.02
+
+
+def test_cache_pickles_small_and_serves_dataloader_workers(tmp_path):
+    import pickle
+
+    vocab, seq = 300, 8
+    cache = _write(tmp_path, fastkd.topk_teacher(torch.randn(64, vocab), k=4, temperature=1.0),
+                   torch.randint(0, vocab, (64,)), vocab_size=vocab, seq_len=seq, shard_tokens=16, step=16)
+    cache.read(0, 64)  # maps every shard
+    blob = pickle.dumps(cache)
+    assert len(blob) < 20_000
+    assert torch.equal(pickle.loads(blob)[:].indices, cache[:].indices)
+    ds = TeacherCacheDataset(cache)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    got = torch.cat([b["indices"] for b in loader])
+    assert torch.equal(got.view(64, 4), cache[:].indices)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from test_properties import SETTINGS  # noqa: E402
+
+
+@SETTINGS
+@given(data=st.data(), vocab=st.integers(2, 3000), kind=st.sampled_from(["topk", "sampled"]),
+       rows=st.integers(0, 60), shard_tokens=st.integers(1, 50), step=st.integers(1, 30),
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]), masked=st.booleans())
+def test_round_trip_properties(data, vocab, kind, rows, shard_tokens, step, scale, masked):
+    """Any V, k, rows, shard size and append size: every window decodes to what was written
+    (top-k: same ids, log-probs within the code's bound where it is linear; sampled: exact)."""
+    import tempfile
+
+    k = data.draw(st.integers(1, min(vocab, 80)), label="k")
+    t = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows + vocab)) * scale
+    if masked and rows:
+        t[0, min(vocab - 1, k // 2 + 1):] = float("-inf")
+    teacher = (fastkd.topk_teacher(t, k=k, temperature=1.0) if kind == "topk"
+               else fastkd.sample_teacher(t, num_samples=k, temperature=1.0))
+    tokens = torch.randint(0, vocab, (rows,))
+    extra = {} if kind == "topk" else {"num_samples": k}
+    with tempfile.TemporaryDirectory() as d:
+        cache = _write(d, teacher, tokens, vocab_size=vocab, shard_tokens=shard_tokens, step=step, **extra)
+        assert len(cache) == rows
+        a = data.draw(st.integers(0, rows), label="start")
+        b = data.draw(st.integers(a, rows), label="stop")
+        got = cache.read(a, b)
+        assert torch.equal(cache.tokens(a, b), tokens[a:b])
+        if kind == "sampled":
+            assert torch.equal(got.indices, teacher.indices[a:b])
+            torch.testing.assert_close(got.logprobs, teacher.logprobs[a:b], rtol=0, atol=1e-6)
+            return
+        ids, lp = _sorted(teacher)
+        ids, lp = ids[a:b], lp[a:b]
+        fin = torch.isfinite(lp)
+        assert torch.equal(torch.isfinite(got.logprobs), fin) and torch.equal(got.indices[fin], ids[fin])
+        q = cache.manifest["logprob_quantisation"]
+        near = fin & ((lp[:, :1] - lp) <= (q["linear_codes"] - 1) * q["step"])
+        assert ((got.logprobs - lp).abs()[near] <= q["step"] / 2 + 1e-5).all()
+        assert torch.equal(got.tail_logmass, teacher.tail_logmass[a:b])

@@ -42,6 +42,11 @@ class TeacherCache:
     def __len__(self) -> int:
         return self.manifest["num_tokens"]
 
+    def __getstate__(self):  # for DataLoader workers: send the manifest, not the mapped shards
+        state = self.__dict__.copy()
+        state["_shards"] = [None] * len(self._shards)
+        return state
+
     @property
     def temperature(self) -> float:
         return self.manifest["temperature"]
