@@ -18,3 +18,8 @@ def teacher(ids: torch.Tensor) -> torch.Tensor:
         os.kill(os.getpid(), signal.SIGKILL)
     context = _W[ids].cumsum(1) / torch.arange(1, ids.shape[1] + 1).view(1, -1, 1)
     return _W[ids] + 0.5 * context
+
+
+def not_logits(ids: torch.Tensor) -> torch.Tensor:
+    """A wrong teacher: returns the ids themselves."""
+    return ids

@@ -192,6 +192,13 @@ def test_writer_refuses_other_settings_and_bad_rows(tmp_path):
     bad = t._replace(indices=t.indices + 100)
     with pytest.raises(ValueError, match=r"vocab_size=100"):
         w.append(bad, torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not fit indices"):
+        w.append(t._replace(tail_logmass=t.tail_logmass[:3]), torch.zeros(10, dtype=torch.long))
+    ws = CacheWriter(str(tmp_path / "s"), vocab_size=100, kind="sampled", num_samples=4, temperature=2.0,
+                     teacher="t", has_tokens=False)
+    fake = fastkd.SparseTeacher(t.indices, torch.full((10, 4), -1.0), t.tail_logmass, 2.0, "sampled")
+    with pytest.raises(ValueError, match=r"log\(count / 4\)"):
+        ws.append(fake)
     with pytest.raises(ValueError, match="num_samples must be an int in"):
         CacheWriter(str(tmp_path / "c"), vocab_size=100, kind="sampled", num_samples=0, temperature=1.0, teacher="t")
     with pytest.raises(ValueError, match="vocab_size must be an int"):
@@ -315,6 +322,9 @@ def test_cli_refuses_what_it_cannot_use(tmp_path):
     r = _cli("--teacher", "no_such_module_x:f", "--input", tmp_path / "ok.npy", "--output", tmp_path / "c",
              "--k", 4, "--temperature", 1.0)
     assert r.returncode != 0 and "no_such_module_x" in r.stderr
+    r = _cli("--teacher", TEACHER.replace(":teacher", ":not_logits"), "--input", tmp_path / "ok.npy",
+             "--output", tmp_path / "c", "--k", 4, "--temperature", 1.0)
+    assert r.returncode != 0 and "float logits [B, L, V]" in r.stderr
 
 
 def test_cli_with_a_local_hugging_face_model_and_text(tmp_path):

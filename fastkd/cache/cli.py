@@ -71,16 +71,18 @@ def _need_transformers(what: str):
     return transformers
 
 
+def _logits(teacher, ids: torch.Tensor) -> torch.Tensor:
+    out = teacher(ids)
+    return getattr(out, "logits", out)  # a model output object, or the logits themselves
+
+
 def load_teacher(spec: str, device: str):
     """-> (callable ids [B, L] -> logits [B, L, V], default name)."""
     if _is_hf_dir(spec):
         transformers = _need_transformers(f"--teacher {spec!r} (a Hugging Face model directory)")
         model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True).to(device).eval()
 
-        def teacher(ids):
-            return model(input_ids=ids).logits
-
-        return teacher, os.path.basename(os.path.normpath(spec))
+        return (lambda ids: model(input_ids=ids)), os.path.basename(os.path.normpath(spec))
     return _load_callable(spec), spec
 
 
@@ -116,7 +118,10 @@ def run(args) -> int:
     if tokens.numel() == 0:
         raise SystemExit(f"--input {args.input!r} holds no tokens")
     with torch.no_grad():
-        probe = teacher(tokens[:1].view(1, 1).to(args.device))
+        probe = _logits(teacher, tokens[:1].view(1, 1).to(args.device))
+    if not isinstance(probe, torch.Tensor) or probe.dim() != 3 or not probe.is_floating_point():
+        raise SystemExit(f"--teacher must return float logits [B, L, V] for ids [B, L]; got "
+                         f"{getattr(probe, 'shape', type(probe).__name__)}")
     vocab = probe.shape[-1]
     if tokens.min() < 0 or tokens.max() >= vocab:
         raise SystemExit(f"--input: token ids must lie in [0, {vocab}) (the teacher's vocabulary), "
@@ -142,7 +147,7 @@ def run(args) -> int:
             if full < chunk.numel():
                 parts.append(chunk[full:].view(1, -1))  # the stream's last, shorter sequence
             for ids in parts:
-                logits = teacher(ids.to(args.device))
+                logits = _logits(teacher, ids.to(args.device))
                 if args.k:
                     rows = topk_teacher(logits, k=args.k, temperature=args.temperature)
                 else:

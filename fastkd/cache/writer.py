@@ -109,8 +109,19 @@ class CacheWriter:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m["vocab_size"]):
             raise ValueError(f"teacher.indices must lie in [0, vocab_size={m['vocab_size']}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
+        n = ids.shape[0]
+        if teacher.logprobs.shape != teacher.indices.shape or teacher.tail_logmass.numel() != n:
+            raise ValueError(f"teacher: logprobs {tuple(teacher.logprobs.shape)} and tail_logmass "
+                             f"{tuple(teacher.tail_logmass.shape)} do not fit indices {tuple(teacher.indices.shape)}")
         rows = SparseTeacher(ids, teacher.logprobs.detach().reshape(-1, m["k"]).float().cpu(),
                              teacher.tail_logmass.detach().reshape(-1).float().cpu(), m["temperature"], m["kind"])
+        if m["kind"] == "sampled":  # log(count / num_samples), counts summing to num_samples (or an empty row)
+            counts = rows.logprobs.double().exp() * m["num_samples"]
+            total = counts.sum(-1)
+            if not (torch.allclose(counts, counts.round(), atol=1e-3)
+                    and ((total - m["num_samples"]).abs().lt(1e-3) | total.eq(0)).all()):
+                raise ValueError(f"teacher: a sampled row's logprobs must be log(count / {m['num_samples']}) "
+                                 "with counts summing to num_samples, as fastkd.sample_teacher makes them")
         if m["has_tokens"]:
             if tokens is None:
                 raise ValueError("tokens: this cache keeps the input token ids; pass them with the rows")
