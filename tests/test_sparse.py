@@ -276,3 +276,12 @@ def test_teacher_compression_opcheck():
         if "draws" in name:
             d = op(t, u, 2.0)
             assert (d[1] == -1).all() and (d[0] >= 0).all() and (d[0][1:] >= d[0][:-1]).all()
+
+
+def test_teacher_compression_compiles():
+    t = logits((2, 3, 50))
+    f = torch.compile(lambda x: fastkd.topk_teacher(x, k=4, temperature=2.0), fullgraph=True, backend="aot_eager")
+    got, want = f(t), fastkd.topk_teacher(t, k=4, temperature=2.0)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.logprobs, want.logprobs)
+    g = torch.compile(lambda x: fastkd.sample_teacher(x, 8, 2.0), fullgraph=True, backend="aot_eager")
+    assert g(t).indices.shape == (2, 3, 8)
