@@ -37,6 +37,14 @@ SCHEMAS = {
     # ascending in [0, 1) -> draws [N, S] int64 token ids, ascending (-1: row with no finite logit).
     "sample_teacher_draws": "sample_teacher_draws(Tensor logits, Tensor uniforms, float temperature) -> Tensor",
     "sample_teacher_draws_torch": "sample_teacher_draws_torch(Tensor logits, Tensor uniforms, float temperature) -> Tensor",
+    # The teacher cache's decoders (docs/cache-format.md). unpack_bits: values [start, stop) of
+    # a uint8 stream of `width`-bit values, LSB first -> int64 [stop - start]. unpack_monotone:
+    # bitmap [n, B] uint8 holding `count` non-decreasing values per row (a one at bit c_i + i)
+    # -> int64 [n, count].
+    "unpack_bits": "unpack_bits(Tensor stream, int width, int start, int stop) -> Tensor",
+    "unpack_bits_torch": "unpack_bits_torch(Tensor stream, int width, int start, int stop) -> Tensor",
+    "unpack_monotone": "unpack_monotone(Tensor bitmap, int count) -> Tensor",
+    "unpack_monotone_torch": "unpack_monotone_torch(Tensor bitmap, int count) -> Tensor",
 }
 
 LIB = torch.library.Library("fastkd", "DEF")

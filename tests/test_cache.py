@@ -61,6 +61,44 @@ def test_bit_packing_round_trips_every_window(bits):
     assert torch.equal(_bits.unpack(_bits.pack(top, bits), bits, 0, 5).long(), top)
 
 
+DECODERS = ["torch"] + (["cpu"] if fastkd._ext.loaded() else [])
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+@pytest.mark.parametrize("bits", [1, 5, 8, 15, 17, 24])
+def test_unpack_backends(backend, bits):
+    values = torch.randint(0, 1 << bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    stream = _bits.pack(values, bits)
+    for a, b in [(0, 1001), (3, 4), (8, 800), (990, 1001), (10, 10)]:
+        got = _bits.unpack(stream, bits, a, b, backend)
+        assert got.dtype == torch.long and torch.equal(got, values[a:b])
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+@pytest.mark.parametrize("count", [0, 1, 7, 63, 255])
+def test_monotone_bitmap_round_trip(backend, count):
+    g = torch.Generator().manual_seed(count)
+    values = torch.randint(0, 256, (50, count), generator=g).sort(-1).values
+    values[0] = 255  # every value at the top
+    values[1] = 0
+    bitmap = _bits.pack_monotone(values, 255)
+    assert bitmap.shape == (50, _bits.monotone_bytes(count, 255))
+    assert torch.equal(_bits.unpack_monotone(bitmap, count, backend), values.long())
+    if count:
+        broken = bitmap.clone()
+        broken[:, 0] = 0  # drops value 0 of row 1 (and others): rows no longer hold `count` ones
+        with pytest.raises((RuntimeError, ValueError), match="expected"):
+            _bits.unpack_monotone(broken, count, backend)
+
+
+def test_decoder_opcheck():
+    stream = _bits.pack(torch.randint(0, 1 << 13, (77,)), 13)
+    bitmap = _bits.pack_monotone(torch.randint(0, 256, (9, 40)).sort(-1).values, 255)
+    for suffix in [""] * (len(DECODERS) - 1) + ["_torch"]:
+        torch.library.opcheck(getattr(torch.ops.fastkd, "unpack_bits" + suffix), (stream, 13, 5, 70))
+        torch.library.opcheck(getattr(torch.ops.fastkd, "unpack_monotone" + suffix), (bitmap, 40))
+
+
 def test_delta_table_is_monotone_and_linear_where_promised():
     q = _codec.logprob_quantisation(64)
     table = _codec.delta_table(q).double()

@@ -1,14 +1,22 @@
-"""Fixed-width bit packing of non-negative integers, vectorised.
+"""Bit packing for the teacher cache: fixed-width streams and monotone bitmaps (docs/cache-format.md).
 
-A stream of m values of `width` bits is stored as ceil(m / 8) groups of `width` bytes: value j of
-a group starts at bit j * width of it, least significant bit first (little-endian). Each of the
-8 slots of a group has a fixed byte span and shift, so packing and unpacking are a few
-whole-array operations per slot, and the values [a, b) of a stream are read by unpacking only
-the groups that hold them.
+A stream holds m values of `width` bits, LSB first: value i occupies bits [i w, (i + 1) w) of the
+byte string read as one little-endian integer, padded with zeros to a whole group of 8 values
+(w bytes). Packing works a group at a time: each of the 8 slots of a group has a fixed byte span
+and shift, so it is a few whole-array operations per slot.
+
+A monotone bitmap holds, per row, `count` non-decreasing values 0 <= c_0 <= c_1 <= ... <= top as
+a bitmap of count + top bits with a one at bit c_i + i ("stars and bars"): count + top bits
+whatever the values, against 8 count bits for bytes of them.
+
+Decoding (fastkd::unpack_bits, fastkd::unpack_monotone) runs in C++ (csrc/cpu/cache_codec_cpu.cpp)
+when fastkd._C is built, else in the torch twins below.
 """
 import torch
 
-MAX_WIDTH = 24  # a slot spans at most 4 bytes, so int32 holds it (vocabularies up to 16.7M ids)
+from .. import _ext
+
+MAX_WIDTH = 24  # a value spans at most 4 bytes, so 32-bit words hold it (vocabularies up to 16.7M)
 
 
 def width_for(count: int) -> int:
@@ -19,6 +27,11 @@ def width_for(count: int) -> int:
 def packed_bytes(m: int, width: int) -> int:
     """Bytes of a packed stream of m values."""
     return -(-m // 8) * width
+
+
+def monotone_bytes(count: int, top: int) -> int:
+    """Bytes per row of a monotone bitmap of `count` values in [0, top]."""
+    return -(-(count + top) // 8) if count else 0
 
 
 def _slots(width: int):
@@ -46,8 +59,8 @@ def pack(values: torch.Tensor, width: int) -> torch.Tensor:
     return out.to(torch.uint8).reshape(-1)
 
 
-def unpack(stream: torch.Tensor, width: int, start: int, stop: int) -> torch.Tensor:
-    """Values [start, stop) of a packed stream (uint8 tensor, whole stream) -> int32 [stop - start]."""
+def _unpack_torch(stream: torch.Tensor, width: int, start: int, stop: int) -> torch.Tensor:
+    """Backend "torch" of fastkd::unpack_bits: the groups that hold [start, stop), slot by slot."""
     g0, g1 = start // 8, -(-stop // 8)
     groups = stream[g0 * width:g1 * width].view(g1 - g0, width)
     out = torch.empty(g1 - g0, 8, dtype=torch.int32)
@@ -57,4 +70,54 @@ def unpack(stream: torch.Tensor, width: int, start: int, stop: int) -> torch.Ten
         for i in range(1, span):
             v |= groups[:, first + i].to(torch.int32) << (8 * i)
         out[:, j] = (v >> shift) & mask if shift else v & mask
-    return out.view(-1)[start - g0 * 8:stop - g0 * 8]
+    return out.view(-1)[start - g0 * 8:stop - g0 * 8].long()
+
+
+_BIT_TABLE = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # [256, 8]: byte -> its bits
+
+
+def pack_monotone(values: torch.Tensor, top: int) -> torch.Tensor:
+    """values [n, count] non-decreasing per row, in [0, top] -> uint8 [n, monotone_bytes(count, top)]."""
+    n, count = values.shape
+    width = monotone_bytes(count, top)
+    bits = torch.zeros(n, width * 8, dtype=torch.uint8)
+    bits.scatter_(1, values.long() + torch.arange(count), 1)
+    return (bits.view(n, width, 8).long() << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
+def _unpack_monotone_torch(bitmap: torch.Tensor, count: int) -> torch.Tensor:
+    """Backend "torch" of fastkd::unpack_monotone: the positions of each row's ones, less their rank."""
+    n = bitmap.shape[0]
+    bits = _BIT_TABLE[bitmap.long()].reshape(n, -1)
+    pos = bits.nonzero()[:, 1]
+    if pos.numel() != n * count:
+        raise ValueError(f"unpack_monotone: the bitmap holds {pos.numel()} values, expected {n} x {count}")
+    return pos.view(n, count) - torch.arange(count)
+
+
+def _register():
+    torch.library.impl("fastkd::unpack_bits_torch", "CompositeExplicitAutograd")(_unpack_torch)
+    torch.library.impl("fastkd::unpack_monotone_torch", "CompositeExplicitAutograd")(_unpack_monotone_torch)
+    for name in ("unpack_bits", "unpack_bits_torch"):
+        torch.library.register_fake(f"fastkd::{name}")(
+            lambda stream, width, start, stop: stream.new_empty(stop - start, dtype=torch.long))
+    for name in ("unpack_monotone", "unpack_monotone_torch"):
+        torch.library.register_fake(f"fastkd::{name}")(
+            lambda bitmap, count: bitmap.new_empty(bitmap.shape[0], count, dtype=torch.long))
+
+
+_register()
+_SUFFIX = "" if _ext.loaded() else "_torch"  # the C++ decoders when fastkd._C is built
+
+
+def unpack(stream: torch.Tensor, width: int, start: int, stop: int, backend: str | None = None) -> torch.Tensor:
+    """Values [start, stop) of a packed stream (uint8, the whole stream) -> int64 [stop - start].
+    backend: "cpu" or "torch" (default: cpu when built)."""
+    suffix = _SUFFIX if backend is None else ("" if backend == "cpu" else "_torch")
+    return getattr(torch.ops.fastkd, "unpack_bits" + suffix)(stream, width, start, stop)
+
+
+def unpack_monotone(bitmap: torch.Tensor, count: int, backend: str | None = None) -> torch.Tensor:
+    """bitmap [n, B] uint8 of `count` non-decreasing values per row -> int64 [n, count]."""
+    suffix = _SUFFIX if backend is None else ("" if backend == "cpu" else "_torch")
+    return getattr(torch.ops.fastkd, "unpack_monotone" + suffix)(bitmap, count)

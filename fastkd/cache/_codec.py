@@ -1,7 +1,9 @@
 """The cache's row codec: SparseTeacher rows <-> the arrays of one shard (docs/cache-format.md).
 
 top-k rows are sorted by log-prob, largest first. The largest is stored as float32 (`top`);
-every other entry as an 8-bit code of its distance below it, d = top - logprob >= 0:
+every other entry as an 8-bit code of its distance below it, d = top - logprob >= 0 (the
+codes are non-decreasing along the row; from k = 38 on they are stored as a monotone bitmap of
+k + 254 bits, fewer than 8 (k - 1)):
 codes 0 .. L-1 are linear (d = c * step, error <= step / 2), codes L .. 254 grow geometrically up
 to `max_delta` (coarse, for entries far below the top that carry almost no mass), 255 is -inf
 (padding). `step` is set from k so that the linear range covers every entry of the smallest
@@ -26,8 +28,10 @@ MAX_DELTA = 60.0  # nats below the top where the geometric codes end (and larger
 def logprob_quantisation(k: int) -> dict:
     """The quantisation parameters for top-k rows (recorded in the manifest)."""
     reach = math.log(100.0 * max(k - 1, 1)) + 0.05
+    bitmap = _bits.monotone_bytes(k - 1, PAD_CODE) < k - 1  # smaller from k = 38 on
     return {"scheme": "u8-below-top", "linear_codes": LINEAR_CODES,
-            "step": reach / (LINEAR_CODES - 1), "max_delta": MAX_DELTA, "pad_code": PAD_CODE}
+            "step": reach / (LINEAR_CODES - 1), "max_delta": MAX_DELTA, "pad_code": PAD_CODE,
+            "code_storage": "monotone-bitmap" if bitmap else "bytes"}
 
 
 def delta_table(q: dict) -> torch.Tensor:
@@ -50,6 +54,10 @@ def _encode_deltas(d: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(d), codes, PAD_CODE).to(torch.uint8)
 
 
+def _bitmap(meta: dict) -> bool:
+    return meta["logprob_quantisation"]["code_storage"] == "monotone-bitmap"
+
+
 def encode(rows: SparseTeacher, meta: dict) -> dict:
     """Flat rows ([n, k]) -> the shard's tensors."""
     ids, lp = rows.indices, rows.logprobs
@@ -60,8 +68,9 @@ def encode(rows: SparseTeacher, meta: dict) -> dict:
         top = lp[:, 0].float()
         d = top.double().unsqueeze(-1) - lp[:, 1:].double()
         d = torch.where(lp[:, 1:] > float("-inf"), d, math.inf)
+        codes = _encode_deltas(d, delta_table(meta["logprob_quantisation"]))  # non-decreasing per row
         out = {"top_logprob": top.contiguous(), "tail_logmass": rows.tail_logmass.float().contiguous(),
-               "codes": _encode_deltas(d, delta_table(meta["logprob_quantisation"])).contiguous()}
+               "codes": _bits.pack_monotone(codes, PAD_CODE) if _bitmap(meta) else codes.contiguous()}
     else:
         counts = torch.round(lp.double().exp() * meta["num_samples"]).to(torch.int64)
         out = {"counts": _bits.pack(counts, meta["count_bits"])}
@@ -73,17 +82,19 @@ def decode(arrays: dict, meta: dict, start: int, stop: int, table: torch.Tensor 
     """Rows [start, stop) of one shard's tensors -> SparseTeacher ([stop - start, k]). `table`:
     delta_table(meta["logprob_quantisation"]), passed by callers that decode often."""
     k, n = meta["k"], stop - start
-    ids = _bits.unpack(arrays["ids"], meta["id_bits"], start * k, stop * k).view(n, k).long()
+    ids = _bits.unpack(arrays["ids"], meta["id_bits"], start * k, stop * k).view(n, k)
     if meta["kind"] == "topk":
         top = arrays["top_logprob"][start:stop]
         table = delta_table(meta["logprob_quantisation"]) if table is None else table
         lp = torch.empty(n, k, dtype=torch.float32)
         lp[:, 0] = top
-        torch.sub(top.unsqueeze(-1), table[arrays["codes"][start:stop].long()], out=lp[:, 1:])
+        codes = arrays["codes"][start:stop]
+        codes = _bits.unpack_monotone(codes, k - 1) if _bitmap(meta) else codes.long()
+        torch.sub(top.unsqueeze(-1), table[codes], out=lp[:, 1:])
         tail = arrays["tail_logmass"][start:stop].clone()
     else:
         counts = _bits.unpack(arrays["counts"], meta["count_bits"], start * k, stop * k).view(n, k)
         logs = torch.arange(meta["num_samples"] + 1, dtype=torch.float64).div(meta["num_samples"]).log()
-        lp = logs.float()[counts.long()]
+        lp = logs.float()[counts]
         tail = torch.full((n,), float("-inf"))
     return SparseTeacher(ids, lp, tail, meta["temperature"], meta["kind"])

@@ -93,7 +93,7 @@ class TeacherCache:
             raise _store.CacheError(f"{self.directory!r} was written without the input token ids")
         parts = [_bits.unpack(self._shard(i)["tokens"], self.manifest["id_bits"], a, b)
                  for i, a, b in self._pieces(start, stop)]
-        return torch.cat(parts).long() if parts else torch.empty(0, dtype=torch.long)
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
     def __getitem__(self, key) -> SparseTeacher:
         if isinstance(key, slice):
