@@ -102,6 +102,7 @@ def load_tokens(args) -> torch.Tensor:
                              "(.npy, or --input-format ids)")
         transformers = _need_transformers("tokenising text input")
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer.model_max_length = sys.maxsize  # the whole file is one stream, cut into --seq-len later
         with open(args.input, encoding="utf-8") as f:
             ids = np.array(tokenizer(f.read())["input_ids"], dtype=np.int64)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
