@@ -1,6 +1,7 @@
 """A deterministic toy teacher for the `python -m fastkd cache` tests: ids [B, L] -> logits [B, L, V].
 
-FASTKD_TEST_KILL_AFTER=n makes the process SIGKILL itself on its n-th call (a killed writer)."""
+FASTKD_TEST_KILL_AFTER=n makes the process SIGKILL itself on its n-th call (a killed writer);
+FASTKD_TEST_INTERRUPT_AFTER=n sends it SIGINT instead (Ctrl-C)."""
 import os
 import signal
 
@@ -16,6 +17,8 @@ def teacher(ids: torch.Tensor) -> torch.Tensor:
     _calls += 1
     if _calls == int(os.environ.get("FASTKD_TEST_KILL_AFTER", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _calls == int(os.environ.get("FASTKD_TEST_INTERRUPT_AFTER", "0")):
+        os.kill(os.getpid(), signal.SIGINT)
     context = _W[ids].cumsum(1) / torch.arange(1, ids.shape[1] + 1).view(1, -1, 1)
     return _W[ids] + 0.5 * context
 

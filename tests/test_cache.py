@@ -347,6 +347,33 @@ def test_cli_killed_writer_resumes_to_the_same_cache(tmp_path):
     assert torch.equal(a.tokens(0, 500), b.tokens(0, 500))
 
 
+def test_cli_interrupted_keeps_whole_batches_and_resumes(tmp_path):
+    np.save(tmp_path / "ids.npy", np.random.default_rng(3).integers(0, 1000, 300))
+    common = ["--teacher", TEACHER, "--input", tmp_path / "ids.npy", "--k", 8, "--temperature", 1.0,
+              "--seq-len", 10, "--batch-size", 3, "--shard-tokens", 1000]
+    r = _cli(*common, "--output", tmp_path / "cut", env={"FASTKD_TEST_INTERRUPT_AFTER": "5"})
+    assert r.returncode == 130 and "run the same command to resume" in r.stderr
+    # the probe is call 1; calls 2-4 appended three batches of 30 tokens before Ctrl-C, and
+    # closing wrote them although the shard was not full
+    assert len(TeacherCache(str(tmp_path / "cut"))) == 90
+    assert _cli(*common, "--output", tmp_path / "cut").returncode == 0
+    assert _cli(*common, "--output", tmp_path / "whole").returncode == 0
+    a, b = TeacherCache(str(tmp_path / "whole")), TeacherCache(str(tmp_path / "cut"))
+    assert torch.equal(a[:].indices, b[:].indices) and torch.equal(a[:].logprobs, b[:].logprobs)
+
+
+def test_one_writer_at_a_time_and_empty_caches(tmp_path):
+    w = CacheWriter(str(tmp_path), vocab_size=50, k=4, temperature=1.0, teacher="t", has_tokens=False)
+    with pytest.raises(CacheError, match="being written by another CacheWriter"):
+        CacheWriter(str(tmp_path), vocab_size=50, k=4, temperature=1.0, teacher="t", has_tokens=False)
+    w.close()
+    empty = TeacherCache(str(tmp_path))
+    assert len(empty) == 0 and empty[:].indices.shape == (0, 4) and len(TeacherCacheDataset(empty, 8)) == 0
+    with CacheWriter(str(tmp_path), vocab_size=50, k=4, temperature=1.0, teacher="t", has_tokens=False) as w2:
+        w2.append(fastkd.topk_teacher(torch.randn(3, 50), k=4, temperature=1.0))
+    assert len(TeacherCache(str(tmp_path))) == 3
+
+
 def test_cli_refuses_what_it_cannot_use(tmp_path):
     np.save(tmp_path / "ids.npy", np.array([1, 2, 5000]))
     r = _cli("--teacher", TEACHER, "--input", tmp_path / "ids.npy", "--output", tmp_path / "c",

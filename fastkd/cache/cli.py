@@ -140,6 +140,28 @@ def run(args) -> int:
     bar = tqdm(total=tokens.numel(), initial=start, unit="tok", unit_scale=True, disable=args.no_progress,
                desc="fastkd cache", file=sys.stderr)
     began, step = time.perf_counter(), args.seq_len * args.batch_size
+    try:
+        _fill(args, tokens, teacher, writer, start, step, bar)
+    except KeyboardInterrupt:
+        writer.close()  # keeps every whole batch appended so far
+        bar.close()
+        print(f"\ninterrupted: {args.output} holds {writer.num_tokens} tokens; run the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    writer.close()
+    bar.close()
+    done = tokens.numel() - start
+    took = time.perf_counter() - began
+    shards = writer.manifest["shards"]
+    size = sum(e["bytes"] for e in shards)
+    print(f"{args.output}: {writer.num_tokens} tokens in {len(shards)} shards, {size / max(writer.num_tokens, 1):.1f} "
+          f"bytes/token; this run {done} tokens in {took:.1f} s ({done / max(took, 1e-9):.0f} tokens/s)"
+          + (f", resumed at token {start}" if start else ""))
+    return 0
+
+
+def _fill(args, tokens, teacher, writer, start, step, bar) -> None:
+    """Run the teacher over tokens [start, end) a batch at a time and append its rows."""
     with torch.no_grad():
         for a in range(start, tokens.numel(), step):
             chunk = tokens[a:a + step]
@@ -157,13 +179,3 @@ def run(args) -> int:
                                           temperature=args.temperature, generator=gen)
                 writer.append(rows, ids)
             bar.update(chunk.numel())
-    writer.close()
-    bar.close()
-    done = tokens.numel() - start
-    took = time.perf_counter() - began
-    shards = writer.manifest["shards"]
-    size = sum(e["bytes"] for e in shards)
-    print(f"{args.output}: {writer.num_tokens} tokens in {len(shards)} shards, {size / max(writer.num_tokens, 1):.1f} "
-          f"bytes/token; this run {done} tokens in {took:.1f} s ({done / max(took, 1e-9):.0f} tokens/s)"
-          + (f", resumed at token {start}" if start else ""))
-    return 0

@@ -10,6 +10,7 @@ and recorded in the manifest; `close()` writes what is left. A writer killed at 
 a valid cache of the shards written so far; opening the same directory again with the same
 settings resumes it (`num_tokens` says where), and different settings are refused.
 """
+import fcntl
 import glob
 import math
 import os
@@ -21,6 +22,7 @@ from .._version import __version__
 from ..sparse_teacher import KINDS, SparseTeacher
 
 SHARD_TOKENS = 1 << 16
+LOCK = ".writer.lock"  # flock'd by the live writer; not part of the format (a killed one releases it)
 _SETTINGS = ("kind", "k", "num_samples", "vocab_size", "temperature", "teacher", "seq_len",
              "id_bits", "count_bits", "logprob_quantisation", "has_tokens")
 
@@ -72,6 +74,13 @@ class CacheWriter:
                                   has_tokens=has_tokens)
         self.directory, self.shard_tokens = directory, shard_tokens
         os.makedirs(directory, exist_ok=True)
+        self._lock = open(os.path.join(directory, LOCK), "a")  # held while this writer lives
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise _store.CacheError(f"{directory!r} is being written by another CacheWriter "
+                                    "(another process, or an unclosed writer)") from None
         for stale in glob.glob(os.path.join(glob.escape(directory), "*.tmp")):
             os.remove(stale)  # a write that was killed before its rename
         if os.path.exists(os.path.join(directory, _store.MANIFEST)):
@@ -86,7 +95,7 @@ class CacheWriter:
             self.manifest = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION,
                              **settings, "num_tokens": 0, "shards": [], "created_by": f"fastkd {__version__}"}
             _store.write_manifest(directory, self.manifest)
-        self._rows, self._tokens, self._buffered = [], [], 0
+        self._pending: list[tuple[SparseTeacher, torch.Tensor | None]] = []
 
     @property
     def num_tokens(self) -> int:
@@ -130,37 +139,42 @@ class CacheWriter:
                 raise ValueError(f"tokens has {tokens.numel()} ids for {ids.shape[0]} teacher rows")
             if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= m["vocab_size"]):
                 raise ValueError(f"tokens must lie in [0, vocab_size={m['vocab_size']})")
-            self._tokens.append(tokens)
         elif tokens is not None:
             raise ValueError("tokens: this cache was opened with has_tokens=False")
-        self._rows.append(rows)
-        self._buffered += ids.shape[0]
-        if self._buffered >= self.shard_tokens:
+        self._pending.append((rows, tokens))  # one step, so an interrupt leaves the buffer whole
+        if self._buffered() >= self.shard_tokens:
             self.flush()
 
+    def _buffered(self) -> int:
+        return sum(rows.indices.shape[0] for rows, _ in self._pending)
+
     def flush(self) -> None:
-        """Write the buffered rows as one shard and record it in the manifest."""
-        if not self._buffered:
+        """Write the buffered rows as one shard and record it in the manifest. The buffer is
+        taken first and the manifest replaced last, so an interrupt anywhere in between leaves
+        the cache as it was (the rows are lost, not doubled; a resumed run recomputes them)."""
+        pending, self._pending = self._pending, []
+        n = sum(rows.indices.shape[0] for rows, _ in pending)
+        if not n:
             return
         m = self.manifest
-        rows = SparseTeacher(*(torch.cat([getattr(r, f) for r in self._rows]) for f in ("indices", "logprobs", "tail_logmass")),
+        rows = SparseTeacher(*(torch.cat([getattr(r, f) for r, _ in pending]) for f in ("indices", "logprobs", "tail_logmass")),
                              m["temperature"], m["kind"])
         tensors = _codec.encode(rows, m)
         if m["has_tokens"]:
-            tensors["tokens"] = _bits.pack(torch.cat(self._tokens), m["id_bits"])
-        index = len(m["shards"])
-        name = f"shard-{index:05d}.safetensors"
-        data = _store.shard_bytes(tensors, {"format": _store.FORMAT, "num_tokens": self._buffered,
-                                            "first_token": m["num_tokens"]})
-        entry = _store.write_shard(self.directory, name, data)
-        entry["num_tokens"] = self._buffered
-        m["shards"].append(entry)
-        m["num_tokens"] += self._buffered
-        _store.write_manifest(self.directory, m)
-        self._rows, self._tokens, self._buffered = [], [], 0
+            tensors["tokens"] = _bits.pack(torch.cat([t for _, t in pending]), m["id_bits"])
+        name = f"shard-{len(m['shards']):05d}.safetensors"
+        data = _store.shard_bytes(tensors, {"format": _store.FORMAT, "num_tokens": n, "first_token": m["num_tokens"]})
+        entry = dict(_store.write_shard(self.directory, name, data), num_tokens=n)
+        updated = dict(m, shards=m["shards"] + [entry], num_tokens=m["num_tokens"] + n)
+        _store.write_manifest(self.directory, updated)
+        self.manifest = updated
 
     def close(self) -> None:
+        """Write what is buffered and release the directory."""
+        if self._lock.closed:
+            return
         self.flush()
+        self._lock.close()
 
     def __enter__(self):
         return self
@@ -168,3 +182,5 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
+        else:  # keep the shards written so far; what is buffered may be incomplete
+            self._lock.close()
