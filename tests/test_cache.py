@@ -220,6 +220,7 @@ def test_writer_refuses_other_settings_and_bad_rows(tmp_path):
     _write(tmp_path, t, vocab_size=100)
     with pytest.raises(CacheError, match="k: cache has 4, asked for 5"):
         CacheWriter(str(tmp_path), vocab_size=100, k=5, temperature=2.0, teacher="test", has_tokens=False)
+    CacheWriter(str(tmp_path), vocab_size=100, k=4, temperature=2.0, teacher="test", has_tokens=False).close()
     w = CacheWriter(str(tmp_path / "b"), vocab_size=100, k=4, temperature=2.0, teacher="test")
     with pytest.raises(ValueError, match="temperature=1.0 but the cache was made at temperature=2.0"):
         w.append(fastkd.topk_teacher(torch.randn(3, 100), k=4, temperature=1.0), torch.zeros(3, dtype=torch.long))

@@ -81,6 +81,16 @@ class CacheWriter:
             self._lock.close()
             raise _store.CacheError(f"{directory!r} is being written by another CacheWriter "
                                     "(another process, or an unclosed writer)") from None
+        try:
+            self.manifest = self._open(settings)
+        except BaseException:
+            self._lock.close()
+            raise
+        self._pending: list[tuple[SparseTeacher, torch.Tensor | None]] = []
+
+    def _open(self, settings: dict) -> dict:
+        """The manifest to continue: the directory's (same settings only) or a new, empty one."""
+        directory = self.directory
         for stale in glob.glob(os.path.join(glob.escape(directory), "*.tmp")):
             os.remove(stale)  # a write that was killed before its rename
         if os.path.exists(os.path.join(directory, _store.MANIFEST)):
@@ -90,12 +100,11 @@ class CacheWriter:
             if diff:
                 raise _store.CacheError(f"{directory!r} holds a cache with other settings; use a new "
                                         "directory to write a different one (" + "; ".join(diff) + ")")
-            self.manifest = manifest
-        else:
-            self.manifest = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION,
-                             **settings, "num_tokens": 0, "shards": [], "created_by": f"fastkd {__version__}"}
-            _store.write_manifest(directory, self.manifest)
-        self._pending: list[tuple[SparseTeacher, torch.Tensor | None]] = []
+            return manifest
+        manifest = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION,
+                    **settings, "num_tokens": 0, "shards": [], "created_by": f"fastkd {__version__}"}
+        _store.write_manifest(directory, manifest)
+        return manifest
 
     @property
     def num_tokens(self) -> int:
