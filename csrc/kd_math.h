@@ -147,14 +147,18 @@ struct Elem<Divergence::TVD> {  // 1/2 sum |p - q|
 //   row loss          = kd_loss_weight * D + hard_weight * CE
 //   d loss / d s_j    = kd_grad_weight * (u_j - q_j U) + hard_weight * (softmax(s)_j - [j == label])
 struct RowWeights {
-  double kd_loss_weight;  // (1 - hard_weight) * (T^2 if scale_by_t2 else 1)
-  double kd_grad_weight;  // kd_loss_weight / T   (chain rule through s / T)
-  double hard_weight;
+  double kd_loss_weight;    // (1 - hard_weight) * (T^2 if scale_by_t2 else 1)
+  double kd_grad_weight;    // grad_scale * kd_loss_weight / T   (chain rule through s / T)
+  double hard_weight;       // of the CE term in the loss
+  double hard_grad_weight;  // grad_scale * hard_weight
 };
 
-FASTKD_HD RowWeights row_weights(double temperature, double hard_weight, bool scale_by_t2) {
+// grad_scale: the reduction's weight of each row (1 / kept rows for "mean"), folded into the
+// gradient so that backward has nothing left to multiply when grad_output is that weight.
+FASTKD_HD RowWeights row_weights(double temperature, double hard_weight, bool scale_by_t2,
+                                 double grad_scale) {
   const double kd = (1.0 - hard_weight) * (scale_by_t2 ? temperature * temperature : 1.0);
-  return RowWeights{kd, kd / temperature, hard_weight};
+  return RowWeights{kd, grad_scale * kd / temperature, hard_weight, grad_scale * hard_weight};
 }
 
 }  // namespace fastkd

@@ -1,8 +1,10 @@
 """The autograd and fake-tensor glue shared by every fused op.
 
-A fused op `op(x, *rest, compute_grad) -> (loss [N], grad [N, V])` computes, in its forward pass,
-grad[i] = d loss[i] / d x[i]. The first backward only scales that kept gradient, in place, by
-grad_output [N], and hands the same buffer on: no second [N, V] buffer is ever allocated.
+A fused op `op(x, *rest, grad_scale, compute_grad) -> (loss [N], grad [N, V])` computes, in its
+forward pass, grad[i] = grad_scale * d loss[i] / d x[i], grad_scale being the weight the reduction
+gives each row. The first backward scales that kept gradient in place by grad_output / grad_scale
+-- nothing at all in the usual case, loss.backward() of the reduced loss on the CPU, where
+grad_output is that weight -- and hands the same buffer on: no second [N, V] buffer is allocated.
 A repeated backward through the same graph (retain_graph=True, gradcheck), or one after a
 forward with compute_grad=False, recomputes the gradient from the op's inputs, which the op
 keeps references to (no copies) until the graph is freed.
@@ -39,12 +41,16 @@ def make_backward(op):
             # A repeated backward (the kept gradient was consumed), or a forward run with
             # compute_grad=False: compute the gradient now.
             grad = op(*inputs[:-1], True)[1]
-        scale = grad_loss.unsqueeze(-1).to(grad.dtype)
+        done = (None,) * (ctx.n_inputs - 1)
+        grad_scale = inputs[-2]
         # Eager: scale in place and hand the buffer on. Traced (torch.compile / AOTAutograd see
         # fake or functional tensor subclasses): a graph may not mutate a forward output, so
         # scale out of place and let the compiler plan the buffers.
-        inplace = type(grad) is torch.Tensor
-        return (grad.mul_(scale) if inplace else grad * scale,) + (None,) * (ctx.n_inputs - 1)
+        if type(grad) is not torch.Tensor or type(grad_loss) is not torch.Tensor:
+            return (grad * (grad_loss / grad_scale).unsqueeze(-1).to(grad.dtype),) + done
+        if grad_loss.device.type == "cpu" and bool((grad_loss == grad_scale).all()):
+            return (grad,) + done  # already scaled by the kernel (a CPU read, no device sync)
+        return (grad.mul_((grad_loss / grad_scale).unsqueeze(-1).to(grad.dtype)),) + done
 
     return backward
 

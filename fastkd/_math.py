@@ -54,17 +54,20 @@ def elem(divergence: str, p, q, lp, lq, d, beta: float):
 class RowWeights:
     """How KD and hard-label CE combine per row (kd_math.h's row_weights).
 
-    row loss = kd_loss * D + hard * CE;  d loss/d s = kd_grad * (u - q U) + hard * (softmax(s) - onehot)
+    row loss = kd_loss * D + hard * CE;
+    grad_scale * d loss/d s = kd_grad * (u - q U) + hard_grad * (softmax(s) - onehot)
     """
 
     kd_loss: float
     kd_grad: float
     hard: float
+    hard_grad: float
 
 
-def row_weights(temperature: float, hard_weight: float, scale_by_t2: bool) -> RowWeights:
+def row_weights(temperature: float, hard_weight: float, scale_by_t2: bool, grad_scale: float) -> RowWeights:
+    """grad_scale: the reduction's weight of each row, folded into the gradient (kd_math.h)."""
     kd = (1.0 - hard_weight) * (temperature * temperature if scale_by_t2 else 1.0)
-    return RowWeights(kd, kd / temperature, hard_weight)
+    return RowWeights(kd, grad_scale * kd / temperature, hard_weight, grad_scale * hard_weight)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -2,6 +2,17 @@
 import torch
 
 
+def row_weight(labels, ignore_index: int, reduction: str, n_rows: int, device: torch.device) -> float:
+    """The weight reduce_rows gives each row (1 / kept rows for "mean", else 1), for a fused op to
+    fold into its gradient. Counting kept rows reads a value back, so off the CPU, and under
+    torch.compile (where the count is data-dependent), this returns 1 and backward applies the
+    weight instead."""
+    if reduction != "mean" or device.type != "cpu" or torch.compiler.is_compiling():
+        return 1.0
+    kept = n_rows if labels is None else int((labels != ignore_index).sum())
+    return 1.0 / max(kept, 1)
+
+
 def reduce_rows(rows: torch.Tensor, labels, ignore_index: int, reduction: str, lead_shape):
     """rows: [N] per-row losses (0 at ignored rows). "mean" divides by the number of kept rows,
     and is 0 (not NaN) when no row is kept; "none" returns the logits' leading shape."""

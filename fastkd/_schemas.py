@@ -8,19 +8,22 @@ import torch
 
 _DENSE_ARGS = (
     "Tensor student, Tensor teacher, Tensor? labels, str divergence, float temperature, "
-    "float beta, int ignore_index, float hard_weight, bool scale_by_t2, bool compute_grad"
+    "float beta, int ignore_index, float hard_weight, bool scale_by_t2, float grad_scale, "
+    "bool compute_grad"
 )
 
 _SPARSE_ARGS = (
     "Tensor student, Tensor indices, Tensor logprobs, Tensor tail_logmass, Tensor? labels, "
     "str tail, float temperature, int ignore_index, float hard_weight, bool scale_by_t2, "
-    "bool compute_grad"
+    "float grad_scale, bool compute_grad"
 )
 
 SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
     # int64 or None. Returns (loss [N] fp32 (fp64 for fp64 input), grad [N, V] in the student's
-    # dtype -- d loss[i] / d student[i] -- or an empty tensor when compute_grad is false).
+    # dtype -- grad_scale * d loss[i] / d student[i] -- or an empty tensor when compute_grad is
+    # false). grad_scale is the reduction's weight (1 / kept rows for "mean"), applied in the
+    # kernel so that a plain loss.backward() has nothing left to scale.
     "dense_kd": f"dense_kd({_DENSE_ARGS}) -> (Tensor, Tensor)",  # compiled: CPU (C++), CUDA
     "dense_kd_torch": f"dense_kd_torch({_DENSE_ARGS}) -> (Tensor, Tensor)",  # pure PyTorch
     # Forward KL against a sparse teacher: student [N, V]; indices [N, k] int64 token ids;

@@ -9,13 +9,13 @@ import torch
 from . import _validate, backends, reference  # noqa: F401  (reference registers dense_kd_torch)
 from ._autograd import register_fused
 from ._math import acc_dtype
-from ._reduce import reduce_rows
+from ._reduce import reduce_rows, row_weight
 
 _OPS = {"torch": "dense_kd_torch", "cpu": "dense_kd", "cuda": "dense_kd"}
 
 
 def _fake(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
-          scale_by_t2, compute_grad):
+          scale_by_t2, grad_scale, compute_grad):
     loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
     return loss, (torch.empty_like(student) if compute_grad else student.new_empty(0))
 
@@ -55,9 +55,10 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
     lead = student_logits.shape[:-1]
     op = getattr(torch.ops.fastkd, _OPS[name])
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    rows, _ = op(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach(),
-                 flat_labels, divergence, temperature, beta, ignore_index, float(hard_weight),
-                 scale_by_t2, compute_grad)
+    flat = student_logits.reshape(-1, vocab)
+    weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)
+    rows, _ = op(flat, teacher_logits.reshape(-1, vocab).detach(), flat_labels, divergence, temperature,
+                 beta, ignore_index, float(hard_weight), scale_by_t2, weight, compute_grad)
     return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
 
 

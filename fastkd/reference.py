@@ -47,8 +47,8 @@ def finish_rows(s, s_ok, labels, ignore_index, w, loss, grad):
             q1, l1 = _softmax_parts(s1)
             loss = loss + w.hard * (l1.squeeze(-1) - s1.gather(-1, safe).squeeze(-1).double()).to(acc)
             if grad is not None:
-                grad = grad + w.hard * q1
-                grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard, dtype=acc))
+                grad = grad + w.hard_grad * q1
+                grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard_grad, dtype=acc))
     loss = torch.where(keep, loss, zero)
     if grad is not None:
         grad = torch.where(keep.unsqueeze(-1), grad, zero)
@@ -91,9 +91,9 @@ def chunked_rows(student, labels, compute_grad, chunk):
 
 
 def dense_kd_rows(student, teacher, labels, divergence, temperature, beta, ignore_index,
-                  hard_weight, scale_by_t2, compute_grad):
+                  hard_weight, scale_by_t2, grad_scale, compute_grad):
     """The `fastkd::dense_kd_torch` op: see fastkd/_schemas.py for shapes."""
-    w = _math.row_weights(temperature, hard_weight, scale_by_t2)
+    w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     return chunked_rows(student, labels, compute_grad, lambda rows, lab: _dense_chunk(
         student[rows], teacher[rows], lab, divergence, temperature, beta, ignore_index, w, compute_grad))
 

@@ -9,7 +9,7 @@ import torch
 from . import _validate, backends, sparse_reference
 from ._autograd import register_fused
 from ._math import acc_dtype
-from ._reduce import reduce_rows
+from ._reduce import reduce_rows, row_weight
 from .sparse_teacher import KINDS, SparseTeacher
 
 _OPS = {"torch": "sparse_kd_torch", "cpu": "sparse_kd"}
@@ -17,7 +17,7 @@ TAILS = sparse_reference.TAILS
 
 
 def _fake(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
-          hard_weight, scale_by_t2, compute_grad):
+          hard_weight, scale_by_t2, grad_scale, compute_grad):
     loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
     return loss, (torch.empty_like(student) if compute_grad else student.new_empty(0))
 
@@ -101,8 +101,10 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
     vocab = student_logits.shape[-1]
     op = getattr(torch.ops.fastkd, _OPS[name])
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    rows, _ = op(student_logits.reshape(-1, vocab), idx, lp, tail_lp, flat_labels, tail, t_temp,
-                 ignore_index, float(hard_weight), scale_by_t2, compute_grad)
+    flat = student_logits.reshape(-1, vocab)
+    weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)
+    rows, _ = op(flat, idx, lp, tail_lp, flat_labels, tail, t_temp, ignore_index, float(hard_weight),
+                 scale_by_t2, weight, compute_grad)
     return reduce_rows(rows, flat_labels, ignore_index, reduction, student_logits.shape[:-1])
 
 

@@ -64,11 +64,11 @@ def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, 
 
 
 def sparse_kd_rows(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
-                   hard_weight, scale_by_t2, compute_grad):
+                   hard_weight, scale_by_t2, grad_scale, compute_grad):
     """The `fastkd::sparse_kd_torch` op."""
     if tail not in TAILS:
         raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
-    w = _math.row_weights(temperature, hard_weight, scale_by_t2)
+    w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     return chunked_rows(student, labels, compute_grad, lambda rows, lab: _sparse_chunk(
         student[rows], indices[rows], logprobs[rows], tail_logmass[rows], lab, tail, temperature,
         ignore_index, w, compute_grad))

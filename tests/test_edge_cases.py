@@ -157,3 +157,34 @@ def test_backward_hands_over_the_kept_gradient_buffer(backend):
     assert s.grad.data_ptr() == ptrs[0]
     want = loss_and_grad(oracle.kd_loss, s.double(), t.double())[1]
     torch.testing.assert_close(s.grad.double(), want, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("outer", [1.0, 2.5, 0.0])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gradient_under_any_outer_scale(backend, reduction, outer, sparse):
+    """The kernel folds the reduction's row weight into the kept gradient and backward skips the
+    multiply when grad_output is exactly that weight; any other outer factor (a weighted sum of
+    losses, gradient accumulation) and a second backward still get the right gradient."""
+    s = logits((5, 40), torch.float64)
+    t = logits((5, 40), torch.float64, seed=1)
+    labels = torch.tensor([3, -100, 7, 0, -100])
+    teacher = fastkd.topk_teacher(t, k=6, temperature=2.0)
+
+    def fn(x, backend):
+        options = dict(labels=labels, hard_weight=0.2, reduction=reduction, backend=backend)
+        if sparse:
+            return fastkd.sparse_kd_loss(x, teacher, **options)
+        return fastkd.kd_loss(x, t, temperature=2.0, **options)
+
+    y = s.clone().requires_grad_(True)
+    fn(y, "torch").backward()
+    want = y.grad  # d loss / d s, from the reference
+    x = s.clone().requires_grad_(True)
+    loss = fn(x, backend)
+    (outer * loss).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, outer * want, rtol=1e-9, atol=1e-12)
+    first = x.grad.clone()
+    loss.backward()  # again: recomputed from the saved inputs, and accumulated
+    torch.testing.assert_close(x.grad - first, want, rtol=1e-9, atol=1e-12)

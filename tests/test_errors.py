@@ -74,9 +74,9 @@ def test_kernel_checks_labels_itself():
         pytest.skip("fastkd._C not built")
     s, t = logits((3, 10)), logits((3, 10), seed=1)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 10\) or equal ignore_index=-100; got 12 at row 1"):
-        torch.ops.fastkd.dense_kd(s, t, torch.tensor([0, 12, 3]), "forward_kl", 1.0, 0.5, -100, 0.0, True, False)
+        torch.ops.fastkd.dense_kd(s, t, torch.tensor([0, 12, 3]), "forward_kl", 1.0, 0.5, -100, 0.0, True, 1.0, False)
     with pytest.raises(RuntimeError, match=r"unknown divergence 'kl'"):
-        torch.ops.fastkd.dense_kd(s, t, None, "kl", 1.0, 0.5, -100, 0.0, True, False)
+        torch.ops.fastkd.dense_kd(s, t, None, "kl", 1.0, 0.5, -100, 0.0, True, 1.0, False)
 
 
 def test_module_rejects_bad_options_at_construction():

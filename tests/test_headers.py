@@ -16,7 +16,7 @@ template <fastkd::Divergence D>
 {qual} float eval_one(float p, float q, fastkd::Mix<float> mix) {{
   float term, u, lp = std::log(p), lq = std::log(q);
   fastkd::Elem<D>::template eval<fastkd::ScalarOps<float>>(p, q, lp, lq, lp - lq, mix, term, u);
-  return term + u + float(fastkd::row_weights(2.0, 0.1, true).kd_grad_weight);
+  return term + u + float(fastkd::row_weights(2.0, 0.1, true, 0.5).kd_grad_weight);
 }}
 {body}
 """

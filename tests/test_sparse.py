@@ -223,7 +223,7 @@ def test_opcheck_and_compile():
     ops = [torch.ops.fastkd.sparse_kd_torch] + ([torch.ops.fastkd.sparse_kd] if "cpu" in CPU_BACKENDS else [])
     for op in ops:
         for tail in TAILS:
-            args = (s, tk.indices, tk.logprobs, tk.tail_logmass, lab, tail, 2.0, -100, 0.25, True, True)
+            args = (s, tk.indices, tk.logprobs, tk.tail_logmass, lab, tail, 2.0, -100, 0.25, True, 1.0, True)
             torch.library.opcheck(op, args)
 
     def f(x):

@@ -29,7 +29,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> dense_kd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     c10::string_view divergence, double temperature, double beta, int64_t ignore_index,
-    double hard_weight, bool scale_by_t2, bool compute_grad) {
+    double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad) {
   TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2,
               "fastkd::dense_kd: student and teacher must be [N, V]; got ", student.sizes(),
               " and ", teacher.sizes());
@@ -64,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor> dense_kd_cpu(
   a.temperature = temperature;
   a.beta = beta;
   a.hard_weight = hard_weight;
+  a.grad_scale = grad_scale;
   a.ignore_index = ignore_index;
   a.scale_by_t2 = scale_by_t2;
   a.compute_grad = compute_grad;

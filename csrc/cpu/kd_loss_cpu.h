@@ -18,7 +18,7 @@ struct DenseArgs {
   at::Tensor student, teacher, labels;
   at::Tensor loss, grad;
   Divergence divergence;
-  double temperature, beta, hard_weight;
+  double temperature, beta, hard_weight, grad_scale;
   int64_t ignore_index;
   bool scale_by_t2, compute_grad;
 };
@@ -59,7 +59,7 @@ struct SparseArgs {
   at::Tensor student, indices, logprobs, tail_logmass, labels;
   at::Tensor loss, grad;
   Tail tail;
-  double temperature, hard_weight;
+  double temperature, hard_weight, grad_scale;
   int64_t ignore_index;
   bool scale_by_t2, compute_grad;
 };

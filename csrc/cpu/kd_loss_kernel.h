@@ -46,7 +46,7 @@ void dense_rows(const DenseArgs& a) {
   acc_t* loss = a.loss.mutable_data_ptr<acc_t>();
   scalar_t* G = a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
 
-  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2);
+  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale);
   const acc_t inv_t = acc_t(1.0 / a.temperature);
   const bool hard = a.hard_weight > 0;
   const Mix<Vec> mix = make_mix<Vec>(a.beta);
@@ -113,12 +113,12 @@ void dense_rows(const DenseArgs& a) {
       // 5. gradient, assembled in P then written once in the student's dtype
       const Vec wkd(acc_t(w.kd_grad_weight)), Uv(U);
       if (hard) {
-        const Vec wh(acc_t(w.hard_weight) * iS1);
+        const Vec wh(acc_t(w.hard_grad_weight) * iS1);
         for (int64_t j = 0; j < Vp; j += Vec::size()) {
           const Vec gj = wkd * (Vec::loadu(P + j) - Vec::loadu(Q + j) * Uv) + wh * Vec::loadu(B + j);
           gj.store(P + j);
         }
-        P[label] -= acc_t(w.hard_weight);
+        P[label] -= acc_t(w.hard_grad_weight);
       } else {
         for (int64_t j = 0; j < Vp; j += Vec::size()) {
           (wkd * (Vec::loadu(P + j) - Vec::loadu(Q + j) * Uv)).store(P + j);

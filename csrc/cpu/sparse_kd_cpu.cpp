@@ -10,7 +10,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> sparse_kd_cpu(
     const at::Tensor& student, const at::Tensor& indices, const at::Tensor& logprobs,
     const at::Tensor& tail_logmass, const std::optional<at::Tensor>& labels, c10::string_view tail,
-    double temperature, int64_t ignore_index, double hard_weight, bool scale_by_t2, bool compute_grad) {
+    double temperature, int64_t ignore_index, double hard_weight, bool scale_by_t2, double grad_scale,
+    bool compute_grad) {
   TORCH_CHECK(student.dim() == 2, "fastkd::sparse_kd: student must be [N, V], got ", student.sizes());
   const int64_t N = student.size(0);
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == N && logprobs.sizes() == indices.sizes(),
@@ -45,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_cpu(
   a.grad = compute_grad ? empty_hugepage_like(a.student) : at::empty({0}, student.options());
   a.temperature = temperature;
   a.hard_weight = hard_weight;
+  a.grad_scale = grad_scale;
   a.ignore_index = ignore_index;
   a.scale_by_t2 = scale_by_t2;
   a.compute_grad = compute_grad;

@@ -40,7 +40,7 @@ void sparse_rows(const SparseArgs& a) {
   const int64_t* L = a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr;
   acc_t* loss = a.loss.mutable_data_ptr<acc_t>();
   scalar_t* G = a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2);
+  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale);
   const acc_t inv_t = acc_t(1.0 / a.temperature);
   const bool hard = a.hard_weight > 0;
 
@@ -105,7 +105,7 @@ void sparse_rows(const SparseArgs& a) {
                                   : (a.tail == Tail::RenormTeacher ? c_in : 0.0);
       const Vec wc(static_cast<acc_t>(w.kd_grad_weight * c_out));
       if (hard) {
-        const Vec wh(acc_t(w.hard_weight) * i_s1);
+        const Vec wh(acc_t(w.hard_grad_weight) * i_s1);
         for (int64_t j = 0; j < Vp; j += Vec::size()) (wc * Vec::loadu(E + j) + wh * Vec::loadu(B + j)).store(A + j);
       } else {
         for (int64_t j = 0; j < Vp; j += Vec::size()) (wc * Vec::loadu(E + j)).store(A + j);
@@ -116,7 +116,7 @@ void sparse_rows(const SparseArgs& a) {
         const double target = std::exp(double(lp[c]) - target_shift);
         A[i] += static_cast<acc_t>(w.kd_grad_weight * ((c_in - c_out) * E[i] - target));
       }
-      if (hard) A[label] -= acc_t(w.hard_weight);
+      if (hard) A[label] -= acc_t(w.hard_grad_weight);
       store_row(A, g, V);
     }
   });
