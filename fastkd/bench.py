@@ -30,8 +30,9 @@ def implementations(temperature: float, divergence: str = "forward_kl"):
     return impls
 
 
-def time_fwd_bwd(loss_fn, student, teacher, repeats: int, warmup: int = 1):
-    """Seconds per fwd+bwd: (median, min) over `repeats` timed calls, after `warmup` calls."""
+def time_fwd_bwd(loss_fn, student, teacher, repeats: int, warmup: int = 3):
+    """Seconds per fwd+bwd: (median, min) over `repeats` timed calls, after `warmup` calls (the
+    first calls of a process fault in fresh memory and, for torch.compile, compile)."""
     x = student.detach().requires_grad_(True)
     times = []
     for i in range(warmup + repeats):
