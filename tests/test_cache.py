@@ -346,6 +346,7 @@ def test_cli_killed_writer_resumes_to_the_same_cache(tmp_path):
     assert len(b) == 500 and not list((tmp_path / "cut").glob("*.tmp"))
     assert torch.equal(a[:].indices, b[:].indices) and torch.equal(a[:].logprobs, b[:].logprobs)
     assert torch.equal(a.tokens(0, 500), b.tokens(0, 500))
+    assert [e["sha256"] for e in a.manifest["shards"]] == [e["sha256"] for e in b.manifest["shards"]]
 
 
 def test_cli_interrupted_keeps_whole_batches_and_resumes(tmp_path):

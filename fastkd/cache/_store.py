@@ -69,10 +69,21 @@ def read_manifest(directory: str) -> dict:
 
 
 def shard_bytes(tensors: dict, metadata: dict) -> bytes:
-    """One shard file's bytes (safetensors layout)."""
-    from safetensors.torch import save
-
-    return save(tensors, metadata={k: str(v) for k, v in metadata.items()})
+    """One shard file's bytes in the safetensors layout (an 8-byte little-endian header length,
+    a JSON header padded with spaces to a multiple of 8, then the tensors' bytes), written here
+    with sorted keys so that the same rows always give the same bytes (and sha256)."""
+    names = sorted(tensors)
+    header, offset = {"__metadata__": {k: str(v) for k, v in sorted(metadata.items())}}, 0
+    codes = {v: k for k, v in _DTYPES.items()}
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([struct.pack("<Q", len(text)), text] +
+                    [tensors[n].numpy().tobytes() for n in names])  # C order, whatever the strides
 
 
 def write_shard(directory: str, name: str, data: bytes) -> dict:
