@@ -5,22 +5,35 @@
 
 #include <cstdlib>
 #include <optional>
+#include <tuple>
 #include <string>
 
 #include "../kd_math.h"
 
 namespace fastkd::cpu {
 
-// One call of the dense KD op, already validated. student/teacher: [N, V] contiguous, same dtype;
-// labels: [N] int64 or undefined. Outputs: loss [N] (float, or double for double inputs) and,
-// when compute_grad, grad [N, V] in the student's dtype; grad of an ignored row is zero.
-struct DenseArgs {
-  at::Tensor student, teacher, labels;
+// What every row-loss op (dense_kd, sparse_kd) takes and returns, validated by prepare_row_loss.
+// student: [N, V] contiguous; labels: [N] int64 or undefined. Outputs: loss [N] (float, or double
+// for double inputs) and, when compute_grad, grad [N, V] in the student's dtype (zero at ignored
+// rows), scaled by grad_scale.
+struct RowLossArgs {
+  at::Tensor student, labels;
   at::Tensor loss, grad;
-  Divergence divergence;
-  double temperature, beta, hard_weight, grad_scale;
+  double temperature, hard_weight, grad_scale;
   int64_t ignore_index;
   bool scale_by_t2, compute_grad;
+};
+
+// Checks the shared arguments of op `op` and fills `a`'s shared fields, outputs allocated.
+void prepare_row_loss(RowLossArgs& a, const char* op, const at::Tensor& student,
+                      const std::optional<at::Tensor>& labels, double temperature, int64_t ignore_index,
+                      double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad);
+
+// One call of the dense KD op: teacher [N, V] contiguous, the student's dtype.
+struct DenseArgs : RowLossArgs {
+  at::Tensor teacher;
+  Divergence divergence;
+  double beta;
 };
 
 // The instruction set the CPU kernels run with: the widest this CPU has, unless the environment
@@ -52,16 +65,12 @@ inline const char* isa_name(Isa isa) {
 // more than computing it (about 40 ms vs 8 ms for 131 MB here).
 at::Tensor empty_hugepage_like(const at::Tensor& like);
 
-// One call of the sparse-teacher KD op, validated. student [N, V]; indices [N, k] int64;
-// logprobs [N, k] float (-inf: padding); tail_logmass [N] float; labels [N] int64 or undefined.
+// One call of the sparse-teacher KD op: indices [N, k] int64; logprobs [N, k] float (-inf:
+// padding); tail_logmass [N] float.
 enum class Tail { Bucket = 0, RenormTeacher = 1, RenormBoth = 2 };
-struct SparseArgs {
-  at::Tensor student, indices, logprobs, tail_logmass, labels;
-  at::Tensor loss, grad;
+struct SparseArgs : RowLossArgs {
+  at::Tensor indices, logprobs, tail_logmass;
   Tail tail;
-  double temperature, hard_weight, grad_scale;
-  int64_t ignore_index;
-  bool scale_by_t2, compute_grad;
 };
 
 // One call of topk_teacher: logits [N, V] contiguous; outputs indices [N, k] int64 (largest
@@ -101,6 +110,18 @@ void run_for_isa(void (*def)(const Args&), void (*avx2)(const Args&), void (*avx
     case Isa::Avx2: return avx2(args);
     case Isa::Default: return def(args);
   }
+}
+
+// Runs a row-loss kernel (a loss of 0 for an empty batch or vocabulary) -> (loss, grad).
+template <typename Args>
+std::tuple<at::Tensor, at::Tensor> run_row_loss(void (*def)(const Args&), void (*avx2)(const Args&),
+                                                void (*avx512)(const Args&), const Args& a) {
+  if (a.student.size(0) > 0 && a.student.size(1) > 0) {
+    run_for_isa(def, avx2, avx512, a);
+  } else {
+    a.loss.zero_();
+  }
+  return {a.loss, a.grad};
 }
 
 }  // namespace fastkd::cpu

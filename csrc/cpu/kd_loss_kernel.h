@@ -37,53 +37,43 @@ void dense_rows(const DenseArgs& a) {
   using Ops = VecOps<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  const int64_t N = a.student.size(0);
-  const int64_t V = a.student.size(1);
-  const int64_t Vp = (V + Vec::size() - 1) / Vec::size() * Vec::size();
-  const scalar_t* S = a.student.const_data_ptr<scalar_t>();
+  const RowLoss<scalar_t> p(a);
   const scalar_t* T = a.teacher.const_data_ptr<scalar_t>();
-  const int64_t* L = a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr;
-  acc_t* loss = a.loss.mutable_data_ptr<acc_t>();
-  scalar_t* G = a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-
-  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale);
-  const acc_t inv_t = acc_t(1.0 / a.temperature);
-  const bool hard = a.hard_weight > 0;
   const Mix<Vec> mix = make_mix<Vec>(a.beta);
 
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch(4 * Vp);
+  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch(4 * p.Vp);
     acc_t* A = scratch.data;
-    acc_t* B = A + Vp;
-    acc_t* Q = B + Vp;
-    acc_t* P = Q + Vp;
+    acc_t* B = A + p.Vp;
+    acc_t* Q = B + p.Vp;
+    acc_t* P = Q + p.Vp;
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* s = S + r * V;
-      const scalar_t* t = T + r * V;
-      scalar_t* g = G ? G + r * V : nullptr;
+      const scalar_t* s = p.S + r * p.V;
+      const scalar_t* t = T + r * p.V;
+      scalar_t* g = p.G ? p.G + r * p.V : nullptr;
       int64_t label;
-      if (!kept_row(L, r, V, a.ignore_index, loss, g, &label)) continue;
+      if (!kept_row(p.L, r, p.V, a.ignore_index, p.loss, g, &label)) continue;
       // 1. load, scale, max
-      const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
-      const acc_t mb = load_scaled(t, B, V, Vp, inv_t);
+      const acc_t ma = load_scaled(s, A, p.V, p.Vp, p.inv_t);
+      const acc_t mb = load_scaled(t, B, p.V, p.Vp, p.inv_t);
       if (ma == kNegInf) {  // no finite student logit: the row is empty
-        zero_row(loss, r, g, V);
+        zero_row(p.loss, r, g, p.V);
         continue;
       }
       // 2. exp + sum (student always, teacher when it has a finite logit)
-      const double Sa = exp_sum(A, Q, Vp, ma);
+      const double Sa = exp_sum(A, Q, p.Vp, ma);
       const Vec iSa(static_cast<acc_t>(1.0 / Sa));
       acc_t div = 0, U = 0;
       if (mb != kNegInf) {
-        const double Sb = exp_sum(B, P, Vp, mb);
+        const double Sb = exp_sum(B, P, p.Vp, mb);
         const double la = double(ma) + std::log(Sa), lb = double(mb) + std::log(Sb);
         const Vec LA(static_cast<acc_t>(la)), LB(static_cast<acc_t>(lb));
         const Vec iSb(static_cast<acc_t>(1.0 / Sb));
         const Vec dL(static_cast<acc_t>(lb - la));
         // 3. divergence terms (summed like exp_sum: fp32 in blocks, double across)
         double div_sum = 0, u_sum = 0;
-        for (int64_t j0 = 0; j0 < Vp; j0 += kBlock * Vec::size()) {
-          const int64_t j1 = std::min(Vp, j0 + kBlock * Vec::size());
+        for (int64_t j0 = 0; j0 < p.Vp; j0 += kBlock * Vec::size()) {
+          const int64_t j1 = std::min(p.Vp, j0 + kBlock * Vec::size());
           Vec dv(0), uv(0);
           for (int64_t j = j0; j < j1; j += Vec::size()) {
             const Vec q = Vec::loadu(Q + j) * iSa;
@@ -102,29 +92,29 @@ void dense_rows(const DenseArgs& a) {
         div = static_cast<acc_t>(div_sum);
         U = static_cast<acc_t>(u_sum);
       } else {  // no finite teacher logit: no KD term for this row
-        for (int64_t j = 0; j < Vp; j += Vec::size()) (Vec::loadu(Q + j) * iSa).store(Q + j);
-        std::fill(P, P + Vp, acc_t(0));
+        for (int64_t j = 0; j < p.Vp; j += Vec::size()) (Vec::loadu(Q + j) * iSa).store(Q + j);
+        std::fill(P, P + p.Vp, acc_t(0));
       }
       // 4. hard-label cross-entropy at temperature 1: B <- softmax(s) numerator
       acc_t ce = 0, iS1 = 0;
-      if (hard) ce = hard_label_ce(s, B, V, Vp, label, &iS1);
-      loss[r] = acc_t(w.kd_loss_weight) * div + acc_t(w.hard_weight) * ce;
+      if (p.hard) ce = hard_label_ce(s, B, p.V, p.Vp, label, &iS1);
+      p.loss[r] = acc_t(p.w.kd_loss_weight) * div + acc_t(p.w.hard_weight) * ce;
       if (!g) continue;
       // 5. gradient, assembled in P then written once in the student's dtype
-      const Vec wkd(acc_t(w.kd_grad_weight)), Uv(U);
-      if (hard) {
-        const Vec wh(acc_t(w.hard_grad_weight) * iS1);
-        for (int64_t j = 0; j < Vp; j += Vec::size()) {
+      const Vec wkd(acc_t(p.w.kd_grad_weight)), Uv(U);
+      if (p.hard) {
+        const Vec wh(acc_t(p.w.hard_grad_weight) * iS1);
+        for (int64_t j = 0; j < p.Vp; j += Vec::size()) {
           const Vec gj = wkd * (Vec::loadu(P + j) - Vec::loadu(Q + j) * Uv) + wh * Vec::loadu(B + j);
           gj.store(P + j);
         }
-        P[label] -= acc_t(w.hard_grad_weight);
+        P[label] -= acc_t(p.w.hard_grad_weight);
       } else {
-        for (int64_t j = 0; j < Vp; j += Vec::size()) {
+        for (int64_t j = 0; j < p.Vp; j += Vec::size()) {
           (wkd * (Vec::loadu(P + j) - Vec::loadu(Q + j) * Uv)).store(P + j);
         }
       }
-      store_row(P, g, V);
+      store_row(P, g, p.V);
     }
   });
 }

@@ -31,39 +31,32 @@ void sparse_rows(const SparseArgs& a) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  const int64_t N = a.student.size(0), V = a.student.size(1), K = a.indices.size(1);
-  const int64_t Vp = (V + Vec::size() - 1) / Vec::size() * Vec::size();
-  const scalar_t* S = a.student.const_data_ptr<scalar_t>();
+  const RowLoss<scalar_t> p(a);
+  const int64_t K = a.indices.size(1);
   const int64_t* IDX = a.indices.const_data_ptr<int64_t>();
   const float* LP = a.logprobs.const_data_ptr<float>();
   const float* TAIL = a.tail_logmass.const_data_ptr<float>();
-  const int64_t* L = a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr;
-  acc_t* loss = a.loss.mutable_data_ptr<acc_t>();
-  scalar_t* G = a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const RowWeights w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale);
-  const acc_t inv_t = acc_t(1.0 / a.temperature);
-  const bool hard = a.hard_weight > 0;
 
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch((hard ? 3 : 2) * Vp);
+  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch((p.hard ? 3 : 2) * p.Vp);
     Scratch<double> saved(K);  // a at the ids while the exp pass masks them
     acc_t* A = scratch.data;
-    acc_t* E = A + Vp;
-    acc_t* B = E + Vp;
+    acc_t* E = A + p.Vp;
+    acc_t* B = E + p.Vp;
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* s = S + r * V;
+      const scalar_t* s = p.S + r * p.V;
       const int64_t* idx = IDX + r * K;
       const float* lp = LP + r * K;
-      scalar_t* g = G ? G + r * V : nullptr;
+      scalar_t* g = p.G ? p.G + r * p.V : nullptr;
       int64_t label;
-      if (!kept_row(L, r, V, a.ignore_index, loss, g, &label)) continue;
+      if (!kept_row(p.L, r, p.V, a.ignore_index, p.loss, g, &label)) continue;
       for (int64_t c = 0; c < K; ++c) {
-        TORCH_CHECK(lp[c] == -INFINITY || (idx[c] >= 0 && idx[c] < V),
-                    "fastkd: teacher indices must lie in [0, ", V, "); got ", idx[c], " at row ", r);
+        TORCH_CHECK(lp[c] == -INFINITY || (idx[c] >= 0 && idx[c] < p.V),
+                    "fastkd: teacher indices must lie in [0, ", p.V, "); got ", idx[c], " at row ", r);
       }
-      const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
+      const acc_t ma = load_scaled(s, A, p.V, p.Vp, p.inv_t);
       if (ma == kNegInf) {  // no finite student logit: the row is empty
-        zero_row(loss, r, g, V);
+        zero_row(p.loss, r, g, p.V);
         continue;
       }
       // 2. exp + sum with the ids masked to -inf: the sum is the student's tail mass itself
@@ -75,7 +68,7 @@ void sparse_rows(const SparseArgs& a) {
         A[idx[c]] = kNegInf;
         big_p += std::exp(double(lp[c]));
       }
-      const double s_tail = exp_sum(A, E, Vp, ma);
+      const double s_tail = exp_sum(A, E, p.Vp, ma);
       for (int64_t c = 0; c < K; ++c) {
         if (lp[c] == -INFINITY) continue;
         A[idx[c]] = static_cast<acc_t>(saved.data[c]);
@@ -97,27 +90,27 @@ void sparse_rows(const SparseArgs& a) {
       if (r_p > 0) kd += r_p * (double(TAIL[r]) - (std::log(s_tail) - log_s_all));
       // 3. gradient
       acc_t ce = 0, i_s1 = 0;
-      if (hard) ce = hard_label_ce(s, B, V, Vp, label, &i_s1);
-      loss[r] = static_cast<acc_t>(w.kd_loss_weight * kd) + acc_t(w.hard_weight) * ce;
+      if (p.hard) ce = hard_label_ce(s, B, p.V, p.Vp, label, &i_s1);
+      p.loss[r] = static_cast<acc_t>(p.w.kd_loss_weight * kd) + acc_t(p.w.hard_weight) * ce;
       if (!g) continue;
       const double c_in = bucket ? (big_p + r_p) / s_all : std::exp(-log_norm);
       const double c_out = bucket ? c_in - (s_tail > 0 ? r_p / s_tail : 0.0)
                                   : (a.tail == Tail::RenormTeacher ? c_in : 0.0);
-      const Vec wc(static_cast<acc_t>(w.kd_grad_weight * c_out));
-      if (hard) {
-        const Vec wh(acc_t(w.hard_grad_weight) * i_s1);
-        for (int64_t j = 0; j < Vp; j += Vec::size()) (wc * Vec::loadu(E + j) + wh * Vec::loadu(B + j)).store(A + j);
+      const Vec wc(static_cast<acc_t>(p.w.kd_grad_weight * c_out));
+      if (p.hard) {
+        const Vec wh(acc_t(p.w.hard_grad_weight) * i_s1);
+        for (int64_t j = 0; j < p.Vp; j += Vec::size()) (wc * Vec::loadu(E + j) + wh * Vec::loadu(B + j)).store(A + j);
       } else {
-        for (int64_t j = 0; j < Vp; j += Vec::size()) (wc * Vec::loadu(E + j)).store(A + j);
+        for (int64_t j = 0; j < p.Vp; j += Vec::size()) (wc * Vec::loadu(E + j)).store(A + j);
       }
       for (int64_t c = 0; c < K; ++c) {  // j in I: the in-I coefficient and the teacher's target
         if (lp[c] == -INFINITY) continue;
         const int64_t i = idx[c];
         const double target = std::exp(double(lp[c]) - target_shift);
-        A[i] += static_cast<acc_t>(w.kd_grad_weight * ((c_in - c_out) * E[i] - target));
+        A[i] += static_cast<acc_t>(p.w.kd_grad_weight * ((c_in - c_out) * E[i] - target));
       }
-      if (hard) A[label] -= acc_t(w.hard_grad_weight);
-      store_row(A, g, V);
+      if (p.hard) A[label] -= acc_t(p.w.hard_grad_weight);
+      store_row(A, g, p.V);
     }
   });
 }

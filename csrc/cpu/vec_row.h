@@ -3,6 +3,7 @@
 // Included per ISA (see isa_*.cpp), after ATen's CPU_CAPABILITY macros are set.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
@@ -14,6 +15,7 @@
 #include <type_traits>
 
 #include "../kd_math.h"
+#include "kd_loss_cpu.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
@@ -46,6 +48,34 @@ struct Scratch {
   ~Scratch() { delete[] data; }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
+};
+
+// What a row-loss kernel reads off its RowLossArgs: sizes (Vp: V padded to whole vectors),
+// the student, labels (null: none), loss and gradient (null: not asked for) rows, the weights.
+template <typename scalar_t>
+struct RowLoss {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t N, V, Vp;
+  const scalar_t* S;
+  const int64_t* L;
+  acc_t* loss;
+  scalar_t* G;
+  RowWeights w;
+  acc_t inv_t;
+  bool hard;
+
+  explicit RowLoss(const RowLossArgs& a)
+      : N(a.student.size(0)),
+        V(a.student.size(1)),
+        Vp((V + at::vec::Vectorized<acc_t>::size() - 1) / at::vec::Vectorized<acc_t>::size() *
+           at::vec::Vectorized<acc_t>::size()),
+        S(a.student.const_data_ptr<scalar_t>()),
+        L(a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr),
+        loss(a.loss.mutable_data_ptr<acc_t>()),
+        G(a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr),
+        w(row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale)),
+        inv_t(acc_t(1.0 / a.temperature)),
+        hard(a.hard_weight > 0) {}
 };
 
 template <typename acc_t>
