@@ -54,6 +54,15 @@ def _encode_deltas(d: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(d), codes, PAD_CODE).to(torch.uint8)
 
 
+def cat_rows(parts: list, meta: dict) -> SparseTeacher:
+    """Flat row blocks ([n_i, k] each) -> one SparseTeacher [sum n_i, k] of the cache's kind."""
+    k = meta["k"]
+    fields = [[p.indices for p in parts] or [torch.empty(0, k, dtype=torch.long)],
+              [p.logprobs for p in parts] or [torch.empty(0, k)],
+              [p.tail_logmass for p in parts] or [torch.empty(0)]]
+    return SparseTeacher(*(f[0] if len(f) == 1 else torch.cat(f) for f in fields), meta["temperature"], meta["kind"])
+
+
 def _bitmap(meta: dict) -> bool:
     return meta["logprob_quantisation"]["code_storage"] == "monotone-bitmap"
 

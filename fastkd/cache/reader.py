@@ -78,14 +78,8 @@ class TeacherCache:
     def read(self, start: int, stop: int) -> SparseTeacher:
         """Teacher rows of tokens [start, stop): SparseTeacher with [stop - start, k] entries."""
         m = self.manifest
-        parts = [_codec.decode(self._shard(i), m, a, b, self._table) for i, a, b in self._pieces(start, stop)]
-        if len(parts) == 1:
-            return parts[0]
-        if not parts:
-            return SparseTeacher(torch.empty(0, m["k"], dtype=torch.long), torch.empty(0, m["k"]),
-                                 torch.empty(0), m["temperature"], m["kind"])
-        return SparseTeacher(*(torch.cat([getattr(p, f) for p in parts]) for f in ("indices", "logprobs", "tail_logmass")),
-                             m["temperature"], m["kind"])
+        return _codec.cat_rows([_codec.decode(self._shard(i), m, a, b, self._table)
+                                for i, a, b in self._pieces(start, stop)], m)
 
     def tokens(self, start: int, stop: int) -> torch.Tensor:
         """The input token ids of tokens [start, stop) (int64), when the cache keeps them."""

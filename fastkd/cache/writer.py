@@ -166,9 +166,7 @@ class CacheWriter:
         if not n:
             return
         m = self.manifest
-        rows = SparseTeacher(*(torch.cat([getattr(r, f) for r, _ in pending]) for f in ("indices", "logprobs", "tail_logmass")),
-                             m["temperature"], m["kind"])
-        tensors = _codec.encode(rows, m)
+        tensors = _codec.encode(_codec.cat_rows([rows for rows, _ in pending], m), m)
         if m["has_tokens"]:
             tensors["tokens"] = _bits.pack(torch.cat([t for _, t in pending]), m["id_bits"])
         name = f"shard-{len(m['shards']):05d}.safetensors"
