@@ -14,7 +14,7 @@ when fastkd._C is built, else in the torch twins below.
 """
 import torch
 
-from .. import _ext
+from .. import backends
 
 MAX_WIDTH = 24  # a value spans at most 4 bytes, so 32-bit words hold it (vocabularies up to 16.7M)
 
@@ -107,17 +107,19 @@ def _register():
 
 
 _register()
-_SUFFIX = "" if _ext.loaded() else "_torch"  # the C++ decoders when fastkd._C is built
 
 
-def unpack(stream: torch.Tensor, width: int, start: int, stop: int, backend: str | None = None) -> torch.Tensor:
-    """Values [start, stop) of a packed stream (uint8, the whole stream) -> int64 [stop - start].
-    backend: "cpu" or "torch" (default: cpu when built)."""
-    suffix = _SUFFIX if backend is None else ("" if backend == "cpu" else "_torch")
-    return getattr(torch.ops.fastkd, "unpack_bits" + suffix)(stream, width, start, stop)
+def _decoder(name: str, backend: str):
+    """The op `name` of `backend` ("auto": the C++ one when fastkd._C is built, else its twin)."""
+    chosen = backends.resolve(backend, torch.device("cpu"), implemented=("torch", "cpu"), op=name)
+    return getattr(torch.ops.fastkd, name if chosen == "cpu" else name + "_torch")
 
 
-def unpack_monotone(bitmap: torch.Tensor, count: int, backend: str | None = None) -> torch.Tensor:
+def unpack(stream: torch.Tensor, width: int, start: int, stop: int, backend: str = "auto") -> torch.Tensor:
+    """Values [start, stop) of a packed stream (uint8, the whole stream) -> int64 [stop - start]."""
+    return _decoder("unpack_bits", backend)(stream, width, start, stop)
+
+
+def unpack_monotone(bitmap: torch.Tensor, count: int, backend: str = "auto") -> torch.Tensor:
     """bitmap [n, B] uint8 of `count` non-decreasing values per row -> int64 [n, count]."""
-    suffix = _SUFFIX if backend is None else ("" if backend == "cpu" else "_torch")
-    return getattr(torch.ops.fastkd, "unpack_monotone" + suffix)(bitmap, count)
+    return _decoder("unpack_monotone", backend)(bitmap, count)
