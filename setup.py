@@ -9,7 +9,11 @@ import os
 import platform
 import sys
 
-import torch
+try:
+    import torch
+except ImportError:
+    sys.exit("fastkd: building needs torch installed first: `pip install torch`, then "
+             "`pip install --no-build-isolation .` (pip's default isolated build cannot see it)")
 from setuptools import setup
 from torch.utils import cpp_extension
 

@@ -170,15 +170,20 @@ namespace fastkd {
 inline constexpr std::string_view kDivergenceNames[] = {
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"};
 
-// Returns false when `name` is not a divergence.
-inline bool divergence_from_name(std::string_view name, Divergence* out) {
-  for (int i = 0; i < 6; ++i) {
-    if (kDivergenceNames[i] == name) {
-      *out = static_cast<Divergence>(i);
+// The enum value of `name` among `names` (in enum order); false when it is none of them.
+template <typename E, int N>
+inline bool enum_from_name(const std::string_view (&names)[N], std::string_view name, E* out) {
+  for (int i = 0; i < N; ++i) {
+    if (names[i] == name) {
+      *out = static_cast<E>(i);
       return true;
     }
   }
   return false;
+}
+
+inline bool divergence_from_name(std::string_view name, Divergence* out) {
+  return enum_from_name(kDivergenceNames, name, out);
 }
 }  // namespace fastkd
 #endif

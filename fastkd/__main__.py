@@ -23,13 +23,12 @@ def _info(_args) -> int:
     print("backends:")
     for name in backends.BACKENDS:
         why = backends._why_unavailable(name)
-        print(f"  {name:7s} {'available' if why is None else 'unavailable: ' + why}")
-    cpu = backends.resolve("auto", torch.device("cpu"))
-    print(f"auto picks: '{cpu}' for CPU tensors", end="")
-    if torch.cuda.is_available():
-        print(f", '{backends.resolve('auto', torch.device('cuda'))}' for CUDA tensors")
-    else:
-        print(" (no CUDA device visible)")
+        print(f"  {name:7s} {'available' if why is None else 'unavailable: ' + name + ' ' + why}")
+    for device in ("cpu", "cuda"):
+        name, why = backends.auto_choice(device)
+        print(f"auto picks: {name!r} for {device.upper()} tensors ({why})")
+    if not torch.cuda.is_available():
+        print("(no CUDA device visible)")
     return 0
 
 

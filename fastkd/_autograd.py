@@ -1,4 +1,4 @@
-"""The autograd and fake-tensor glue shared by every fused op.
+"""The autograd glue shared by every fused row-loss op (dense_kd, sparse_kd, on every backend).
 
 A fused op `op(x, *rest, grad_scale, compute_grad) -> (loss [N], grad [N, V])` computes, in its
 forward pass, grad[i] = grad_scale * d loss[i] / d x[i], grad_scale being the weight the reduction
@@ -55,8 +55,7 @@ def make_backward(op):
     return backward
 
 
-def register_fused(qualname: str, fake):
-    """Register `fake` (shapes only) and the kept-gradient autograd for the op `qualname`."""
-    torch.library.register_fake(qualname)(fake)
-    op = getattr(torch.ops.fastkd, qualname.split("::")[1])
-    torch.library.register_autograd(qualname, make_backward(op), setup_context=_setup_context)
+def register_autograd(name: str):
+    """Register the kept-gradient autograd for the row-loss op torch.ops.fastkd.<name>."""
+    op = getattr(torch.ops.fastkd, name)
+    torch.library.register_autograd(f"fastkd::{name}", make_backward(op), setup_context=_setup_context)

@@ -29,6 +29,11 @@ def loaded() -> bool:
     return _C is not None
 
 
+def cuda_built() -> bool:
+    """Whether fastkd._C holds the CUDA kernels (built with FASTKD_CUDA=1)."""
+    return _C is not None and bool(json.loads(_C.build_info()).get("cuda"))
+
+
 def build_info() -> dict:
     """What fastkd._C was built with (torch version, CUDA, compiler flags), or why it is missing."""
     if _C is None:

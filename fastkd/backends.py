@@ -1,33 +1,81 @@
-"""Which backends exist, which are available here, and the one dispatch point that picks one.
+"""The one dispatch table: which backend implements which op, and the one place that turns
+(op, backend, device) into the callable.
 
-    torch   pure PyTorch, everywhere: the reference and the fallback (fastkd/reference.py)
-    cpu     C++ kernels in fastkd._C, CPU tensors (csrc/cpu/)
-    triton  Triton kernels, CUDA tensors                 -- not in this version yet
-    cuda    CUDA C++ kernels in fastkd._C, CUDA tensors  -- not in this version yet
+    torch   pure PyTorch, everywhere: the reference and the fallback       fastkd/reference/<op>.py
+    cpu     C++ kernels in fastkd._C, CPU tensors                          csrc/cpu/<op>.cpp
+    triton  Triton kernels, CUDA tensors (CPU tensors only under
+            TRITON_INTERPRET=1, and only when named)                       fastkd/triton/<op>.py
+    cuda    CUDA C++ kernels in fastkd._C, CUDA tensors                    kernels/<op>.cu
 
-`backend="auto"` picks the fastest available one for the tensors' device. Asking for a backend
-that is not available raises; nothing silently falls back.
+An op has one schema (fastkd/_schemas.py) and one implementation per backend. The compiled
+backends register theirs under the op's own name with TORCH_LIBRARY_IMPL (dispatch keys CPU and
+CUDA); a Python backend `b` defines the function `<op>` in `fastkd/<package of b>/<op>.py` (torch:
+reference/, triton: triton/), registered here as the op `<op>_<b>`. `backend="auto"` picks the fastest available backend for the tensors'
+device; asking for one that is unavailable, or that has no kernel for the op, raises: nothing
+silently falls back. Adding a backend is one directory and its entries in OPS.
 """
+import importlib
+import importlib.util
+import os
+
 import torch
 
-from . import _ext
-
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-# Fastest first, per device type.
-_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+COMPILED = ("cpu", "cuda")  # kernels in fastkd._C, registered under the op's own name
+
+# op -> the backends that implement it.
+OPS = {
+    "dense_kd": ("torch", "cpu", "triton"),
+    "sparse_kd": ("torch", "cpu", "triton"),
+    "topk_teacher": ("torch", "cpu", "triton"),
+    "sample_teacher_draws": ("torch", "cpu", "triton"),
+    "unpack_bits": ("torch", "cpu"),
+    "unpack_monotone": ("torch", "cpu"),
+}
+
+# What `auto` tries, fastest first, per device type. `cuda` leads only once its kernels have
+# passed the GPU suite on real hardware (benchmarks/results/); until then Triton is the GPU path.
+AUTO = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
+AUTO_WHY = {"cuda": "the Triton kernels are the GPU path until the CUDA C++ backend has passed "
+                    "the GPU suite on real hardware"}
+
+# A Python backend's package (fastkd/<package>/<op>.py) and the dispatch keys its functions serve.
+_PYTHON = {"torch": ("reference", ("CompositeExplicitAutograd",)), "triton": ("triton", ("CUDA", "CPU"))}
+
+
+def qualname(op: str, backend: str) -> str:
+    """The torch.ops.fastkd name of `op` on `backend`: `op` for the compiled ones, else `op_backend`."""
+    return op if backend in COMPILED else f"{op}_{backend}"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in its interpreter (on CPU tensors): TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _why_unavailable(name: str) -> str | None:
     """None when `name` is usable on this machine, else the reason it is not."""
+    from . import _ext  # (not at import: fastkd/_schemas.py declares the ops before _C registers kernels)
+
     if name == "torch":
         return None
     if name == "cpu":
         if not _ext.loaded():
-            return f"the compiled extension fastkd._C is not loaded ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}"
+            return f"needs the compiled extension fastkd._C, which is not loaded ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}"
         return None
-    if name in ("triton", "cuda"):
-        return f"this version of fastkd has no {name} kernels yet (use backend='torch' on GPU tensors)"
-    return f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "is not installed: pip install triton (or pip install 'fastkd[triton]')"
+        if not (torch.cuda.is_available() or interpreting()):
+            return ("needs a CUDA device (or TRITON_INTERPRET=1, which runs its kernels on CPU "
+                    "tensors in Triton's interpreter)")
+        return None
+    if name == "cuda":
+        if not _ext.cuda_built():
+            return ("is not in this build of fastkd._C (build it with FASTKD_CUDA=1 on a machine "
+                    "with nvcc)")
+        return None
+    return f"is unknown; expected 'auto' or one of {BACKENDS}"
 
 
 def available_backends() -> list[str]:
@@ -35,21 +83,58 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if _why_unavailable(b) is None]
 
 
-def resolve(backend: str, device: torch.device, implemented=BACKENDS, op: str = "this loss") -> str:
-    """The backend to run `op` on tensors on `device`, among the backends that `implemented` it;
-    raises ValueError for an unusable request."""
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors on `device`; ValueError for an unusable request."""
+    implemented = OPS[op]
     if backend == "auto":
-        for name in _PREFERENCE.get(device.type, ("torch",)):
+        for name in AUTO.get(device.type, ("torch",)):
             if name in implemented and _why_unavailable(name) is None:
                 return name
         return "torch"
     why = _why_unavailable(backend)
     if why is not None:
-        raise ValueError(f"backend={backend!r} is not available: {why}")
+        raise ValueError(f"backend={backend!r} is not available: {backend} {why}")
     if backend not in implemented:
         raise ValueError(f"backend={backend!r} has no kernel for {op} yet; use one of {list(implemented)}")
     if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' runs on CPU tensors; the logits are on {device}")
-    if backend in ("triton", "cuda") and device.type != "cuda":
-        raise ValueError(f"backend={backend!r} runs on CUDA tensors; the logits are on {device}")
+        raise ValueError(f"backend='cpu' runs on CPU tensors; the tensors are on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs on CUDA tensors; the tensors are on {device}")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (CPU tensors only under "
+                         f"TRITON_INTERPRET=1); the tensors are on {device}")
     return backend
+
+
+def auto_choice(device_type: str) -> tuple[str, str]:
+    """(the backend `auto` picks for the losses on `device_type` tensors, why) -- for `info`."""
+    skipped = []
+    for name in AUTO.get(device_type, ("torch",)):
+        why = _why_unavailable(name)
+        if why is None:
+            return name, "; ".join(skipped) or AUTO_WHY.get(device_type, "the fastest available here")
+        skipped.append(f"{name} {why}")
+    return "torch", "; ".join(skipped)
+
+
+_registered: set[str] = set()
+
+
+def register(backend: str) -> None:
+    """Register the Python backend `backend`'s functions as its ops (once; imports its modules)."""
+    if backend in _registered or backend in COMPILED:
+        return
+    for op, backends in OPS.items():
+        if backend in backends:
+            package, keys = _PYTHON[backend]
+            fn = getattr(importlib.import_module(f"fastkd.{package}.{op}"), op)
+            for key in keys:
+                torch.library.impl(f"fastkd::{qualname(op, backend)}", key)(fn)
+    _registered.add(backend)
+
+
+def kernel(op: str, backend: str, device: torch.device):
+    """The callable (a torch.ops.fastkd op) that runs `op` on `device` with `backend` ("auto" too)."""
+    name = resolve(op, backend, device)
+    register(name)
+    return getattr(torch.ops.fastkd, qualname(op, name))

@@ -1,27 +1,12 @@
 """`fastkd.kd_loss` / `fastkd.KDLoss`: KD loss against a dense teacher, loss and gradient in one pass.
 
-The op `fastkd::dense_kd` (compiled: csrc/cpu/) and its twin `fastkd::dense_kd_torch` (the pure
-PyTorch reference, fastkd/reference.py) take [N, V] rows; this module flattens the leading shape,
-checks the arguments, picks the backend and reduces the per-row losses.
+The op dense_kd (one per backend, fastkd/backends.py) takes [N, V] rows; this module flattens the
+leading shape, checks the arguments, picks the backend and reduces the per-row losses.
 """
 import torch
 
-from . import _validate, backends, reference  # noqa: F401  (reference registers dense_kd_torch)
-from ._autograd import register_fused
-from ._math import acc_dtype
+from . import _validate, backends
 from ._reduce import reduce_rows, row_weight
-
-_OPS = {"torch": "dense_kd_torch", "cpu": "dense_kd", "cuda": "dense_kd"}
-
-
-def _fake(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
-          scale_by_t2, grad_scale, compute_grad):
-    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
-    return loss, (torch.empty_like(student) if compute_grad else student.new_empty(0))
-
-
-for _name in set(_OPS.values()):
-    register_fused(f"fastkd::{_name}", _fake)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forward_kl", beta=0.5,
@@ -50,10 +35,9 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
     flat_labels = _validate.check_labels(labels, student_logits, ignore_index, hard_weight)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-    name = backends.resolve(backend, student_logits.device)
+    op = backends.kernel("dense_kd", backend, student_logits.device)
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    op = getattr(torch.ops.fastkd, _OPS[name])
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     flat = student_logits.reshape(-1, vocab)
     weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)

@@ -1,29 +1,14 @@
 """`fastkd.sparse_kd_loss` / `fastkd.SparseKDLoss`: forward KL against a `SparseTeacher`.
 
-The ops `fastkd::sparse_kd` (compiled: csrc/cpu/) and `fastkd::sparse_kd_torch` (the
-reference, fastkd/sparse_reference.py) take [N, V] rows; this module
-checks the teacher against the student, picks the backend and reduces the per-row losses.
+The op sparse_kd (one per backend, fastkd/backends.py) takes [N, V] rows; this module checks the
+teacher against the student, picks the backend and reduces the per-row losses.
 """
 import torch
 
-from . import _validate, backends, sparse_reference
-from ._autograd import register_fused
-from ._math import acc_dtype
+from . import _validate, backends
 from ._reduce import reduce_rows, row_weight
+from ._sparse_math import TAILS
 from .sparse_teacher import KINDS, SparseTeacher
-
-_OPS = {"torch": "sparse_kd_torch", "cpu": "sparse_kd"}
-TAILS = sparse_reference.TAILS
-
-
-def _fake(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
-          hard_weight, scale_by_t2, grad_scale, compute_grad):
-    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
-    return loss, (torch.empty_like(student) if compute_grad else student.new_empty(0))
-
-
-for _name in set(_OPS.values()):
-    register_fused(f"fastkd::{_name}", _fake)
 
 
 def _check_teacher(teacher, student):
@@ -97,9 +82,8 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
     flat_labels = _validate.check_labels(labels, student_logits, ignore_index, hard_weight)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-    name = backends.resolve(backend, student_logits.device, implemented=tuple(_OPS), op="sparse_kd_loss")
+    op = backends.kernel("sparse_kd", backend, student_logits.device)
     vocab = student_logits.shape[-1]
-    op = getattr(torch.ops.fastkd, _OPS[name])
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     flat = student_logits.reshape(-1, vocab)
     weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)

@@ -40,9 +40,7 @@ S, T = logits((2, 3, 10)), logits((2, 3, 10), seed=1)
         (dict(labels=torch.tensor([[0, 1, -1], [0, 0, 0]])), ValueError, r"got -1 at flat position 2"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
         (dict(scale_by_t2="yes"), TypeError, r"scale_by_t2 must be a bool"),
-        (dict(backend="gpu"), ValueError, r"backend='gpu' is not available: unknown backend"),
-        (dict(backend="triton"), ValueError, r"backend='triton' is not available"),
-        (dict(backend="cuda"), ValueError, r"backend='cuda' is not available"),
+        (dict(backend="gpu"), ValueError, r"backend='gpu' is not available: gpu is unknown"),
     ],
 )
 def test_bad_input(backend, kwargs, exc, match):
@@ -64,7 +62,7 @@ def test_compiled_cpu_backend_refuses_other_devices():
     if "cpu" not in fastkd.available_backends():
         pytest.skip("fastkd._C not built")
     meta = torch.empty(2, 10, device="meta")
-    with pytest.raises(ValueError, match=r"backend='cpu' runs on CPU tensors; the logits are on meta"):
+    with pytest.raises(ValueError, match=r"backend='cpu' runs on CPU tensors; the tensors are on meta"):
         fastkd.kd_loss(meta, meta, backend="cpu")
 
 

@@ -1,5 +1,5 @@
-"""csrc/kd_math.h is the one statement of the per-element math for every backend: it must compile
-as plain host C++ and, where nvcc is installed, as CUDA device code (no GPU needed)."""
+"""csrc/kd_math.h and csrc/sparse_math.h are the one statement of the math for every backend: they
+must compile as plain host C++ and, where nvcc is installed, as CUDA device code (no GPU needed)."""
 import pathlib
 import shutil
 import subprocess
@@ -11,7 +11,13 @@ DIVS = ["ForwardKL", "ReverseKL", "JSD", "SkewForwardKL", "SkewReverseKL", "TVD"
 
 SOURCE = """
 #include "kd_math.h"
+#include "sparse_math.h"
 #include <cmath>
+{qual} double sparse_one(double a, double lp) {{
+  const fastkd::SparseRow r{{0.5, -1.0, 0.2, -0.1, -2.0}};
+  const fastkd::TailCoef c = fastkd::tail_coefficients(fastkd::Tail::Bucket, r);
+  return fastkd::sparse_term(lp, a, c) + c.in_scale + fastkd::sparse_log_add(a, lp);
+}}
 template <fastkd::Divergence D>
 {qual} float eval_one(float p, float q, fastkd::Mix<float> mix) {{
   float term, u, lp = std::log(p), lq = std::log(q);

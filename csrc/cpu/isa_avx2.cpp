@@ -1,4 +1,4 @@
-// AVX2 + FMA build of every CPU kernel; chosen at run time by cpu_isa() (kd_loss_cpu.h).
+// AVX2 + FMA build of every CPU kernel; chosen at run time by cpu_isa() (kernels.h).
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // GCC's target pragma enables the instructions but not the feature macros that ATen's and
 // Sleef's headers test, so declare those too (this file only; the ISA is checked at run time).
@@ -9,7 +9,8 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define FASTKD_ISA_NS isa_avx2
-#include "kd_loss_kernel.h"
+#include "dense_kd_kernel.h"
 #include "sparse_kd_kernel.h"
-#include "teacher_kernel.h"
+#include "sample_teacher_draws_kernel.h"
+#include "topk_teacher_kernel.h"
 static_assert(at::vec::Vectorized<float>::size() == 8, "fastkd: AVX2 build did not get 256-bit vectors");

@@ -1,15 +1,14 @@
-// The sparse-teacher KD row kernel for the CPU (forward KL; tails of DESIGN.md section 2, the
-// formulas in fastkd/sparse_reference.py). Included once per ISA by isa_<isa>.cpp.
+// The sparse-teacher KD row kernel for the CPU (forward KL; the per-row math is
+// csrc/sparse_math.h, the torch twin fastkd/reference/sparse_kd.py). Included once per ISA by
+// isa_<isa>.cpp.
 //
 // Per row, two row-sized scratch buffers (three with hard labels):
 //   1. load + scale + max          A = s / T                    (the only read of the row)
-//   2. exp + sum with the k ids masked to -inf: E = exp(a - max), the student's tail sum over
-//      j not in I directly (never S - sum_I); then the ids' own E, and the loss
-//   3. gradient                    g = w (c_out E + [j in I] ((c_in - c_out) E - target)) + hard
-//      part, written once. Per tail mode (fastkd/sparse_reference.py), with P = sum_I p:
-//        bucket          c_in = (P + r_p) / S,  c_out = c_in - r_p / S_tail,  target p,  q over S
-//        renorm_teacher  c_in = c_out = 1 / S,                            target p / P,  q over S
-//        renorm_both     c_in = 1 / S_I, c_out = 0,                       target p / P,  q over S_I
+//   2. the k ids are masked to -inf and exp + sum runs over the tail at the tail's own maximum:
+//      E = exp(a - max_tail) outside I, 0 on I; lse_tail, then lse_in over the ids, lse_all
+//   3. loss and gradient from sparse_math.h's coefficients: outside I, g = c_out E with
+//      c_out = out_scale exp(max_tail - lse_all) - tail_scale exp(max_tail - lse_tail); on I,
+//      g = in_scale exp(a_i - in_norm) - t_i; plus the hard-label part, written once.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -19,7 +18,7 @@
 
 #include <cmath>
 
-#include "kd_loss_cpu.h"
+#include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
@@ -59,43 +58,46 @@ void sparse_rows(const SparseArgs& a) {
         zero_row(p.loss, r, g, p.V);
         continue;
       }
-      // 2. exp + sum with the ids masked to -inf: the sum is the student's tail mass itself
-      // (never S - sum_I); the ids' own exps are added back, a sum of positives.
-      double s_in = 0, big_p = 0;
+      // 2. mask the ids; the tail's maximum is the row's unless the row's maximum lies in I
+      double m_in = -INFINITY, log_p = -INFINITY;
       for (int64_t c = 0; c < K; ++c) {
         if (lp[c] == -INFINITY) continue;
         saved.data[c] = A[idx[c]];
+        m_in = std::max(m_in, saved.data[c]);
         A[idx[c]] = kNegInf;
-        big_p += std::exp(double(lp[c]));
+        log_p = sparse_log_add(log_p, double(lp[c]));
       }
-      const double s_tail = exp_sum(A, E, p.Vp, ma);
+      acc_t m_tail = ma;
+      if (m_in == double(ma)) {
+        at::vec::Vectorized<acc_t> mx(kNegInf);
+        for (int64_t j = 0; j < p.Vp; j += Vec::size()) mx = at::vec::maximum(mx, Vec::loadu(A + j));
+        m_tail = reduce_max(mx);
+      }
+      double lse_tail = -INFINITY;
+      if (m_tail != kNegInf) {
+        lse_tail = double(m_tail) + std::log(exp_sum(A, E, p.Vp, m_tail));
+      } else {
+        std::fill(E, E + p.Vp, acc_t(0));
+      }
+      double s_in = 0;
       for (int64_t c = 0; c < K; ++c) {
         if (lp[c] == -INFINITY) continue;
         A[idx[c]] = static_cast<acc_t>(saved.data[c]);
-        E[idx[c]] = std::exp(A[idx[c]] - ma);
-        s_in += E[idx[c]];
+        s_in += std::exp(saved.data[c] - m_in);
       }
-      const double s_all = s_tail + s_in;
-      const double log_s_all = std::log(s_all);
-      const bool bucket = a.tail == Tail::Bucket;
-      const double r_p = bucket ? std::exp(double(TAIL[r])) : 0.0;
-      const double log_norm = a.tail == Tail::RenormBoth ? std::log(s_in) : log_s_all;  // of q
-      const double target_shift = bucket ? 0.0 : std::log(big_p);  // log p - shift = log target
-      double kd = 0;
-      for (int64_t c = 0; c < K; ++c) {
-        if (lp[c] == -INFINITY) continue;
-        const double lt = double(lp[c]) - target_shift;
-        kd += std::exp(lt) * (lt - (double(A[idx[c]]) - double(ma) - log_norm));
-      }
-      if (r_p > 0) kd += r_p * (double(TAIL[r]) - (std::log(s_tail) - log_s_all));
+      const double lse_in = m_in == -INFINITY ? m_in : m_in + std::log(s_in);
+      const SparseRow stats{sparse_log_add(lse_in, lse_tail), lse_in, lse_tail, log_p, double(TAIL[r])};
+      const TailCoef co = tail_coefficients(a.tail, stats);
+      double kd = co.extra;
+      for (int64_t c = 0; c < K; ++c) kd += sparse_term(lp[c], lp[c] == -INFINITY ? 0.0 : saved.data[c], co);
       // 3. gradient
       acc_t ce = 0, i_s1 = 0;
       if (p.hard) ce = hard_label_ce(s, B, p.V, p.Vp, label, &i_s1);
       p.loss[r] = static_cast<acc_t>(p.w.kd_loss_weight * kd) + acc_t(p.w.hard_weight) * ce;
       if (!g) continue;
-      const double c_in = bucket ? (big_p + r_p) / s_all : std::exp(-log_norm);
-      const double c_out = bucket ? c_in - (s_tail > 0 ? r_p / s_tail : 0.0)
-                                  : (a.tail == Tail::RenormTeacher ? c_in : 0.0);
+      const double c_out = m_tail == kNegInf ? 0.0
+                           : co.out_scale * std::exp(double(m_tail) - stats.lse_all) -
+                                 co.tail_scale * std::exp(double(m_tail) - lse_tail);
       const Vec wc(static_cast<acc_t>(p.w.kd_grad_weight * c_out));
       if (p.hard) {
         const Vec wh(acc_t(p.w.hard_grad_weight) * i_s1);
@@ -103,11 +105,10 @@ void sparse_rows(const SparseArgs& a) {
       } else {
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) (wc * Vec::loadu(E + j)).store(A + j);
       }
-      for (int64_t c = 0; c < K; ++c) {  // j in I: the in-I coefficient and the teacher's target
+      for (int64_t c = 0; c < K; ++c) {  // j in I (E is 0 there): the in-I gradient
         if (lp[c] == -INFINITY) continue;
-        const int64_t i = idx[c];
-        const double target = std::exp(double(lp[c]) - target_shift);
-        A[i] += static_cast<acc_t>(p.w.kd_grad_weight * ((c_in - c_out) * E[i] - target));
+        const double gi = co.in_scale * std::exp(saved.data[c] - co.in_norm) - std::exp(double(lp[c]) - co.shift);
+        A[idx[c]] += static_cast<acc_t>(p.w.kd_grad_weight * gi);
       }
       if (p.hard) A[label] -= acc_t(p.w.hard_grad_weight);
       store_row(A, g, p.V);

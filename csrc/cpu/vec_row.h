@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "../kd_math.h"
-#include "kd_loss_cpu.h"
+#include "kernels.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {

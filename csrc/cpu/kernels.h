@@ -1,4 +1,6 @@
-// Declarations shared by the CPU op (kd_loss_cpu.cpp) and its per-ISA kernels (kd_loss_kernel.h).
+// The CPU kernels' arguments and declarations, shared by the ops (<op>.cpp: argument checks,
+// outputs) and their per-ISA kernels (<op>_kernel.h, compiled per ISA by isa_<isa>.cpp), and the
+// choice of ISA at run time.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +11,7 @@
 #include <string>
 
 #include "../kd_math.h"
+#include "../sparse_math.h"
 
 namespace fastkd::cpu {
 
@@ -66,12 +69,14 @@ inline const char* isa_name(Isa isa) {
 at::Tensor empty_hugepage_like(const at::Tensor& like);
 
 // One call of the sparse-teacher KD op: indices [N, k] int64; logprobs [N, k] float (-inf:
-// padding); tail_logmass [N] float.
-enum class Tail { Bucket = 0, RenormTeacher = 1, RenormBoth = 2 };
+// padding); tail_logmass [N] float; tail: sparse_math.h.
 struct SparseArgs : RowLossArgs {
   at::Tensor indices, logprobs, tail_logmass;
   Tail tail;
 };
+
+// Checks the logits [N, V] and temperature of a teacher compression op (topk_teacher, sample_teacher_draws).
+void check_teacher_logits(const char* op, const at::Tensor& logits, double temperature);
 
 // One call of topk_teacher: logits [N, V] contiguous; outputs indices [N, k] int64 (largest
 // first), logprobs [N, k] float32, tail_logmass [N] float32.

@@ -1,8 +1,8 @@
-// CPU kernels of the sparse-teacher KD op: argument checks, then the kernel for this ISA.
+// CPU op fastkd::sparse_kd: argument checks, then the kernel for this ISA (sparse_kd_kernel.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "kd_loss_cpu.h"
+#include "kernels.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -24,11 +24,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_cpu(
   TORCH_CHECK(indices.scalar_type() == at::kLong && logprobs.scalar_type() == at::kFloat &&
                   tail_logmass.scalar_type() == at::kFloat,
               "fastkd::sparse_kd: indices must be int64, logprobs and tail_logmass float32");
-  const std::string_view t(tail.data(), tail.size());
-  if (t == "bucket") a.tail = Tail::Bucket;
-  else if (t == "renorm_teacher") a.tail = Tail::RenormTeacher;
-  else if (t == "renorm_both") a.tail = Tail::RenormBoth;
-  else TORCH_CHECK(false, "fastkd::sparse_kd: unknown tail '", tail, "'");
+  TORCH_CHECK(tail_from_name(std::string_view(tail.data(), tail.size()), &a.tail),
+              "fastkd::sparse_kd: unknown tail '", tail, "'");
   a.indices = indices.contiguous();
   a.logprobs = logprobs.contiguous();
   a.tail_logmass = tail_logmass.contiguous();

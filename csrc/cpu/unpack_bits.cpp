@@ -1,10 +1,8 @@
-// CPU kernels of the teacher cache's decoders (docs/cache-format.md; the torch twins and the
-// encoders are in fastkd/cache/_bits.py):
+// CPU op fastkd::unpack_bits, a teacher-cache decoder (docs/cache-format.md; the encoder is in
+// fastkd/cache/_bits.py, the torch twin in fastkd/reference/unpack_bits.py):
 //   unpack_bits(stream, width, start, stop): values [start, stop) of an LSB-first stream of
 //     `width`-bit values (value i occupies bits [i w, (i + 1) w)) -> int64 [stop - start]
-//   unpack_monotone(bitmap [n, B], count): each row is a non-decreasing sequence c_0 <= ... of
-//     `count` values stored as a bitmap with a one at bit c_i + i -> int64 [n, count]
-// Scalar code: both are a few operations per value, far below the cost of reading the shard.
+// Scalar code: a few operations per value, far below the cost of reading the shard.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -43,38 +41,9 @@ at::Tensor unpack_bits_cpu(const at::Tensor& stream, int64_t width, int64_t star
   return out;
 }
 
-at::Tensor unpack_monotone_cpu(const at::Tensor& bitmap, int64_t count) {
-  TORCH_CHECK(bitmap.dim() == 2 && bitmap.scalar_type() == at::kByte,
-              "fastkd::unpack_monotone: bitmap must be a 2-D uint8 tensor, got ", bitmap.scalar_type(), " ",
-              bitmap.sizes());
-  TORCH_CHECK(count >= 0, "fastkd::unpack_monotone: count must be >= 0, got ", count);
-  const at::Tensor m = bitmap.contiguous();
-  const int64_t n = m.size(0), width = m.size(1);
-  const uint8_t* bits = m.const_data_ptr<uint8_t>();
-  at::Tensor out = at::empty({n, count}, bitmap.options().dtype(at::kLong));
-  int64_t* o = out.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, n, 1024, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      const uint8_t* row = bits + r * width;
-      int64_t* c = o + r * count;
-      int64_t found = 0;
-      for (int64_t byte = 0; byte < width && found < count; ++byte) {
-        for (unsigned v = row[byte]; v && found < count; v &= v - 1) {
-          c[found] = byte * 8 + __builtin_ctz(v) - found;
-          ++found;
-        }
-      }
-      TORCH_CHECK(found == count, "fastkd::unpack_monotone: row ", r, " holds ", found, " values, expected ",
-                  count, " (a corrupt bitmap)");
-    }
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace fastkd::cpu
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("unpack_bits", &fastkd::cpu::unpack_bits_cpu);
-  m.impl("unpack_monotone", &fastkd::cpu::unpack_monotone_cpu);
 }

@@ -24,7 +24,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "kd_loss_cpu.h"
+#include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {

@@ -1,5 +1,5 @@
-// Sparse-teacher compression kernels for the CPU (fastkd.topk_teacher / fastkd.sample_teacher;
-// the math in fastkd/sparse_teacher.py). Included once per ISA by isa_<isa>.cpp.
+// The top-k teacher compression kernel for the CPU (fastkd.topk_teacher; the torch twin is
+// fastkd/reference/topk_teacher.py). Included once per ISA by isa_<isa>.cpp.
 //
 // top-k, per row, one read of the row and one exp pass:
 //   1. load + scale + max          A = t / T
@@ -7,8 +7,6 @@
 //      skips every block with no candidate, so almost the whole row costs one compare
 //   3. exp + sum with the k ids masked to -inf: the tail's own sum (never Z - sum of the top k);
 //      log p_i = a_i - log Z, tail log-mass = log(tail sum) - log Z, Z = tail sum + sum_I exp
-// sampled, per row: the exp pass, then one walk of the running sum that places the row's sorted
-// uniforms u * Z (inverse CDF); the draws come out in ascending id order.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -17,7 +15,7 @@
 
 #include <cmath>
 
-#include "kd_loss_cpu.h"
+#include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
@@ -119,52 +117,11 @@ void topk_rows(const TopkArgs& a) {
   });
 }
 
-template <typename scalar_t>
-void sample_rows(const SampleArgs& a) {
-  using Vec = at::vec::Vectorized<float>;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t N = a.logits.size(0), V = a.logits.size(1), S = a.uniforms.size(1);
-  const int64_t Vp = (V + Vec::size() - 1) / Vec::size() * Vec::size();
-  const scalar_t* T = a.logits.const_data_ptr<scalar_t>();
-  const double* U = a.uniforms.const_data_ptr<double>();
-  int64_t* OUT = a.draws.mutable_data_ptr<int64_t>();
-  const float inv_t = float(1.0 / a.temperature);
-
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Scratch<float> row(Vp);
-    float* A = row.data;
-    for (int64_t r = begin; r < end; ++r) {
-      const double* u = U + r * S;  // ascending, in [0, 1)
-      int64_t* out = OUT + r * S;
-      const float m = load_scaled(T + r * V, A, V, Vp, inv_t);
-      if (m == kNegInf) {  // nothing to draw: -1 marks the row empty
-        for (int64_t c = 0; c < S; ++c) out[c] = -1;
-        continue;
-      }
-      const double z = exp_sum(A, A, Vp, m);
-      int64_t c = 0, last = 0;
-      double run = 0;
-      for (int64_t j = 0; j < V && c < S; ++j) {
-        if (A[j] == 0) continue;
-        run += A[j];
-        last = j;
-        while (c < S && u[c] * z < run) out[c++] = j;
-      }
-      for (; c < S; ++c) out[c] = last;  // u * z at the very top, lost to rounding
-    }
-  });
-}
-
 }  // namespace
 
 void topk_teacher_rows(const TopkArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.logits.scalar_type(),
                                   "fastkd_topk_teacher_rows", [&] { topk_rows<scalar_t>(a); });
-}
-
-void sample_teacher_rows(const SampleArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.logits.scalar_type(),
-                                  "fastkd_sample_teacher_rows", [&] { sample_rows<scalar_t>(a); });
 }
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

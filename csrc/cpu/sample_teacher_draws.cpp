@@ -1,0 +1,33 @@
+// CPU op fastkd::sample_teacher_draws: argument checks, then the kernel for this ISA
+// (sample_teacher_draws_kernel.h).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace fastkd::cpu {
+namespace {
+
+at::Tensor sample_teacher_draws_cpu(const at::Tensor& logits, const at::Tensor& uniforms, double temperature) {
+  check_teacher_logits("sample_teacher_draws", logits, temperature);
+  const int64_t N = logits.size(0);
+  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == N && uniforms.scalar_type() == at::kDouble,
+              "fastkd::sample_teacher_draws: uniforms must be float64 [", N, ", S], got ",
+              uniforms.scalar_type(), " ", uniforms.sizes());
+  SampleArgs a;
+  a.logits = logits.contiguous();
+  a.uniforms = uniforms.contiguous();
+  a.draws = at::empty(uniforms.sizes(), logits.options().dtype(at::kLong));
+  a.temperature = temperature;
+  if (N > 0 && logits.size(1) > 0 && uniforms.size(1) > 0)
+    run_for_isa(&isa_default::sample_teacher_rows, &isa_avx2::sample_teacher_rows,
+                &isa_avx512::sample_teacher_rows, a);
+  else
+    a.draws.fill_(-1);
+  return a.draws;
+}
+
+}  // namespace
+}  // namespace fastkd::cpu
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("sample_teacher_draws", &fastkd::cpu::sample_teacher_draws_cpu); }

@@ -1,0 +1,24 @@
+"""Backend "torch" of the op topk_teacher (fastkd/_schemas.py)."""
+import torch
+
+from ._rows import NEG_INF, chunk_rows, log_normaliser
+
+
+def topk_teacher(logits: torch.Tensor, k: int, temperature: float):
+    """logits [N, V] -> (ids [N, k] largest first, logprobs [N, k] fp32, tail_logmass [N] fp32);
+    the tail is summed over itself in log space (never 1 - sum of the top k)."""
+    n, vocab = logits.shape
+    indices = torch.empty(n, k, dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    tail = torch.empty(n, dtype=torch.float32, device=logits.device)
+    step = chunk_rows(vocab)
+    for r in range(0, n, step):
+        b = logits[r:r + step].float() * (1.0 / temperature)
+        lse = log_normaliser(b)
+        lse = torch.where(lse > NEG_INF, lse, 0.0)  # no finite entry: every log-prob is -inf
+        vals, ids = b.topk(k, dim=-1)
+        indices[r:r + step] = ids
+        logprobs[r:r + step] = (vals.double() - lse).float()
+        rest = b.scatter(-1, ids, NEG_INF)
+        tail[r:r + step] = (log_normaliser(rest) - lse).squeeze(-1).float()
+    return indices, logprobs, tail

@@ -1,0 +1,130 @@
+"""Every op of the dispatch table (fastkd/backends.py) on every available backend, against backend
+"torch", from one table of sample inputs per op (tests/samples.py): values, gradients through
+autograd, torch.library.opcheck and torch.compile(fullgraph=True). A new backend is covered by its
+table entries alone. Triton runs here on CPU tensors in its interpreter (TRITON_INTERPRET=1, set
+by conftest.py when no GPU is visible)."""
+import pytest
+import torch
+
+import fastkd
+from fastkd import backends
+from samples import DTYPES, FLOAT_OPS, SAMPLES
+
+AVAILABLE = fastkd.available_backends()
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def device_of(backend):
+    return "cuda" if backend in GPU_BACKENDS and torch.cuda.is_available() else "cpu"
+
+
+def _to(args, device):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _cases(first_only=False):
+    out = []
+    for op, impls in backends.OPS.items():
+        for backend in impls:
+            if backend == "torch" or backend not in AVAILABLE:
+                continue
+            if backend == "cuda" and not torch.cuda.is_available():
+                continue
+            for dtype in (DTYPES if op in FLOAT_OPS else (None,)):
+                if dtype == torch.float64 and backend in GPU_BACKENDS:
+                    continue  # the GPU kernels take fp32, bf16 and fp16
+                samples = SAMPLES[op](dtype) if dtype else SAMPLES[op]()
+                for name, args in samples[:1] if first_only else samples:
+                    out.append(pytest.param(op, backend, args, id=f"{op}-{backend}-{str(dtype)[6:]}-{name}"))
+                if first_only:
+                    break
+    return out
+
+
+def _op(op, backend):
+    backends.register(backend)
+    return getattr(torch.ops.fastkd, backends.qualname(op, backend))
+
+
+def _tolerance(dtype):
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}[dtype]
+
+
+def _check_row_loss(got, want, student):
+    (loss, grad), (want_loss, want_grad) = got, want
+    assert loss.dtype == want_loss.dtype and grad.dtype == want_grad.dtype and grad.shape == want_grad.shape
+    tol = _tolerance(student.dtype)
+    torch.testing.assert_close(loss.cpu(), want_loss, rtol=tol, atol=tol)
+    if want_grad.numel():
+        gtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[student.dtype]
+        scale = want_grad.double().abs().max().item()
+        torch.testing.assert_close(grad.cpu().double(), want_grad.double(), rtol=gtol, atol=gtol * scale)
+    assert not grad.isnan().any()
+
+
+def _check_topk(got, want, logits):
+    (ids, lp, tail), (want_ids, want_lp, want_tail) = [tuple(x.cpu() for x in r) for r in (got, want)]
+    finite = want_lp > float("-inf")
+    assert torch.equal(lp > float("-inf"), finite) and not lp.isnan().any()
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=4e-6)  # both largest first
+    exact = torch.log_softmax(logits.cpu().double() / 1.0, -1)  # ids must name their values
+    gathered = torch.log_softmax(logits.cpu().double(), -1).gather(-1, ids)
+    want_gathered = exact.gather(-1, want_ids)
+    torch.testing.assert_close(gathered[finite], want_gathered[finite], rtol=0, atol=1e-5)  # ties may swap ids
+    torch.testing.assert_close(tail, want_tail, rtol=0, atol=4e-5)
+
+
+def _check(op, got, want, args):
+    if op in ("dense_kd", "sparse_kd"):
+        _check_row_loss(got, want, args[0])
+    elif op == "topk_teacher":
+        _check_topk(got, want, args[0])
+    elif op == "sample_teacher_draws":
+        assert got.dtype == torch.long and got.shape == want.shape
+        assert (got.cpu() != want).float().mean() <= 0.05  # a draw within rounding of a CDF step may move
+    else:
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("op, backend, args", _cases())
+def test_values(op, backend, args):
+    want = _op(op, "torch")(*args)
+    got = _op(op, backend)(*_to(args, device_of(backend)))
+    _check(op, got, want, args)
+
+
+@pytest.mark.parametrize("op, backend, args", [c for c in _cases() if c.values[0] in ("dense_kd", "sparse_kd")])
+def test_gradients_through_autograd(op, backend, args):
+    """backward of the reduced loss: the kept gradient, scaled by grad_output / grad_scale."""
+    grads = []
+    for b, dev in (("torch", "cpu"), (backend, device_of(backend))):
+        x = args[0].detach().to(dev).requires_grad_(True)
+        loss, _ = _op(op, b)(x, *_to(args[1:], dev))
+        weights = torch.linspace(0.5, 2.0, loss.numel(), device=dev, dtype=loss.dtype)
+        (loss * weights).sum().backward()
+        grads.append(x.grad.cpu())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[args[0].dtype]
+    scale = grads[0].double().abs().amax().item() if grads[0].numel() else 0.0
+    torch.testing.assert_close(grads[1].double(), grads[0].double(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("op, backend, args", _cases(first_only=True))
+def test_opcheck(op, backend, args):
+    args = _to(args, device_of(backend))
+    if op in ("dense_kd", "sparse_kd"):
+        args = (args[0].detach().requires_grad_(True),) + args[1:]
+    torch.library.opcheck(_op(op, backend), args)
+
+
+@pytest.mark.parametrize("op, backend, args", _cases(first_only=True))
+def test_torch_compile_fullgraph(op, backend, args):
+    fn = _op(op, backend)
+    args = _to(args, device_of(backend))
+    compiled = torch.compile(lambda *a: fn(*a), fullgraph=True, backend="aot_eager")
+    _check(op, compiled(*args), _op(op, "torch")(*_to(args, "cpu")), args)
+
+
+def test_every_op_has_a_reference_and_samples():
+    for op, impls in backends.OPS.items():
+        assert impls[0] == "torch" and op in SAMPLES
+        assert hasattr(torch.ops.fastkd, backends.qualname(op, "torch"))
