@@ -71,4 +71,5 @@ for _op, _backends in backends.OPS.items():
         torch.library.register_fake(f"fastkd::{_name}")(FAKES[_op])
         if _op in ROW_LOSS_OPS:
             register_autograd(_name)
-backends.register("torch")
+for _op, _backends in backends.OPS.items():
+    backends.register(_op, "torch")

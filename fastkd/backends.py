@@ -117,24 +117,23 @@ def auto_choice(device_type: str) -> tuple[str, str]:
     return "torch", "; ".join(skipped)
 
 
-_registered: set[str] = set()
+_registered: set[tuple[str, str]] = set()
 
 
-def register(backend: str) -> None:
-    """Register the Python backend `backend`'s functions as its ops (once; imports its modules)."""
-    if backend in _registered or backend in COMPILED:
+def register(op: str, backend: str) -> None:
+    """Register Python backend `backend`'s function for `op` as the op `<op>_<backend>` (once;
+    imports fastkd/<package>/<op>.py on first use, so triton is imported only when used)."""
+    if (op, backend) in _registered or backend in COMPILED:
         return
-    for op, backends in OPS.items():
-        if backend in backends:
-            package, keys = _PYTHON[backend]
-            fn = getattr(importlib.import_module(f"fastkd.{package}.{op}"), op)
-            for key in keys:
-                torch.library.impl(f"fastkd::{qualname(op, backend)}", key)(fn)
-    _registered.add(backend)
+    package, keys = _PYTHON[backend]
+    fn = getattr(importlib.import_module(f"fastkd.{package}.{op}"), op)
+    for key in keys:
+        torch.library.impl(f"fastkd::{qualname(op, backend)}", key)(fn)
+    _registered.add((op, backend))
 
 
 def kernel(op: str, backend: str, device: torch.device):
     """The callable (a torch.ops.fastkd op) that runs `op` on `device` with `backend` ("auto" too)."""
     name = resolve(op, backend, device)
-    register(name)
+    register(op, name)
     return getattr(torch.ops.fastkd, qualname(op, name))

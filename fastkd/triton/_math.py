@@ -1,0 +1,120 @@
+"""The per-element and per-row math of every loss, in Triton: the twin of csrc/kd_math.h (dense
+divergences) and csrc/sparse_math.h (sparse tails), kept line-for-line alike with them and with
+fastkd/_math.py and fastkd/_sparse_math.py. Every kernel of this backend calls these."""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+FORWARD_KL: tl.constexpr = 0
+REVERSE_KL: tl.constexpr = 1
+JSD: tl.constexpr = 2
+SKEW_FORWARD_KL: tl.constexpr = 3
+SKEW_REVERSE_KL: tl.constexpr = 4
+TVD: tl.constexpr = 5
+BUCKET: tl.constexpr = 0
+RENORM_TEACHER: tl.constexpr = 1
+RENORM_BOTH: tl.constexpr = 2
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
+TAIL_CODES = {"bucket": 0, "renorm_teacher": 1, "renorm_both": 2}
+
+
+@triton.jit
+def unless_zero(w, y):
+    """y where w != 0, else 0: the 0 * log 0 = 0 convention."""
+    return tl.where(w == 0, 0.0, y)
+
+
+@triton.jit
+def logaddexp(x, y):
+    """log(exp(x) + exp(y)), -inf when both are -inf."""
+    hi = tl.maximum(x, y)
+    lo = tl.minimum(x, y)
+    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def elem(DIVERGENCE: tl.constexpr, p, q, lp, lq, d, beta, omb, log_beta, log_omb):
+    """(term, u) of kd_math.h's Elem<D>: D = sum term; dD/da_j = u_j - q_j sum u."""
+    if DIVERGENCE == FORWARD_KL:
+        term = unless_zero(p, p * d)
+        u = -p
+    elif DIVERGENCE == REVERSE_KL:
+        term = unless_zero(q, -q * d)
+        u = term
+    elif DIVERGENCE == JSD:
+        lm = logaddexp(log_beta + lp, log_omb + lq)
+        kq = unless_zero(q, q * (lq - lm))
+        term = unless_zero(p, beta * p * (lp - lm)) + omb * kq
+        u = omb * kq
+    elif DIVERGENCE == SKEW_FORWARD_KL:
+        lm = logaddexp(log_beta + lp, log_omb + lq)
+        term = unless_zero(p, p * (lp - lm))
+        u = unless_zero(p, -omb * q * tl.exp(lp - lm))
+    elif DIVERGENCE == SKEW_REVERSE_KL:
+        lm = logaddexp(log_beta + lq, log_omb + lp)
+        term = unless_zero(q, q * (lq - lm))
+        u = unless_zero(q, q * (lq - lm - beta * tl.exp(lq - lm)))
+    else:  # TVD
+        term = 0.5 * tl.abs(p - q)
+        u = 0.5 * q * sign(q - p)
+    return term, u
+
+
+@triton.jit
+def tail_coefficients(TAIL: tl.constexpr, lse_all, lse_in, lse_tail, log_p, tail_lp):
+    """sparse_math.h's tail_coefficients -> (shift, norm, extra, in_scale, in_norm, out_scale, tail_scale)."""
+    zero = lse_all * 0.0
+    if TAIL == BUCKET:
+        r_p = tl.exp(tail_lp)
+        scale = tl.exp(log_p) + r_p  # the teacher's whole stored mass, P + r_p
+        # r_p (log r_p - log r_q); a tail of no student mass is +inf (the exact value)
+        extra = tl.where(r_p > 0, r_p * (tail_lp - (lse_tail - lse_all)), zero)
+        shift, norm, in_scale, in_norm, out_scale, tail_scale = zero, lse_all, scale, lse_all, scale, r_p
+    else:
+        active = log_p > float("-inf")  # no teacher entry: no KD term
+        one = tl.where(active, 1.0, zero)
+        shift = tl.where(active, log_p, zero)  # t = p / P
+        extra = zero
+        tail_scale = zero
+        in_scale = one
+        if TAIL == RENORM_TEACHER:
+            norm, in_norm, out_scale = lse_all, lse_all, one
+        else:  # renorm_both: q^ over I, nothing outside I
+            norm = tl.where(active, lse_in, lse_all)
+            in_norm, out_scale = norm, zero
+    return shift, norm, extra, in_scale, in_norm, out_scale, tail_scale
+
+
+@triton.jit
+def sparse_term(lp, a, shift, norm):
+    """The loss term of each id of I, 0 for a padding entry (lp = -inf)."""
+    lt = lp - shift
+    return tl.where(lp > float("-inf"), tl.exp(lt) * (lt - (a - norm)), 0.0)
+
+
+@triton.jit
+def exp_below(a, norm):
+    """exp(a - norm), 0 where a = -inf (norm may then be -inf too)."""
+    return tl.where(a > float("-inf"), tl.exp(a - norm), 0.0)
+
+
+@triton.jit
+def online_update(m, s, x):
+    """Fold the block x (log2 units; -inf entries allowed) into the running max m and sum of
+    exp2(x - m) s: -> (m', s'), with no NaN while everything is -inf."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_new = s * tl.exp2(m - safe) + tl.sum(tl.exp2(x - safe), 0)
+    return m_new, s_new
+
+
+@triton.jit
+def log2_total(m, s):
+    """log2 of the sum that (m, s) hold: m + log2(s), -inf for an empty one."""
+    return tl.where(m == float("-inf"), m, m + tl.log2(s))

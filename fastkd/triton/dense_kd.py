@@ -1,0 +1,140 @@
+"""Backend "triton" of the op dense_kd (fastkd/_schemas.py): one program per row.
+
+Pass 1 folds the row's blocks into running (max, sum of exp2) pairs for a = s / T and b = t / T
+(log2(e) folded into the scale, fp32 -- fp64 for fp64 logits), and for s at temperature 1 when
+there is a hard-label term. Pass 2 forms p, q and the divergence terms (fastkd/triton/_math.py)
+and sums D and U = sum u. The gradient g = w_kd (u - q U) + w_hard (softmax(s) - onehot) is
+written in the student's dtype: for forward KL in pass 2 itself (U = -sum p = -1), so the inputs
+are read twice; for the other divergences by a pass 3 that needs U first.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _math as host_math
+from . import _config
+from ._math import DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, log2_total, online_update
+
+
+@triton.jit
+def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, kd_loss_w, kd_grad_w,
+                     hard_w, hard_grad_w, ignore_index, beta, omb, log_beta, log_omb,
+                     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+                     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    g_row = G + row * stride_g
+    cols = tl.arange(0, BLOCK)
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(L + row)
+    ninf = float("-inf")
+    m_a = tl.full((), ninf, ACC)
+    s_a = tl.zeros((), ACC)
+    m_b = tl.full((), ninf, ACC)
+    s_b = tl.zeros((), ACC)
+    m_1 = tl.full((), ninf, ACC)
+    s_1 = tl.zeros((), ACC)
+    keep = label != ignore_index
+    if keep:
+        # 1. running max and sum of exp2 for a, b (and s at T = 1)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
+            y = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC)
+            m_a, s_a = online_update(m_a, s_a, x * scale2)
+            m_b, s_b = online_update(m_b, s_b, y * scale2)
+            if HARD:
+                m_1, s_1 = online_update(m_1, s_1, x * LOG2E)
+    lse_a = log2_total(m_a, s_a)  # log2 units
+    lse_b = log2_total(m_b, s_b)
+    live = keep & (m_a > ninf)  # a kept row with a student distribution
+    kd_on = live & (m_b > ninf)  # ... and a teacher distribution
+    dl = tl.where(kd_on, lse_b - lse_a, 0.0)
+    ce = tl.zeros((), ACC)
+    lse_1 = log2_total(m_1, s_1)
+    if HARD:
+        if live:
+            ce = lse_1 * LN2 - tl.load(s_row + label).to(ACC)
+    # 2. the divergence sums (and, for forward KL, the gradient)
+    d_acc = tl.zeros((BLOCK,), ACC)
+    u_acc = tl.zeros((BLOCK,), ACC)
+    if live:
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
+            a2 = x * scale2
+            q = tl.exp2(a2 - lse_a)
+            if kd_on:
+                b2 = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC) * scale2
+                p = tl.exp2(b2 - lse_b)
+                term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2,
+                               ((b2 - a2) - dl) * LN2, beta, omb, log_beta, log_omb)
+                d_acc += tl.where(mask, term, 0.0)
+                u_acc += tl.where(mask, u, 0.0)
+            else:
+                u = tl.zeros((BLOCK,), ACC)
+            if COMPUTE_GRAD:
+                if DIVERGENCE == FORWARD_KL:
+                    g = kd_grad_w * tl.where(kd_on, u + q, 0.0)
+                    if HARD:
+                        g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                    tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+    big_d = tl.sum(d_acc, 0)
+    big_u = tl.sum(u_acc, 0)
+    tl.store(LOSS + row, tl.where(live, kd_loss_w * big_d + hard_w * ce, 0.0))
+    # 3. the gradient, for the divergences whose U is only known now
+    if COMPUTE_GRAD:
+        if (DIVERGENCE != FORWARD_KL) | (not live):
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                mask = offs < V
+                g = tl.zeros((BLOCK,), ACC)
+                if live:
+                    x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
+                    a2 = x * scale2
+                    q = tl.exp2(a2 - lse_a)
+                    if kd_on:
+                        b2 = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC) * scale2
+                        p = tl.exp2(b2 - lse_b)
+                        term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2,
+                                       ((b2 - a2) - dl) * LN2, beta, omb, log_beta, log_omb)
+                        g = kd_grad_w * (u - q * big_u)
+                    if HARD:
+                        g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+
+
+_tuned = _config.autotuned(_dense_kd_kernel)
+
+
+def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
+             scale_by_t2, grad_scale, compute_grad):
+    """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_schemas.py."""
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"unknown divergence={divergence!r}; expected one of {tuple(DIVERGENCE_CODES)}")
+    n, vocab = student.shape
+    acc = host_math.acc_dtype(student.dtype)
+    s = student if student.stride(-1) == 1 else student.contiguous()
+    t = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    loss = torch.empty(n, dtype=acc, device=student.device)
+    grad = torch.empty_like(s, memory_format=torch.contiguous_format) if compute_grad else student.new_empty(0)
+    if n == 0 or vocab == 0:
+        return loss.zero_(), grad.zero_() if compute_grad else grad
+    w = host_math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
+    args = dict(S=s, T=t, L=labels if labels is not None else s, LOSS=loss, G=grad if compute_grad else s,
+                V=vocab, stride_s=s.stride(0), stride_t=t.stride(0), stride_g=vocab,
+                scale2=math.log2(math.e) / temperature, kd_loss_w=w.kd_loss, kd_grad_w=w.kd_grad,
+                hard_w=w.hard, hard_grad_w=w.hard_grad, ignore_index=ignore_index, beta=beta,
+                omb=1.0 - beta, log_beta=math.log(beta) if beta > 0 else -math.inf,
+                log_omb=math.log1p(-beta) if beta < 1 else -math.inf,
+                DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None,
+                HARD=hard_weight > 0, COMPUTE_GRAD=compute_grad,
+                ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    _config.launch(_dense_kd_kernel, _tuned, (n,), args, vocab, student.dtype)
+    return loss, grad
