@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch (on this kind of machine it is read from local disk, no download).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: all venv build test test-fast demo bench info clean
+.PHONY: all venv build test test-fast demo bench info gpu-check clean
 
 all: test
 
@@ -39,6 +39,16 @@ bench: build
 
 info: build
 	$(PY) -m fastkd info
+
+# On a machine with a CUDA GPU and its own torch + triton (no venv: the CPU torch above cannot
+# see it): build in place, run the whole suite (the GPU backends on CUDA tensors), then the GPU
+# benchmark, which writes benchmarks/results/gpu-<device>.md.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device')"
+	$(GPU_PY) setup.py -q build_ext --inplace
+	$(GPU_PY) -m pytest -q -p no:cacheprovider tests
+	$(GPU_PY) benchmarks/gpu_bench.py --output benchmarks/results/gpu-$$($(GPU_PY) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))").md
 
 clean:
 	rm -rf build *.egg-info fastkd/*.so csrc/build_info.h .pytest_cache .benchmarks

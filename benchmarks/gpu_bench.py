@@ -1,0 +1,174 @@
+"""GPU benchmark: fastkd's GPU backends against naive PyTorch, torch.compile and Liger-Kernel.
+
+    python benchmarks/gpu_bench.py --output benchmarks/results/gpu-<device>.md   (make gpu-check runs it)
+
+For each dtype (bf16, fp32), BT in {1024, 8192} and V in {32000, 128256, 256000}: fwd+bwd time of
+forward KL at T = 2 (median of CUDA-event timings after warm-up), peak memory growth over the
+inputs (torch.cuda.max_memory_allocated, in units of the gradient's size), the bytes the fused
+kernel must move (two reads of student and teacher and one write of the gradient for dense; two
+reads of the student and one write for sparse) and the fraction of the device's copy bandwidth
+that achieves (measured here: a device-to-device copy, bytes read plus written). Rows: fastkd on
+every available GPU backend, the naive loss eager and compiled, Liger's KL and JSD (each with the
+log-softmax it needs) when liger_kernel imports; sparse (k = 64) and topk_teacher against
+torch.topk + logsumexp.
+"""
+import argparse
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fastkd
+
+TEMPERATURE = 2.0
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def time_ms(fn, warmup=3, repeats=10):
+    """Median milliseconds of fn() over `repeats` CUDA-event timings after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, repeats=20)
+    return 2 * src.nbytes / (ms * 1e-3)
+
+
+def naive(s, t):
+    lq = F.log_softmax(s.float() / TEMPERATURE, -1)
+    lp = F.log_softmax(t.float() / TEMPERATURE, -1)
+    return F.kl_div(lq, lp, log_target=True, reduction="batchmean") * TEMPERATURE**2
+
+
+def dense_impls():
+    impls = {f"fastkd-{b}": (lambda b: lambda s, t: fastkd.kd_loss(s, t, temperature=TEMPERATURE, backend=b))(b)
+             for b in fastkd.available_backends() if b in ("triton", "cuda")}
+    impls["eager"] = naive
+    impls["compiled"] = torch.compile(naive, dynamic=False)
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+
+        kl, jsd = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerJSD(beta=0.5)
+        impls["liger-kl"] = lambda s, t: kl(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1)) * TEMPERATURE**2
+        impls["liger-jsd"] = lambda s, t: jsd(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1))
+    except ImportError as e:
+        print(f"liger_kernel not importable ({e}): no Liger rows", file=sys.stderr)
+    return impls
+
+
+def step(loss_fn, s, t):
+    x = s.detach().requires_grad_(True)
+
+    def run():
+        x.grad = None
+        loss_fn(x, t).backward()
+
+    return run
+
+
+def measure(run, grad_bytes):
+    try:
+        ms = time_ms(run)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return ms, (torch.cuda.max_memory_allocated() - base) / grad_bytes
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=None, help="write the markdown table here")
+    parser.add_argument("--bt", default="1024,8192")
+    parser.add_argument("--vocab", default="32000,128256,256000")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_bench.py needs a CUDA device")
+    bw = copy_bandwidth()
+    name = torch.cuda.get_device_name()
+    lines = [f"# GPU benchmark: {name}", "",
+             f"torch {torch.__version__}, fastkd {fastkd.__version__}, backends {fastkd.available_backends()}; "
+             f"measured copy bandwidth {bw / 1e12:.2f} TB/s (device-to-device, read + write). "
+             f"Forward KL, T = {TEMPERATURE}, fwd+bwd, median of 10 after 3 warm-up calls. "
+             "'x grad' is peak memory growth over the inputs in units of the gradient; "
+             "'% copy BW' is the bytes the fused kernel must move over the time, against the copy bandwidth.",
+             "", "| op | dtype | BT | V | impl | ms | x grad | GB moved | % copy BW |", "|" + "---|" * 9]
+    dense = dense_impls()
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        for bt in map(int, args.bt.split(",")):
+            for vocab in map(int, args.vocab.split(",")):
+                g = torch.Generator(device="cuda").manual_seed(0)
+                try:
+                    s = (torch.randn(bt, vocab, device="cuda", generator=g) * 2).to(dtype)
+                    t = (torch.randn(bt, vocab, device="cuda", generator=g) * 2).to(dtype)
+                except torch.cuda.OutOfMemoryError:
+                    continue
+                es, grad_bytes = s.element_size(), s.numel() * s.element_size()
+                moved = 5 * s.numel() * es  # dense: 2 reads of s and t, 1 write of grad
+                for impl, fn in dense.items():
+                    ms, peak = measure(step(fn, s, t), grad_bytes)
+                    lines.append(_row("dense", dname, bt, vocab, impl, ms, peak, moved, bw))
+                teacher = fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE)
+                for b in [b for b in fastkd.available_backends() if b in ("triton", "cuda")]:
+                    fn = (lambda b: lambda x, _t: fastkd.sparse_kd_loss(x, teacher, backend=b))(b)
+                    ms, peak = measure(step(fn, s, t), grad_bytes)
+                    lines.append(_row("sparse k=64", dname, bt, vocab, f"fastkd-{b}", ms, peak, 3 * s.numel() * es, bw))
+                    ms = _try(lambda: time_ms(lambda: fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE, backend=b)))
+                    lines.append(_row("topk_teacher k=64", dname, bt, vocab, f"fastkd-{b}", ms, None, 2 * s.numel() * es, bw))
+                ms = _try(lambda: time_ms(lambda: _torch_topk(t)))
+                lines.append(_row("topk_teacher k=64", dname, bt, vocab, "torch.topk+logsumexp", ms, None, 2 * s.numel() * es, bw))
+                print(lines[-1], flush=True)
+                del s, t, teacher
+                torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
+def _torch_topk(t):
+    b = t.float() / TEMPERATURE
+    vals, ids = b.topk(64, -1)
+    return ids, vals - b.logsumexp(-1, keepdim=True)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def _row(op, dtype, bt, vocab, impl, ms, peak, moved, bw):
+    if ms is None:
+        return f"| {op} | {dtype} | {bt} | {vocab} | {impl} | OOM | - | - | - |"
+    frac = moved / (ms * 1e-3) / bw
+    return (f"| {op} | {dtype} | {bt} | {vocab} | {impl} | {ms:.3f} | "
+            f"{'-' if peak is None else f'{peak:.2f}'} | {moved / 1e9:.2f} | {100 * frac:.0f}% |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
