@@ -35,6 +35,12 @@ def make_backward(op):
     def backward(ctx, grad_loss, _grad_grad):
         if grad_loss is None:  # the loss did not reach the output: no gradient, nothing consumed
             return (None,) * ctx.n_inputs
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "fastkd's fused losses do not support double backward (create_graph=True, e.g. a "
+                "gradient penalty through the KD loss): their gradient is computed in the forward "
+                "pass and has no graph of its own, so its own gradient would silently be missing. "
+                "Differentiate the KD loss once (create_graph=False).")
         grad, ctx.kept = ctx.kept, None
         inputs = _inputs(ctx)
         if grad is None or grad.shape != inputs[0].shape:
@@ -42,15 +48,19 @@ def make_backward(op):
             # compute_grad=False: compute the gradient now.
             grad = op(*inputs[:-1], True)[1]
         done = (None,) * (ctx.n_inputs - 1)
-        grad_scale = inputs[-2]
+        grad_scale, dtype = inputs[-2], inputs[0].dtype
+        # The factor is applied in the kept gradient's dtype (fp32 for fp16 logits), then the
+        # result is cast once (a no-op when the dtypes agree): GradScaler's 2^16 and the 1/N of
+        # "mean" never meet fp16's range on the way.
+        factor = (grad_loss / grad_scale).unsqueeze(-1).to(grad.dtype)
         # Eager: scale in place and hand the buffer on. Traced (torch.compile / AOTAutograd see
         # fake or functional tensor subclasses): a graph may not mutate a forward output, so
         # scale out of place and let the compiler plan the buffers.
         if type(grad) is not torch.Tensor or type(grad_loss) is not torch.Tensor:
-            return (grad * (grad_loss / grad_scale).unsqueeze(-1).to(grad.dtype),) + done
+            return ((grad * factor).to(dtype),) + done
         if grad_loss.device.type == "cpu" and bool((grad_loss == grad_scale).all()):
-            return (grad,) + done  # already scaled by the kernel (a CPU read, no device sync)
-        return (grad.mul_((grad_loss / grad_scale).unsqueeze(-1).to(grad.dtype)),) + done
+            return (grad.to(dtype),) + done  # already scaled by the kernel (a CPU read, no device sync)
+        return (grad.mul_(factor).to(dtype),) + done
 
     return backward
 

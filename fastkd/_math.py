@@ -21,9 +21,15 @@ def _unless_zero(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(w == 0, torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
-def _log_mix(log_a: float, lx, log_b: float, ly):
-    """log(a e^lx + b e^ly) in log space: exact where the linear mixture would underflow."""
-    return torch.logaddexp(lx + log_a, ly + log_b)
+def mix_log_ratios(d, w: float, log_w: float, log_omw: float):
+    """(log x/m, log y/m) for m = w x + (1 - w) y, from d = log x - log y (kd_math.h): the log1p /
+    expm1 forms where |d| < 1 (exact near d = 0, where the naive difference cancels), the
+    log-sum-exp forms elsewhere and for infinite d."""
+    near = d.abs() < 1
+    lw, lomw = torch.full_like(d, log_w), torch.full_like(d, log_omw)
+    lx_m = torch.where(near, -torch.log1p((1 - w) * torch.expm1(-d)), -torch.logaddexp(lw, lomw - d))
+    ly_m = torch.where(near, -torch.log1p(w * torch.expm1(d)), -torch.logaddexp(lw + d, lomw))
+    return lx_m, ly_m
 
 
 def elem(divergence: str, p, q, lp, lq, d, beta: float):
@@ -36,18 +42,34 @@ def elem(divergence: str, p, q, lp, lq, d, beta: float):
         return term, term
     log_b, log_1mb = (math.log(beta) if beta > 0 else -math.inf), math.log1p(-beta)
     if divergence == "jsd":
-        lm = _log_mix(log_b, lp, log_1mb, lq)
-        kq = _unless_zero(q, q * (lq - lm))
-        return _unless_zero(p, beta * p * (lp - lm)) + (1 - beta) * kq, (1 - beta) * kq
+        lp_m, lq_m = mix_log_ratios(d, beta, log_b, log_1mb)
+        kq = _unless_zero(q, q * lq_m)
+        return _unless_zero(p, beta * p * lp_m) + (1 - beta) * kq, (1 - beta) * kq
     if divergence == "skew_forward_kl":
-        lm = _log_mix(log_b, lp, log_1mb, lq)
-        return _unless_zero(p, p * (lp - lm)), _unless_zero(p, -(1 - beta) * q * (lp - lm).exp())
+        lp_m, _ = mix_log_ratios(d, beta, log_b, log_1mb)
+        return _unless_zero(p, p * lp_m), _unless_zero(p, -(1 - beta) * q * lp_m.exp())
     if divergence == "skew_reverse_kl":
-        lm = _log_mix(log_b, lq, log_1mb, lp)
-        return _unless_zero(q, q * (lq - lm)), _unless_zero(q, q * (lq - lm - beta * (lq - lm).exp()))
+        lq_m, _ = mix_log_ratios(-d, beta, log_b, log_1mb)
+        return _unless_zero(q, q * lq_m), _unless_zero(q, q * (lq_m - beta * lq_m.exp()))
     if divergence == "tvd":
-        return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p)
+        diff = torch.where(d.abs() < 1, q * torch.expm1(d), p - q)  # p - q, exact near d = 0
+        return 0.5 * diff.abs(), 0.5 * q * torch.sign(-diff)
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+
+
+CLOSE_ROW = 1.0  # kd_math.h's kCloseRow
+
+
+def lse_shift(a, b, q, la, lb):
+    """dL = lse(b) - lse(a) per row ([n, 1] float64), kd_math.h's rule: for a close row (every
+    entry with b > -inf has |b - a| < CLOSE_ROW) log1p(sum_j q_j expm1(b_j - a_j)), exact to
+    rounding, else lb - la."""
+    support = b > float("-inf")
+    delta = (b - a).double()
+    close = ~(support & (delta.abs() >= CLOSE_ROW)).any(-1, keepdim=True)
+    terms = torch.where(support, q.double() * torch.expm1(delta.clamp(-CLOSE_ROW, CLOSE_ROW)), -q.double())
+    r = torch.where(q > 0, terms, 0.0).sum(-1, keepdim=True)
+    return torch.where(close, torch.log1p(r), lb - la)
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,13 @@ def row_weights(temperature: float, hard_weight: float, scale_by_t2: bool, grad_
     """grad_scale: the reduction's weight of each row, folded into the gradient (kd_math.h)."""
     kd = (1.0 - hard_weight) * (temperature * temperature if scale_by_t2 else 1.0)
     return RowWeights(kd, grad_scale * kd / temperature, hard_weight, grad_scale * hard_weight)
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a fused op's kept gradient for logits of `dtype`: the logits' own, but fp32 for
+    fp16, whose range cannot hold the gradient with the reduction's 1/N folded in (nor GradScaler's
+    factor of 2^16 and more); backward applies the whole scale in fp32, then casts once."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

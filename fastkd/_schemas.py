@@ -9,13 +9,13 @@ import torch
 
 from . import backends
 from ._autograd import register_autograd
-from ._math import acc_dtype
+from ._math import acc_dtype, grad_dtype
 
 SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
     # int64 or None. Returns (loss [N] fp32 (fp64 for fp64 input), grad [N, V] in the student's
-    # dtype -- grad_scale * d loss[i] / d student[i] -- or an empty tensor when compute_grad is
-    # false). grad_scale is the reduction's weight (1 / kept rows for "mean"), applied in the
+    # dtype (fp32 for fp16: _math.grad_dtype) -- grad_scale * d loss[i] / d student[i] -- or an
+    # empty tensor when compute_grad is false). grad_scale is the reduction's weight (1 / kept rows for "mean"), applied in the
     # kernel so that a plain loss.backward() has nothing left to scale.
     "dense_kd": "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float temperature, "
                 "float beta, int ignore_index, float hard_weight, bool scale_by_t2, float grad_scale, "
@@ -45,7 +45,7 @@ SCHEMAS = {
 def _row_loss_fake(student, *args):
     """dense_kd and sparse_kd: (loss [N], grad [N, V] or empty); compute_grad is the last argument."""
     loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
-    return loss, (torch.empty_like(student) if args[-1] else student.new_empty(0))
+    return loss, (torch.empty_like(student, dtype=grad_dtype(student.dtype)) if args[-1] else student.new_empty(0))
 
 
 def _topk_fake(logits, k, temperature):

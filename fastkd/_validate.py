@@ -18,9 +18,21 @@ def check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
 
 
+def check_not_transformed(x: torch.Tensor) -> None:
+    """The fused losses cannot run under torch.func transforms (grad, vmap, jacrev, ...): their
+    gradient is computed in the forward pass, with no graph of its own. Say so, instead of the
+    internal error torch.func would raise."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        raise NotImplementedError(
+            "fastkd's fused losses do not support torch.func transforms (torch.func.grad, vmap, "
+            "jacrev, ...): their gradient is computed in the forward pass and has no graph of its "
+            "own. Use loss.backward() or torch.autograd.grad.")
+
+
 def check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
     """Both logits tensors: one dtype, one device, one shape, the vocabulary last."""
     check_logits(student_name, student)
+    check_not_transformed(student)
     check_logits(teacher_name, teacher)
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(

@@ -63,6 +63,7 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
     Other options as in fastkd.kd_loss. Returns a float32 loss in nats (float64 for fp64 logits).
     """
     _validate.check_logits("student_logits", student_logits)
+    _validate.check_not_transformed(student_logits)
     if divergence != "forward_kl":
         raise ValueError(f"divergence={divergence!r}: a sparse teacher supports only 'forward_kl' "
                          "(the other divergences need the teacher's full distribution)")

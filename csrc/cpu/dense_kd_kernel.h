@@ -50,7 +50,7 @@ void dense_rows(const DenseArgs& a) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* s = p.S + r * p.V;
       const scalar_t* t = T + r * p.V;
-      scalar_t* g = p.G ? p.G + r * p.V : nullptr;
+      auto* g = p.G ? p.G + r * p.V : nullptr;
       int64_t label;
       if (!kept_row(p.L, r, p.V, a.ignore_index, p.loss, g, &label)) continue;
       // 1. load, scale, max
@@ -60,36 +60,60 @@ void dense_rows(const DenseArgs& a) {
         zero_row(p.loss, r, g, p.V);
         continue;
       }
+      if (std::isnan(ma) || std::isnan(mb) || ma == -kNegInf || mb == -kNegInf) {
+        nan_row(p.loss, r, g, p.V);  // a NaN or +inf logit (the maxima carry both): a NaN row
+        continue;
+      }
       // 2. exp + sum (student always, teacher when it has a finite logit)
       const double Sa = exp_sum(A, Q, p.Vp, ma);
+      const double Sb = mb != kNegInf ? exp_sum(B, P, p.Vp, mb) : 0.0;
       const Vec iSa(static_cast<acc_t>(1.0 / Sa));
       acc_t div = 0, U = 0;
       if (mb != kNegInf) {
-        const double Sb = exp_sum(B, P, p.Vp, mb);
         const double la = double(ma) + std::log(Sa), lb = double(mb) + std::log(Sb);
-        const Vec LA(static_cast<acc_t>(la)), LB(static_cast<acc_t>(lb));
         const Vec iSb(static_cast<acc_t>(1.0 / Sb));
-        const Vec dL(static_cast<acc_t>(lb - la));
+        // 3a. q, and dL: log1p(R) for a close row (kd_math.h's close_row rule), else lb - la
+        const Vec ninf(kNegInf);
+        const Vec lim = Vec(static_cast<acc_t>(kCloseRow));
+        double r_sum = 0;
+        Vec far(0);  // lanes of the teacher's support with |b - a| >= kCloseRow
+        for (int64_t j0 = 0; j0 < p.Vp; j0 += kBlock * Vec::size()) {
+          const int64_t j1 = std::min(p.Vp, j0 + kBlock * Vec::size());
+          Vec rv(0);
+          for (int64_t j = j0; j < j1; j += Vec::size()) {
+            const Vec q = Vec::loadu(Q + j) * iSa;
+            q.store(Q + j);
+            const Vec b = Vec::loadu(B + j), delta = b - Vec::loadu(A + j);
+            const Vec support = b != ninf;
+            far = far | (support & (delta.abs() >= lim));
+            const Vec em1 = expm1_near<Vec, std::is_same_v<acc_t, double> ? 17 : 10>(
+                at::vec::clamp(delta, Vec(0) - lim, lim));
+            rv = rv + Vec::blendv(Vec(0), Vec::blendv(Vec(0) - q, q * em1, support), q != Vec(0));
+          }
+          r_sum += reduce_sum(rv);
+        }
+        const bool close = reduce_max(far) == acc_t(0);
+        const Vec dL(static_cast<acc_t>(close ? std::log1p(r_sum) : lb - la));
+        const Vec LA(static_cast<acc_t>(la)), LB(static_cast<acc_t>(lb));
         // 3. divergence terms (summed like exp_sum: fp32 in blocks, double across)
         double div_sum = 0, u_sum = 0;
         for (int64_t j0 = 0; j0 < p.Vp; j0 += kBlock * Vec::size()) {
           const int64_t j1 = std::min(p.Vp, j0 + kBlock * Vec::size());
           Vec dv(0), uv(0);
           for (int64_t j = j0; j < j1; j += Vec::size()) {
-            const Vec q = Vec::loadu(Q + j) * iSa;
+            const Vec q = Vec::loadu(Q + j);
             const Vec p = Vec::loadu(P + j) * iSb;
             const Vec a = Vec::loadu(A + j), b = Vec::loadu(B + j);
             Vec term, u;
             Elem<D>::template eval<Ops>(p, q, b - LB, a - LA, (b - a) - dL, mix, term, u);
             dv = dv + term;
             uv = uv + u;
-            q.store(Q + j);
             u.store(P + j);
           }
           div_sum += reduce_sum(dv);
           u_sum += reduce_sum(uv);
         }
-        div = static_cast<acc_t>(div_sum);
+        div = static_cast<acc_t>(std::max(div_sum, 0.0));  // a divergence is >= 0; rounding may dip below
         U = static_cast<acc_t>(u_sum);
       } else {  // no finite teacher logit: no KD term for this row
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) (Vec::loadu(Q + j) * iSa).store(Q + j);

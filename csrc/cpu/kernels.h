@@ -18,7 +18,7 @@ namespace fastkd::cpu {
 // What every row-loss op (dense_kd, sparse_kd) takes and returns, validated by prepare_row_loss.
 // student: [N, V] contiguous; labels: [N] int64 or undefined. Outputs: loss [N] (float, or double
 // for double inputs) and, when compute_grad, grad [N, V] in the student's dtype (zero at ignored
-// rows), scaled by grad_scale.
+// rows), scaled by grad_scale; float for a Half student (fastkd/_math.py grad_dtype).
 struct RowLossArgs {
   at::Tensor student, labels;
   at::Tensor loss, grad;
@@ -63,10 +63,10 @@ inline const char* isa_name(Isa isa) {
   return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "default";
 }
 
-// An uninitialised tensor like `like`, whose pages the kernel will fault in as 2 MiB transparent
+// An uninitialised contiguous tensor of `like`'s shape in `dtype`, whose pages the kernel will fault in as 2 MiB transparent
 // huge pages where Linux allows it: first-touching a fresh [N, V] gradient in 4 KiB pages costs
 // more than computing it (about 40 ms vs 8 ms for 131 MB here).
-at::Tensor empty_hugepage_like(const at::Tensor& like);
+at::Tensor empty_hugepage_like(const at::Tensor& like, at::ScalarType dtype);
 
 // One call of the sparse-teacher KD op: indices [N, k] int64; logprobs [N, k] float (-inf:
 // padding); tail_logmass [N] float; tail: sparse_math.h.

@@ -9,8 +9,8 @@
 
 namespace fastkd::cpu {
 
-at::Tensor empty_hugepage_like(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+at::Tensor empty_hugepage_like(const at::Tensor& like, at::ScalarType dtype) {
+  at::Tensor out = at::empty(like.sizes(), like.options().dtype(dtype));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
@@ -44,7 +44,9 @@ void prepare_row_loss(RowLossArgs& a, const char* op, const at::Tensor& student,
   a.student = student.contiguous();
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.loss = at::empty({N}, student.options().dtype(acc));
-  a.grad = compute_grad ? empty_hugepage_like(a.student) : at::empty({0}, student.options());
+  // the kept gradient: the student's dtype, float for Half (fastkd/_math.py grad_dtype)
+  const auto grad_type = student.scalar_type() == at::kHalf ? at::kFloat : student.scalar_type();
+  a.grad = compute_grad ? empty_hugepage_like(a.student, grad_type) : at::empty({0}, student.options());
   a.temperature = temperature;
   a.hard_weight = hard_weight;
   a.grad_scale = grad_scale;

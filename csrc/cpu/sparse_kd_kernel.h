@@ -46,7 +46,7 @@ void sparse_rows(const SparseArgs& a) {
       const scalar_t* s = p.S + r * p.V;
       const int64_t* idx = IDX + r * K;
       const float* lp = LP + r * K;
-      scalar_t* g = p.G ? p.G + r * p.V : nullptr;
+      auto* g = p.G ? p.G + r * p.V : nullptr;
       int64_t label;
       if (!kept_row(p.L, r, p.V, a.ignore_index, p.loss, g, &label)) continue;
       for (int64_t c = 0; c < K; ++c) {
@@ -56,6 +56,12 @@ void sparse_rows(const SparseArgs& a) {
       const acc_t ma = load_scaled(s, A, p.V, p.Vp, p.inv_t);
       if (ma == kNegInf) {  // no finite student logit: the row is empty
         zero_row(p.loss, r, g, p.V);
+        continue;
+      }
+      bool bad = std::isnan(ma) || ma == -kNegInf || std::isnan(TAIL[r]);  // NaN or +inf: a NaN row
+      for (int64_t c = 0; c < K; ++c) bad = bad || std::isnan(lp[c]);
+      if (bad) {
+        nan_row(p.loss, r, g, p.V);
         continue;
       }
       // 2. mask the ids; the tail's maximum is the row's unless the row's maximum lies in I
@@ -90,6 +96,7 @@ void sparse_rows(const SparseArgs& a) {
       const TailCoef co = tail_coefficients(a.tail, stats);
       double kd = co.extra;
       for (int64_t c = 0; c < K; ++c) kd += sparse_term(lp[c], lp[c] == -INFINITY ? 0.0 : saved.data[c], co);
+      kd = std::max(kd, 0.0);  // a divergence is >= 0; rounding may dip below
       // 3. gradient
       acc_t ce = 0, i_s1 = 0;
       if (p.hard) ce = hard_label_ce(s, B, p.V, p.Vp, label, &i_s1);

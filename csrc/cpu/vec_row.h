@@ -31,6 +31,10 @@ struct VecOps {
   static Vec sign(Vec x) {
     return Vec::blendv(Vec::blendv(Vec(0), Vec(1), x > Vec(0)), Vec(-1), x < Vec(0));
   }
+  static Vec expm1(Vec x) { return x.expm1(); }
+  static Vec log1p(Vec x) { return x.log1p(); }
+  static Vec near_zero(Vec x) { return x.abs() < Vec(1); }  // a lane mask
+  static Vec select(Vec mask, Vec a, Vec b) { return Vec::blendv(b, a, mask); }
   static Vec logaddexp(Vec x, Vec y) {
     const Vec hi = at::vec::maximum(x, y);
     const Vec lo = at::vec::minimum(x, y);
@@ -55,11 +59,13 @@ struct Scratch {
 template <typename scalar_t>
 struct RowLoss {
   using acc_t = at::opmath_type<scalar_t>;
+  // The kept gradient's type: the logits', but float for Half (fastkd/_math.py grad_dtype).
+  using grad_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
   int64_t N, V, Vp;
   const scalar_t* S;
   const int64_t* L;
   acc_t* loss;
-  scalar_t* G;
+  grad_t* G;
   RowWeights w;
   acc_t inv_t;
   bool hard;
@@ -72,7 +78,7 @@ struct RowLoss {
         S(a.student.const_data_ptr<scalar_t>()),
         L(a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr),
         loss(a.loss.mutable_data_ptr<acc_t>()),
-        G(a.compute_grad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr),
+        G(a.compute_grad ? a.grad.mutable_data_ptr<grad_t>() : nullptr),
         w(row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale)),
         inv_t(acc_t(1.0 / a.temperature)),
         hard(a.hard_weight > 0) {}
@@ -163,6 +169,14 @@ template <typename scalar_t, typename acc_t>
 void zero_row(acc_t* loss, int64_t r, scalar_t* g, int64_t V) {
   loss[r] = 0;
   if (g) std::fill(g, g + V, scalar_t(0));
+}
+
+// A row that has a NaN (or +inf) among the values it reads: loss NaN and, when there is one, an
+// all-NaN gradient row (docs/math.md, "NaN is never hidden").
+template <typename scalar_t, typename acc_t>
+void nan_row(acc_t* loss, int64_t r, scalar_t* g, int64_t V) {
+  loss[r] = std::numeric_limits<acc_t>::quiet_NaN();
+  if (g) std::fill(g, g + V, scalar_t(std::numeric_limits<float>::quiet_NaN()));
 }
 
 // The label of row r (-1 without labels), after checking it; returns false for an ignored row,

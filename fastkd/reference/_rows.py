@@ -42,11 +42,20 @@ def log_normaliser(x: torch.Tensor) -> torch.Tensor:
     return safe.double() + (x - safe).exp().sum(-1, keepdim=True, dtype=torch.float64).log()
 
 
-def finish_rows(s, s_ok, labels, ignore_index, w, loss, grad):
+def not_a_number(x: torch.Tensor) -> torch.Tensor:
+    """[n] mask of the rows of x that hold a NaN or +inf (docs/math.md: such a row is NaN)."""
+    m = x.amax(-1)
+    return m.isnan() | (m == float("inf"))
+
+
+def finish_rows(s, s_ok, labels, ignore_index, w, loss, grad, poisoned=None):
     """Add the hard-label CE term (temperature 1) to a chunk's KD loss [n] and gradient [n, V]
-    (or None), then zero the rows that are ignored or have no finite student logit."""
+    (or None), zero the rows that are ignored or have no finite student logit, and make NaN the
+    kept rows that read a NaN or +inf (`poisoned` [n], besides the student's own)."""
     acc = loss.dtype
     zero = torch.zeros((), dtype=acc, device=s.device)
+    poisoned = not_a_number(s) if poisoned is None else poisoned | not_a_number(s)
+    s_ok = s_ok | poisoned
     keep = s_ok
     if labels is not None:
         keep = keep & (labels != ignore_index)
@@ -58,9 +67,10 @@ def finish_rows(s, s_ok, labels, ignore_index, w, loss, grad):
             if grad is not None:
                 grad = grad + w.hard_grad * q1
                 grad.scatter_add_(-1, safe, torch.full_like(safe, -w.hard_grad, dtype=acc))
-    loss = torch.where(keep, loss, zero)
+    nan = torch.full((), float("nan"), dtype=acc, device=s.device)
+    loss = torch.where(keep, torch.where(poisoned, nan, loss), zero)
     if grad is not None:
-        grad = torch.where(keep.unsqueeze(-1), grad, zero)
+        grad = torch.where(keep.unsqueeze(-1), torch.where(poisoned.unsqueeze(-1), nan, grad), zero)
     return loss, grad
 
 
@@ -69,7 +79,7 @@ def chunked_rows(student, labels, compute_grad, chunk):
     `student` [N, V]; returns the op's (loss [N], grad [N, V] or an empty tensor)."""
     n, vocab = student.shape
     loss = student.new_empty(n, dtype=_math.acc_dtype(student.dtype))
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    grad = torch.empty_like(student, dtype=_math.grad_dtype(student.dtype)) if compute_grad else student.new_empty(0)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)

@@ -3,7 +3,7 @@ other backend is tested against. The math is fastkd/_math.py, the same as the ke
 import torch
 
 from .. import _math
-from ._rows import chunked_rows, finish_rows, finite_rows, softmax_parts
+from ._rows import chunked_rows, finish_rows, finite_rows, not_a_number, softmax_parts
 
 
 def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, compute_grad):
@@ -15,15 +15,15 @@ def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, c
     q, la = softmax_parts(a)
     p, lb = softmax_parts(b)
     lq, lp = a - la.to(acc), b - lb.to(acc)
-    term, u = _math.elem(divergence, p, q, lp, lq, (b - a) - (lb - la).to(acc), beta)
+    term, u = _math.elem(divergence, p, q, lp, lq, (b - a) - _math.lse_shift(a, b, q, la, lb).to(acc), beta)
     kd_ok = (s_ok & t_ok).unsqueeze(-1)
     zero = torch.zeros((), dtype=acc, device=s.device)
-    loss = w.kd_loss * torch.where(kd_ok, term, zero).sum(-1, dtype=torch.float64).to(acc)
+    loss = w.kd_loss * torch.where(kd_ok, term, zero).sum(-1, dtype=torch.float64).clamp_min(0).to(acc)
     grad = None
     if compute_grad:
         big_u = u.sum(-1, keepdim=True, dtype=torch.float64).to(acc)
         grad = torch.where(kd_ok, w.kd_grad * (u - q * big_u), zero)
-    return finish_rows(s, s_ok, labels, ignore_index, w, loss, grad)
+    return finish_rows(s, s_ok, labels, ignore_index, w, loss, grad, poisoned=not_a_number(t))
 
 
 def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index,

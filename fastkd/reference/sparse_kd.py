@@ -26,7 +26,7 @@ def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, 
     c = _sparse_math.tail_coefficients(
         tail, torch.logaddexp(lse_in, lse_tail), lse_in, lse_tail,
         log_normaliser(torch.where(known, lp.double(), NEG_INF)), tail_lp.double().unsqueeze(-1))
-    kd = _sparse_math.sparse_term(lp.double(), a_i, c).sum(-1) + c.extra.squeeze(-1)
+    kd = (_sparse_math.sparse_term(lp.double(), a_i, c).sum(-1) + c.extra.squeeze(-1)).clamp_min(0)
     grad = None
     if compute_grad:
         lse_all = torch.logaddexp(lse_in, lse_tail)
@@ -35,7 +35,8 @@ def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, 
         target = torch.where(known, (lp.double() - c.shift).exp(), 0.0)
         grad = torch.where(in_i, inside, outside).scatter_add_(-1, idx, -target)
         grad = (w.kd_grad * grad).to(acc)
-    return finish_rows(s, s_ok, labels, ignore_index, w, w.kd_loss * kd.to(acc), grad)
+    poisoned = lp.isnan().any(-1) | tail_lp.isnan()
+    return finish_rows(s, s_ok, labels, ignore_index, w, w.kd_loss * kd.to(acc), grad, poisoned)
 
 
 def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,

@@ -1,6 +1,8 @@
 """The per-element and per-row math of every loss, in Triton: the twin of csrc/kd_math.h (dense
 divergences) and csrc/sparse_math.h (sparse tails), kept line-for-line alike with them and with
 fastkd/_math.py and fastkd/_sparse_math.py. Every kernel of this backend calls these."""
+import os
+
 import triton
 import triton.language as tl
 
@@ -33,6 +35,39 @@ def logaddexp(x, y):
     return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
 
 
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def expm1(x):
+        return libdevice.expm1(x)
+
+    @triton.jit
+    def log1p(x):
+        return libdevice.log1p(x)
+else:  # Triton's interpreter has no libdevice: Kahan's forms, exact to a few ulps with IEEE exp/log
+
+    @triton.jit
+    def expm1(x):
+        u = tl.exp(x)
+        um1 = u - 1.0
+        return tl.where(u == 1.0, x, tl.where((um1 == -1.0) | (u == float("inf")), um1, um1 * x / tl.log(u)))
+
+    @triton.jit
+    def log1p(x):
+        u = 1.0 + x
+        return tl.where(u == 1.0, x, tl.where(u == float("inf"), u, tl.log(u) * (x / (u - 1.0))))
+
+
+@triton.jit
+def mix_log_ratios(d, w, omw, log_w, log_omw):
+    """kd_math.h's mix_log_ratios: (log x/m, log y/m) for m = w x + (1 - w) y from d = log x - log y."""
+    near = tl.abs(d) < 1.0
+    lx_m = tl.where(near, -log1p(omw * expm1(-d)), -logaddexp(log_w + tl.zeros_like(d), log_omw - d))
+    ly_m = tl.where(near, -log1p(w * expm1(d)), -logaddexp(log_w + d, log_omw + tl.zeros_like(d)))
+    return lx_m, ly_m
+
+
 @triton.jit
 def sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
@@ -48,21 +83,22 @@ def elem(DIVERGENCE: tl.constexpr, p, q, lp, lq, d, beta, omb, log_beta, log_omb
         term = unless_zero(q, -q * d)
         u = term
     elif DIVERGENCE == JSD:
-        lm = logaddexp(log_beta + lp, log_omb + lq)
-        kq = unless_zero(q, q * (lq - lm))
-        term = unless_zero(p, beta * p * (lp - lm)) + omb * kq
+        lp_m, lq_m = mix_log_ratios(d, beta, omb, log_beta, log_omb)
+        kq = unless_zero(q, q * lq_m)
+        term = unless_zero(p, beta * p * lp_m) + omb * kq
         u = omb * kq
     elif DIVERGENCE == SKEW_FORWARD_KL:
-        lm = logaddexp(log_beta + lp, log_omb + lq)
-        term = unless_zero(p, p * (lp - lm))
-        u = unless_zero(p, -omb * q * tl.exp(lp - lm))
+        lp_m, lq_m = mix_log_ratios(d, beta, omb, log_beta, log_omb)
+        term = unless_zero(p, p * lp_m)
+        u = unless_zero(p, -omb * q * tl.exp(lp_m))
     elif DIVERGENCE == SKEW_REVERSE_KL:
-        lm = logaddexp(log_beta + lq, log_omb + lp)
-        term = unless_zero(q, q * (lq - lm))
-        u = unless_zero(q, q * (lq - lm - beta * tl.exp(lq - lm)))
+        lq_m, lp_m = mix_log_ratios(-d, beta, omb, log_beta, log_omb)
+        term = unless_zero(q, q * lq_m)
+        u = unless_zero(q, q * (lq_m - beta * tl.exp(lq_m)))
     else:  # TVD
-        term = 0.5 * tl.abs(p - q)
-        u = 0.5 * q * sign(q - p)
+        diff = tl.where(tl.abs(d) < 1.0, q * expm1(d), p - q)  # p - q, exact near d = 0
+        term = 0.5 * tl.abs(diff)
+        u = 0.5 * q * sign(-diff)
     return term, u
 
 
@@ -112,6 +148,26 @@ def online_update(m, s, x):
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     s_new = s * tl.exp2(m - safe) + tl.sum(tl.exp2(x - safe), 0)
     return m_new, s_new
+
+
+@triton.jit
+def online_update_weighted(m, s, r, x, w):
+    """online_update, also folding sum exp2(x - m) w into r at the same scale (r / s is then the
+    exp2(x)-weighted mean of w)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp2(m - safe)
+    e = tl.exp2(x - safe)
+    return m_new, s * rescale + tl.sum(e, 0), r * rescale + tl.sum(tl.where(e > 0, e * w, 0.0), 0)
+
+
+@triton.jit
+def expm1_near(x, DEGREE: tl.constexpr):
+    """kd_math.h's expm1_near: expm1(x) for |x| <= 1, Taylor to x^DEGREE / DEGREE!."""
+    r = tl.full(x.shape, 1.0, x.dtype)
+    for k in tl.static_range(DEGREE, 1, -1):
+        r = 1.0 + x * (1.0 / k) * r
+    return x * r
 
 
 @triton.jit

@@ -15,14 +15,16 @@ import triton.language as tl
 
 from .. import _math as host_math
 from . import _config
-from ._math import DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, log2_total, online_update
+from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, log1p, log2_total, online_update,
+                    online_update_weighted)
 
 
 @triton.jit
 def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, kd_loss_w, kd_grad_w,
                      hard_w, hard_grad_w, ignore_index, beta, omb, log_beta, log_omb,
                      DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
-                     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, DEGREE: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
@@ -34,6 +36,8 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
     ninf = float("-inf")
     m_a = tl.full((), ninf, ACC)
     s_a = tl.zeros((), ACC)
+    r_a = tl.zeros((), ACC)  # sum of exp2(a - m_a) expm1(b - a): kd_math.h's close-row shift
+    far = tl.zeros((), tl.int32)
     m_b = tl.full((), ninf, ACC)
     s_b = tl.zeros((), ACC)
     m_1 = tl.full((), ninf, ACC)
@@ -46,15 +50,25 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
             mask = offs < V
             x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
             y = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC)
-            m_a, s_a = online_update(m_a, s_a, x * scale2)
-            m_b, s_b = online_update(m_b, s_b, y * scale2)
+            a2 = x * scale2
+            b2 = y * scale2
+            delta = (b2 - a2) * LN2
+            support = b2 > ninf
+            far = tl.maximum(far, tl.max(tl.where(support & (tl.abs(delta) >= 1.0), 1, 0), 0))
+            em1 = tl.where(support, expm1_near(tl.minimum(tl.maximum(delta, -1.0), 1.0), DEGREE), -1.0)
+            m_a, s_a, r_a = online_update_weighted(m_a, s_a, r_a, a2, em1)
+            m_b, s_b = online_update(m_b, s_b, b2)
             if HARD:
                 m_1, s_1 = online_update(m_1, s_1, x * LOG2E)
     lse_a = log2_total(m_a, s_a)  # log2 units
     lse_b = log2_total(m_b, s_b)
-    live = keep & (m_a > ninf)  # a kept row with a student distribution
+    # a NaN or +inf logit makes its running sum NaN: the row is NaN (docs/math.md)
+    numbers = (s_a == s_a) & (s_b == s_b) & (s_1 == s_1)
+    poison = keep & (numbers == 0)
+    live = keep & (m_a > ninf) & numbers  # a kept row with a student distribution
     kd_on = live & (m_b > ninf)  # ... and a teacher distribution
-    dl = tl.where(kd_on, lse_b - lse_a, 0.0)
+    # lse(b) - lse(a), natural units: log1p(R) for a close row, else the difference
+    dl = tl.where(kd_on, tl.where(far == 0, log1p(r_a / s_a), (lse_b - lse_a) * LN2), 0.0)
     ce = tl.zeros((), ACC)
     lse_1 = log2_total(m_1, s_1)
     if HARD:
@@ -74,7 +88,7 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                 b2 = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC) * scale2
                 p = tl.exp2(b2 - lse_b)
                 term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2,
-                               ((b2 - a2) - dl) * LN2, beta, omb, log_beta, log_omb)
+                               (b2 - a2) * LN2 - dl, beta, omb, log_beta, log_omb)
                 d_acc += tl.where(mask, term, 0.0)
                 u_acc += tl.where(mask, u, 0.0)
             else:
@@ -87,10 +101,11 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                     tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
     big_d = tl.sum(d_acc, 0)
     big_u = tl.sum(u_acc, 0)
-    tl.store(LOSS + row, tl.where(live, kd_loss_w * big_d + hard_w * ce, 0.0))
+    big_d = tl.where(big_d < 0, 0.0, big_d)  # a divergence is >= 0; rounding may dip below
+    tl.store(LOSS + row, tl.where(poison, float("nan"), tl.where(live, kd_loss_w * big_d + hard_w * ce, 0.0)))
     # 3. the gradient, for the divergences whose U is only known now
     if COMPUTE_GRAD:
-        if (DIVERGENCE != FORWARD_KL) | (not live):
+        if (DIVERGENCE != FORWARD_KL) | (live == 0):
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 mask = offs < V
@@ -103,10 +118,12 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                         b2 = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC) * scale2
                         p = tl.exp2(b2 - lse_b)
                         term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2,
-                                       ((b2 - a2) - dl) * LN2, beta, omb, log_beta, log_omb)
+                                       (b2 - a2) * LN2 - dl, beta, omb, log_beta, log_omb)
                         g = kd_grad_w * (u - q * big_u)
                     if HARD:
                         g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                if poison:
+                    g = tl.full((BLOCK,), float("nan"), ACC)
                 tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -123,7 +140,8 @@ def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_ind
     s = student if student.stride(-1) == 1 else student.contiguous()
     t = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     loss = torch.empty(n, dtype=acc, device=student.device)
-    grad = torch.empty_like(s, memory_format=torch.contiguous_format) if compute_grad else student.new_empty(0)
+    grad = (torch.empty_like(s, dtype=host_math.grad_dtype(s.dtype), memory_format=torch.contiguous_format)
+            if compute_grad else student.new_empty(0))
     if n == 0 or vocab == 0:
         return loss.zero_(), grad.zero_() if compute_grad else grad
     w = host_math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
@@ -135,6 +153,7 @@ def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_ind
                 log_omb=math.log1p(-beta) if beta < 1 else -math.inf,
                 DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None,
                 HARD=hard_weight > 0, COMPUTE_GRAD=compute_grad,
-                ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                DEGREE=17 if acc == torch.float64 else 10)
     _config.launch(_dense_kd_kernel, _tuned, (n,), args, vocab, student.dtype)
     return loss, grad

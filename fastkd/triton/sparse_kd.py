@@ -70,20 +70,24 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
             m_t, s_t = online_update(m_t, s_t, tl.where(in_i, ninf, a2))
             if HARD:
                 m_1, s_1 = online_update(m_1, s_1, x * LOG2E)
-    live = keep & (m_a > ninf)
+    tail_lp = tl.load(TAIL + row).to(ACC)
+    # a NaN or +inf logit makes its running sum NaN, a NaN logprob log P: the row is NaN
+    numbers = (s_a == s_a) & (log_p == log_p) & (tail_lp == tail_lp)
+    poison = keep & (numbers == 0)
+    live = keep & (m_a > ninf) & numbers
     lse_tail = log2_total(m_t, s_t) * LN2
     lse_all = logaddexp(lse_in, lse_tail)
     lse_all = tl.where(live, lse_all, 0.0)
-    tail_lp = tl.load(TAIL + row).to(ACC)
     shift, norm, extra, in_scale, in_norm, out_scale, tail_scale = tail_coefficients(
         TAIL_MODE, lse_all, lse_in, lse_tail, log_p, tail_lp)
     kd = tl.sum(sparse_term(lp, a_in, shift, norm), 0) + extra
+    kd = tl.where(kd < 0, 0.0, kd)  # a divergence is >= 0; rounding may dip below
     lse_1 = log2_total(m_1, s_1)
     ce = tl.zeros((), ACC)
     if HARD:
         if live:
             ce = lse_1 * LN2 - tl.load(s_row + label).to(ACC)
-    tl.store(LOSS + row, tl.where(live, kd_loss_w * kd + hard_w * ce, 0.0))
+    tl.store(LOSS + row, tl.where(poison, float("nan"), tl.where(live, kd_loss_w * kd + hard_w * ce, 0.0)))
     # 2. the gradient: in_scale exp(a - in_norm) - t on I; out_scale q - tail_scale q / r_q outside
     if COMPUTE_GRAD:
         ptr = 0
@@ -108,6 +112,8 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
                 g = kd_grad_w * tl.where(in_i, inside, outside)
                 if HARD:
                     g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+            if poison:
+                g = tl.full((BLOCK,), float("nan"), ACC)
             tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -124,7 +130,8 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
     acc = host_math.acc_dtype(student.dtype)
     s = student if student.stride(-1) == 1 else student.contiguous()
     loss = torch.empty(n, dtype=acc, device=student.device)
-    grad = torch.empty_like(s, memory_format=torch.contiguous_format) if compute_grad else student.new_empty(0)
+    grad = (torch.empty_like(s, dtype=host_math.grad_dtype(s.dtype), memory_format=torch.contiguous_format)
+            if compute_grad else student.new_empty(0))
     if n == 0 or vocab == 0:
         return loss.zero_(), grad.zero_() if compute_grad else grad
     # ids ascending, padding last as id V (never walked): a [N, k] sort, no host sync
