@@ -33,15 +33,20 @@ def test_dense_fwd_bwd(benchmark, impls, impl, shape):
     benchmark.pedantic(step, rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dense_dtypes(benchmark, impls, dtype):
+@pytest.mark.parametrize("dtype, loss_scale", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float16, 1.0),
+                                               (torch.float16, 65536.0)],
+                         ids=["fp32", "bf16", "fp16", "fp16-loss-scale-2^16"])
+def test_dense_dtypes(benchmark, impls, dtype, loss_scale):
+    """fp16 keeps its gradient in fp32 and casts in backward (docs/math.md, fp16 and loss scaling):
+    this is what that costs against bf16, with and without GradScaler's factor."""
     s, t = make_inputs(1024, 32000, dtype)
     x = s.requires_grad_(True)
     benchmark.group = "dense fwd+bwd 1024x32000 fastkd by dtype"
+    benchmark.extra_info["peak_x_NV_fp32"] = bench.peak_fwd_bwd(lambda a, b: impls["fastkd"](a, b) * loss_scale, s, t) / (1024 * 32000 * 4)
 
     def step():
         x.grad = None
-        impls["fastkd"](x, t).backward()
+        (impls["fastkd"](x, t) * loss_scale).backward()
 
     step()
     benchmark.pedantic(step, rounds=5, iterations=1)

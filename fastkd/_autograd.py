@@ -60,7 +60,9 @@ def make_backward(op):
             return ((grad * factor).to(dtype),) + done
         if grad_loss.device.type == "cpu" and bool((grad_loss == grad_scale).all()):
             return (grad.to(dtype),) + done  # already scaled by the kernel (a CPU read, no device sync)
-        return (grad.mul_(factor).to(dtype),) + done
+        if grad.dtype != dtype:  # fp16: the fp32 product written straight into fp16, one pass
+            return (torch.mul(grad, factor, out=torch.empty_like(grad, dtype=dtype)),) + done
+        return (grad.mul_(factor),) + done
 
     return backward
 
