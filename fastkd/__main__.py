@@ -43,6 +43,10 @@ def _shapes(text: str):
 def _bench(args) -> int:
     from fastkd import bench
 
+    known = ("fastkd", "eager", "compiled")
+    unknown = [i for i in (args.impls.split(",") if args.impls else []) if i not in known]
+    if unknown:
+        raise SystemExit(f"--impls: unknown {', '.join(unknown)}; choose from {','.join(known)}")
     rows = bench.run(_shapes(args.shapes), dtype=args.dtype, temperature=args.temperature,
                      repeats=args.repeats, impls=args.impls.split(",") if args.impls else None,
                      device=args.device, progress=not args.no_progress)

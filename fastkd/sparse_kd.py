@@ -5,7 +5,7 @@ teacher against the student, picks the backend and reduces the per-row losses.
 """
 import torch
 
-from . import _validate, backends
+from . import _op_checks, _validate, backends
 from ._reduce import reduce_rows, row_weight
 from ._sparse_math import TAILS
 from .sparse_teacher import KINDS, SparseTeacher
@@ -32,20 +32,14 @@ def _check_teacher(teacher, student):
     for name, x in (("indices", idx), ("logprobs", lp), ("tail_logmass", tail)):
         if x.device != student.device:
             raise ValueError(f"teacher.{name} is on {x.device} but student_logits is on {student.device}")
+    if k < 1:
+        raise ValueError("teacher: a sparse teacher needs k >= 1 entries per row")
     idx = idx.reshape(-1, k).long()
     lp = lp.reshape(-1, k).float()
     if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel():
-        known = lp > float("-inf")
-        bad = known & ((idx < 0) | (idx >= vocab))
-        if bad.any():
-            r, c = bad.nonzero()[0].tolist()
-            raise ValueError(f"teacher.indices must lie in [0, {vocab}); got {int(idx[r, c])} at row {r}")
-        ids = torch.where(known, idx, -1 - torch.arange(k, device=idx.device))  # padding never collides
-        srt = ids.sort(-1).values
-        dup = srt[:, 1:] == srt[:, :-1]
-        if dup.any():
-            r, c = dup.nonzero()[0].tolist()
-            raise ValueError(f"teacher.indices has a duplicate id {int(srt[r, c])} in row {r}")
+        why = _op_checks.sparse_values(idx, lp, tail.reshape(-1).float(), vocab, prefix="teacher.")
+        if why:
+            raise ValueError(why)
     return idx, lp, tail.reshape(-1).float()
 
 

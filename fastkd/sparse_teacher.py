@@ -41,7 +41,8 @@ def _tempered(teacher_logits, temperature):
 def topk_teacher(teacher_logits: torch.Tensor, k: int = 64, temperature: float = 2.0, *,
                  backend: str = "auto") -> SparseTeacher:
     """The k most probable ids of each row of softmax(teacher_logits / T), [..., V] -> [..., k],
-    largest first, with their exact log-probs and the tail's log-mass."""
+    largest first, with their exact log-probs and the tail's log-mass. A row with a NaN or +inf
+    logit has NaN log-probs and tail (its ids are unspecified)."""
     flat, temperature, vocab = _tempered(teacher_logits, temperature)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, V={vocab}], got {k!r}")
@@ -57,7 +58,8 @@ def sample_teacher(teacher_logits: torch.Tensor, num_samples: int = 12, temperat
                    generator: torch.Generator | None = None, *, backend: str = "auto") -> SparseTeacher:
     """`num_samples` draws (with replacement) per row from softmax(teacher_logits / T), kept as
     the unique ids with log(count / num_samples), padded to num_samples entries with id 0 and
-    logprob -inf (a row with no finite logit is all padding). Used with the "renorm_teacher"
+    logprob -inf (a row with no finite logit is all padding; a row with a NaN or +inf logit is one
+    NaN entry, then padding). Used with the "renorm_teacher"
     tail, its gradient is an unbiased estimate of the dense forward-KL gradient."""
     flat, temperature, vocab = _tempered(teacher_logits, temperature)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -73,6 +75,13 @@ def sample_teacher(teacher_logits: torch.Tensor, num_samples: int = 12, temperat
     uniq = torch.zeros_like(ids).scatter_(-1, slot, ids.clamp(min=0))
     logprobs = torch.where(counts > 0, (counts.float() / num_samples).log(),
                            torch.full((), float("-inf"), device=ids.device))
+    # a row with a NaN or +inf logit has no distribution to draw from: NaN, never a confident
+    # one-hot or an empty row (docs/math.md; the cache writer refuses such rows)
+    m = flat.amax(-1, keepdim=True)
+    bad = m.isnan() | (m == float("inf"))
+    first = torch.arange(num_samples, device=ids.device) == 0  # one NaN entry (id 0), then padding
+    logprobs = torch.where(bad, torch.where(first, float("nan"), float("-inf")), logprobs)
+    uniq = torch.where(bad, 0, uniq)
     lead = teacher_logits.shape[:-1]
     tail = torch.full(lead, float("-inf"), dtype=torch.float32, device=flat.device)
     return SparseTeacher(uniq.reshape(lead + (num_samples,)), logprobs.reshape(lead + (num_samples,)),

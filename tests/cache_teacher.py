@@ -26,3 +26,24 @@ def teacher(ids: torch.Tensor) -> torch.Tensor:
 def not_logits(ids: torch.Tensor) -> torch.Tensor:
     """A wrong teacher: returns the ids themselves."""
     return ids
+
+
+def nan_teacher(ids: torch.Tensor) -> torch.Tensor:
+    """Overflows like an fp16 teacher would: a NaN at batch position (0, 3) of its second call."""
+    global _calls
+    _calls += 1
+    out = _W[ids].clone()
+    if _calls == 2:
+        out[0, 3, 7] = float("nan")
+    return out
+
+
+def shrinking_teacher(ids: torch.Tensor) -> torch.Tensor:
+    """A teacher whose vocabulary changes after its first calls (V = 1000, then 999)."""
+    global _calls
+    _calls += 1
+    return _W[ids] if _calls <= 2 else _W[ids][..., :999]
+
+
+def no_vocab(ids: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(ids.shape + (0,))

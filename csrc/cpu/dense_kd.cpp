@@ -22,6 +22,11 @@ std::tuple<at::Tensor, at::Tensor> dense_kd_cpu(
               "fastkd::dense_kd: unknown divergence '", divergence, "'");
   prepare_row_loss(a, "dense_kd", student, labels, temperature, ignore_index, hard_weight, scale_by_t2,
                    grad_scale, compute_grad);
+  if (a.divergence == Divergence::JSD) {
+    TORCH_CHECK(beta > 0 && beta < 1, "fastkd::dense_kd: beta must lie in (0, 1) for jsd, got ", beta);
+  } else if (a.divergence == Divergence::SkewForwardKL || a.divergence == Divergence::SkewReverseKL) {
+    TORCH_CHECK(beta >= 0 && beta < 1, "fastkd::dense_kd: beta must lie in [0, 1) for ", divergence, ", got ", beta);
+  }
   a.teacher = teacher.contiguous();
   a.beta = beta;
   return run_row_loss(&isa_default::dense_kd_rows, &isa_avx2::dense_kd_rows, &isa_avx512::dense_kd_rows, a);

@@ -17,6 +17,12 @@ at::Tensor sample_teacher_draws_cpu(const at::Tensor& logits, const at::Tensor& 
   SampleArgs a;
   a.logits = logits.contiguous();
   a.uniforms = uniforms.contiguous();
+  const double* u = a.uniforms.const_data_ptr<double>();
+  const int64_t S = uniforms.size(1);
+  for (int64_t i = 0; i < a.uniforms.numel(); ++i) {  // the kernel's walk trusts both
+    TORCH_CHECK(u[i] >= 0 && u[i] < 1, "fastkd::sample_teacher_draws: uniforms must lie in [0, 1), got ", u[i]);
+    TORCH_CHECK(i % S == 0 || u[i] >= u[i - 1], "fastkd::sample_teacher_draws: uniforms must ascend along each row");
+  }
   a.draws = at::empty(uniforms.sizes(), logits.options().dtype(at::kLong));
   a.temperature = temperature;
   if (N > 0 && logits.size(1) > 0 && uniforms.size(1) > 0)

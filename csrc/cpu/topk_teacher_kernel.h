@@ -99,9 +99,12 @@ void topk_rows(const TopkArgs& a) {
       heap.sort_descending();
       const float* top = hv;
       for (int64_t c = 0; c < K; ++c) idx[c] = ids.data[c];
-      if (m == kNegInf) {  // no finite logit: every log-prob and the tail are -inf
-        for (int64_t c = 0; c < K; ++c) lp[c] = kNegInf;
-        TAIL[r] = kNegInf;
+      if (m == kNegInf || std::isnan(m) || m == -kNegInf) {
+        // no finite logit: every log-prob and the tail are -inf; a NaN or +inf logit (the max
+        // carries both): every one is NaN (docs/math.md)
+        const float v = m == kNegInf ? kNegInf : std::numeric_limits<float>::quiet_NaN();
+        for (int64_t c = 0; c < K; ++c) lp[c] = v;
+        TAIL[r] = v;
         continue;
       }
       double s_in = 0;

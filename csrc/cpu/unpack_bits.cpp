@@ -17,7 +17,8 @@ at::Tensor unpack_bits_cpu(const at::Tensor& stream, int64_t width, int64_t star
               "fastkd::unpack_bits: stream must be a 1-D uint8 tensor, got ", stream.scalar_type(), " ",
               stream.sizes());
   TORCH_CHECK(width >= 1 && width <= 24, "fastkd::unpack_bits: width must lie in [1, 24], got ", width);
-  TORCH_CHECK(0 <= start && start <= stop && (stop * width + 7) / 8 <= stream.numel(),
+  // stop * width could overflow int64 for a forged stop: compare against numel * 8 / width instead
+  TORCH_CHECK(0 <= start && start <= stop && stop <= stream.numel() * 8 / width,
               "fastkd::unpack_bits: values [", start, ", ", stop, ") lie outside a stream of ",
               stream.numel(), " bytes at ", width, " bits");
   const at::Tensor s = stream.contiguous();

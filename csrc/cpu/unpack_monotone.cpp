@@ -13,9 +13,10 @@ at::Tensor unpack_monotone_cpu(const at::Tensor& bitmap, int64_t count) {
   TORCH_CHECK(bitmap.dim() == 2 && bitmap.scalar_type() == at::kByte,
               "fastkd::unpack_monotone: bitmap must be a 2-D uint8 tensor, got ", bitmap.scalar_type(), " ",
               bitmap.sizes());
-  TORCH_CHECK(count >= 0, "fastkd::unpack_monotone: count must be >= 0, got ", count);
   const at::Tensor m = bitmap.contiguous();
   const int64_t n = m.size(0), width = m.size(1);
+  TORCH_CHECK(count >= 0 && count <= width * 8, "fastkd::unpack_monotone: count must lie in [0, ", width * 8,
+              "], got ", count);
   const uint8_t* bits = m.const_data_ptr<uint8_t>();
   at::Tensor out = at::empty({n, count}, bitmap.options().dtype(at::kLong));
   int64_t* o = out.mutable_data_ptr<int64_t>();
@@ -23,6 +24,10 @@ at::Tensor unpack_monotone_cpu(const at::Tensor& bitmap, int64_t count) {
     for (int64_t r = a; r < b; ++r) {
       const uint8_t* row = bits + r * width;
       int64_t* c = o + r * count;
+      int64_t ones = 0;  // every one of the row, so that a bitmap with more than `count` is refused
+      for (int64_t byte = 0; byte < width; ++byte) ones += __builtin_popcount(row[byte]);
+      TORCH_CHECK(ones == count, "fastkd::unpack_monotone: row ", r, " holds ", ones, " values, expected ",
+                  count, " (a corrupt bitmap)");
       int64_t found = 0;
       for (int64_t byte = 0; byte < width && found < count; ++byte) {
         for (unsigned v = row[byte]; v && found < count; v &= v - 1) {
@@ -30,8 +35,6 @@ at::Tensor unpack_monotone_cpu(const at::Tensor& bitmap, int64_t count) {
           ++found;
         }
       }
-      TORCH_CHECK(found == count, "fastkd::unpack_monotone: row ", r, " holds ", found, " values, expected ",
-                  count, " (a corrupt bitmap)");
     }
   });
   return out;

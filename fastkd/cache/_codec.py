@@ -103,6 +103,10 @@ def decode(arrays: dict, meta: dict, start: int, stop: int, table: torch.Tensor 
         tail = arrays["tail_logmass"][start:stop].clone()
     else:
         counts = _bits.unpack(arrays["counts"], meta["count_bits"], start * k, stop * k).view(n, k)
+        total = counts.sum(-1)
+        if counts.numel() and (int(counts.max()) > meta["num_samples"]
+                               or not ((total == meta["num_samples"]) | (total == 0)).all()):
+            raise ValueError(f"sampled counts must add up to num_samples={meta['num_samples']} per row")
         logs = torch.arange(meta["num_samples"] + 1, dtype=torch.float64).div(meta["num_samples"]).log()
         lp = logs.float()[counts]
         tail = torch.full((n,), float("-inf"))

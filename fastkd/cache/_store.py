@@ -1,17 +1,20 @@
 """Files of a cache directory: the JSON manifest and the safetensors shards (docs/cache-format.md).
 
 Every file is written atomically (to `<name>.tmp`, fsync, rename, fsync the directory), so a
-killed writer leaves either the old file or the new one, never half of one. Shards are read by
-memory-mapping them; each is checked against the sha256 that the manifest records for it before
-any of its bytes are used. Nothing is unpickled.
+killed writer leaves either the old file or the new one, never half of one. A shard is read into
+memory whole (never memory-mapped: a file truncated or rewritten under a mapping kills the reader
+with SIGBUS), checked against the sha256 the manifest records and its safetensors header against
+the layout the manifest implies, before any of its bytes are used. Nothing is unpickled.
 """
 import hashlib
 import json
-import mmap
 import os
+import stat
 import struct
 
 import torch
+
+from . import _format
 
 MANIFEST = "manifest.json"
 FORMAT = "fastkd-teacher-cache"
@@ -49,14 +52,15 @@ def write_manifest(directory: str, manifest: dict) -> None:
 
 
 def read_manifest(directory: str) -> dict:
-    """The manifest of the cache in `directory`, checked for format, version and its checksum."""
+    """The manifest of the cache in `directory`, checked for format, version, its checksum and,
+    field by field, as if hostile (_format.check_manifest)."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise CacheError(f"{directory!r} is not a fastkd teacher cache: {MANIFEST} not found")
     try:
         with open(path, "rb") as f:
-            manifest = json.loads(f.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            manifest = json.loads(f.read(1 << 26))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CacheError(f"{path}: corrupt manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not a {FORMAT} manifest")
@@ -65,6 +69,7 @@ def read_manifest(directory: str) -> dict:
                          f"reads version {FORMAT_VERSION}")
     if manifest.get("checksum") != _manifest_digest(manifest):
         raise CacheError(f"{path}: checksum mismatch (the manifest was modified or corrupted)")
+    _format.check_manifest(manifest, lambda field, why: CacheError(f"{path}: field {field!r} {why}"))
     return manifest
 
 
@@ -92,33 +97,82 @@ def write_shard(directory: str, name: str, data: bytes) -> dict:
     return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def open_shard(directory: str, entry: dict, verify: bool = True) -> dict:
-    """Memory-map one shard -> {name: tensor} viewing the mapping (copy-on-write, never written)."""
-    path = os.path.join(directory, entry["file"])
+def shard_path(directory: str, name: str) -> str:
+    """The path of shard `name`: a plain file name inside `directory` (no separator, no '..', no
+    link leaving the directory), else CacheError."""
+    if (not isinstance(name, str) or not _format.SHARD_NAME.fullmatch(name) or os.sep in name
+            or (os.altsep and os.altsep in name)):
+        raise CacheError(f"{directory!r}: shard name {name!r} is not a plain shard file name")
+    path = os.path.join(directory, name)
+    root = os.path.realpath(directory)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise CacheError(f"{path}: a link that leaves the cache directory")
+    return path
+
+
+def read_shard(directory: str, entry: dict, meta: dict, verify: bool = True) -> dict:
+    """Read one shard into memory -> {name: tensor} owning its bytes. Checks: a regular file (a
+    FIFO would block forever), its size and sha256 against `entry`, and its safetensors header
+    against the layout `meta` implies for entry["num_tokens"] tokens -- dtypes, shapes, and
+    offsets that tile the data exactly."""
+    path = shard_path(directory, entry["file"])
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry["bytes"]:
-                raise CacheError(f"{path}: {size} bytes, the manifest says {entry['bytes']} "
-                                 "(truncated or replaced)")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise CacheError(f"{path}: shard listed in the manifest is missing") from None
-    if verify and hashlib.sha256(mm).hexdigest() != entry["sha256"]:
+    except OSError as e:
+        raise CacheError(f"{path}: cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CacheError(f"{path}: not a regular file")
+        if st.st_size != entry["bytes"]:
+            raise CacheError(f"{path}: {st.st_size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+        data = bytearray(entry["bytes"])
+        got = f.readinto(data)
+        while got < len(data):  # a short read: keep reading until EOF
+            more = f.readinto(memoryview(data)[got:])
+            if not more:
+                raise CacheError(f"{path}: ended after {got} of {entry['bytes']} bytes (truncated while read)")
+            got += more
+    if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CacheError(f"{path}: sha256 mismatch (the shard is corrupt)")
-    (header_len,) = struct.unpack_from("<Q", mm, 0)
+    return _tensors(path, data, _format.shard_layout(meta, entry["num_tokens"]))
+
+
+def _tensors(path: str, data: bytearray, layout: dict) -> dict:
+    size = len(data)
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    if not 2 <= header_len <= size - 8:
+        raise CacheError(f"{path}: shard header length {header_len} does not fit a {size}-byte file")
     try:
-        header = json.loads(mm[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(bytes(data[8:8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CacheError(f"{path}: corrupt shard header ({e})") from None
-    base, out = 8 + header_len, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
-        count = (end - begin) // dtype.itemsize
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin) if count else \
-            torch.empty(0, dtype=dtype)
-        out[name] = t.view(info["shape"])
+    if not isinstance(header, dict) or set(header) - {"__metadata__"} != set(layout):
+        raise CacheError(f"{path}: shard holds tensors {sorted(header) if isinstance(header, dict) else header!r}, "
+                         f"the manifest implies {sorted(layout)}")
+    base, offset, out = 8 + header_len, 0, {}
+    for name in sorted(layout):  # fastkd writes tensors in name order, back to back
+        info, (dtype, shape) = header[name], layout[name]
+        want = {"dtype": dtype, "shape": shape}
+        if not isinstance(info, dict) or {key: info.get(key) for key in want} != want:
+            raise CacheError(f"{path}: tensor {name!r} is {info!r}, the manifest implies {want}")
+        nbytes = _DTYPES[dtype].itemsize * _numel(shape)
+        if info.get("data_offsets") != [offset, offset + nbytes]:
+            raise CacheError(f"{path}: tensor {name!r} has data_offsets {info.get('data_offsets')!r}, "
+                             f"the layout puts it at {[offset, offset + nbytes]}")
+        t = torch.frombuffer(data, dtype=_DTYPES[dtype], count=_numel(shape), offset=base + offset) \
+            if nbytes else torch.empty(0, dtype=_DTYPES[dtype])
+        out[name] = t.view(shape)
+        offset += nbytes
+    if base + offset != size:
+        raise CacheError(f"{path}: the tensors end at byte {base + offset} of {size}")
     return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

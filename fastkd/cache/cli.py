@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from ._store import CacheError
+from .reader import TeacherCache
 from .writer import SHARD_TOKENS, CacheWriter
 from ..sparse_teacher import sample_teacher, topk_teacher
 
@@ -90,11 +92,21 @@ def load_tokens(args) -> torch.Tensor:
     fmt = args.input_format
     if fmt == "auto":
         fmt = "npy" if args.input.endswith(".npy") else "text"
+    if not os.path.isfile(args.input):
+        raise SystemExit(f"--input {args.input!r}: no such file")
     if fmt == "npy":
-        ids = np.load(args.input, allow_pickle=False)
+        try:
+            ids = np.load(args.input, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"--input {args.input!r}: not a .npy array of token ids ({e})") from None
     elif fmt == "ids":
-        with open(args.input) as f:
-            ids = np.array(f.read().split(), dtype=np.int64)
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                ids = np.array(f.read().split(), dtype=np.int64)
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"--input {args.input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (ValueError, OverflowError) as e:
+            raise SystemExit(f"--input {args.input!r}: not whitespace-separated integer ids ({e})") from None
     else:
         source = args.tokenizer or (args.teacher if _is_hf_dir(args.teacher) else None)
         if source is None:
@@ -103,17 +115,24 @@ def load_tokens(args) -> torch.Tensor:
         transformers = _need_transformers("tokenising text input")
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
         tokenizer.model_max_length = sys.maxsize  # the whole file is one stream, cut into --seq-len later
-        with open(args.input, encoding="utf-8") as f:
-            ids = np.array(tokenizer(f.read())["input_ids"], dtype=np.int64)
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                ids = np.array(tokenizer(f.read())["input_ids"], dtype=np.int64)
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"--input {args.input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise SystemExit(f"--input: expected a 1-D array of integer token ids, got {ids.dtype} {ids.shape}")
     return torch.from_numpy(ids.astype(np.int64))
 
 
 def run(args) -> int:
-    for name in ("seq_len", "batch_size", "shard_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("seq_len", "batch_size", "shard_tokens", "k", "num_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_samples is not None and args.num_samples > 255:
+        raise SystemExit(f"--num-samples must be at most 255, got {args.num_samples}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise SystemExit(f"--output {args.output!r} is a file, not a cache directory")
     tokens = load_tokens(args)
     teacher, default_name = load_teacher(args.teacher, args.device)
     if tokens.numel() == 0:
@@ -124,30 +143,45 @@ def run(args) -> int:
         raise SystemExit(f"--teacher must return float logits [B, L, V] for ids [B, L]; got "
                          f"{getattr(probe, 'shape', type(probe).__name__)}")
     vocab = probe.shape[-1]
+    if vocab == 0:
+        raise SystemExit("--teacher returned logits with V = 0 entries per token")
+    if args.k is not None and args.k > vocab:
+        raise SystemExit(f"--k {args.k} exceeds the teacher's vocabulary V = {vocab}")
     if tokens.min() < 0 or tokens.max() >= vocab:
         raise SystemExit(f"--input: token ids must lie in [0, {vocab}) (the teacher's vocabulary), "
                          f"got [{int(tokens.min())}, {int(tokens.max())}]")
-    writer = CacheWriter(args.output, vocab_size=vocab, kind="topk" if args.k else "sampled", k=args.k,
-                         num_samples=args.num_samples, temperature=args.temperature,
-                         teacher=args.teacher_name or default_name, seq_len=args.seq_len,
-                         shard_tokens=args.shard_tokens)
+    try:
+        writer = CacheWriter(args.output, vocab_size=vocab, kind="topk" if args.k else "sampled", k=args.k,
+                             num_samples=args.num_samples, temperature=args.temperature,
+                             teacher=args.teacher_name or default_name, seq_len=args.seq_len,
+                             shard_tokens=args.shard_tokens)
+    except (CacheError, ValueError) as e:
+        raise SystemExit(f"--output {args.output!r}: {e}") from None
     start = writer.num_tokens
-    if start % args.seq_len and start != tokens.numel():
-        raise SystemExit(f"{args.output!r} ends inside a sequence (token {start}, --seq-len "
-                         f"{args.seq_len}): resume with the --seq-len it was written with")
+    try:
+        _check_resume(args, writer, tokens)
+    except SystemExit:
+        writer.abandon()
+        raise
     from tqdm import tqdm
 
     bar = tqdm(total=tokens.numel(), initial=start, unit="tok", unit_scale=True, disable=args.no_progress,
                desc="fastkd cache", file=sys.stderr)
     began, step = time.perf_counter(), args.seq_len * args.batch_size
     try:
-        _fill(args, tokens, teacher, writer, start, step, bar)
+        _fill(args, tokens, teacher, writer, start, step, bar, vocab)
     except KeyboardInterrupt:
-        writer.close()  # keeps every whole batch appended so far
+        # keep the whole shards written so far, not the partial one buffered: a resumed run then
+        # writes the same shards, byte for byte, as an uninterrupted one
+        writer.abandon()
         bar.close()
-        print(f"\ninterrupted: {args.output} holds {writer.num_tokens} tokens; run the same command "
-              "to resume", file=sys.stderr)
+        print(f"\ninterrupted: {args.output} holds {writer.num_tokens} tokens (whole shards); run the "
+              "same command to resume", file=sys.stderr)
         return 130
+    except (ValueError, CacheError) as e:  # a NaN teacher row, a write that failed: nothing half-written
+        writer.abandon()
+        bar.close()
+        raise SystemExit(f"{args.output}: stopped at token {writer.num_tokens} (whole shards kept): {e}") from None
     writer.close()
     bar.close()
     done = tokens.numel() - start
@@ -160,7 +194,28 @@ def run(args) -> int:
     return 0
 
 
-def _fill(args, tokens, teacher, writer, start, step, bar) -> None:
+def _check_resume(args, writer, tokens) -> None:
+    """A resumed cache continues this very input: its tokens so far are the input's first ones."""
+    start = writer.num_tokens
+    if not start:
+        return
+    if start > tokens.numel():
+        raise SystemExit(f"{args.output!r} already holds {start} tokens but --input has {tokens.numel()}: "
+                         "it was written from another input")
+    if start % args.seq_len and start != tokens.numel():
+        raise SystemExit(f"{args.output!r} ends inside a sequence (token {start}, --seq-len "
+                         f"{args.seq_len}): resume with the --seq-len it was written with")
+    if writer.manifest["has_tokens"]:
+        cached = TeacherCache(args.output).tokens(0, start)
+        differ = (cached != tokens[:start]).nonzero()
+        if differ.numel():
+            i = int(differ[0, 0])
+            raise SystemExit(f"{args.output!r} was written from another input: cache token {i} is "
+                             f"{int(cached[i])}, --input has {int(tokens[i])} (resume with the same "
+                             "--input, or write to another directory)")
+
+
+def _fill(args, tokens, teacher, writer, start, step, bar, vocab) -> None:
     """Run the teacher over tokens [start, end) a batch at a time and append its rows."""
     with torch.no_grad():
         for a in range(start, tokens.numel(), step):
@@ -171,6 +226,9 @@ def _fill(args, tokens, teacher, writer, start, step, bar) -> None:
                 parts.append(chunk[full:].view(1, -1))  # the stream's last, shorter sequence
             for ids in parts:
                 logits = _logits(teacher, ids.to(args.device))
+                if logits.shape[-1] != vocab:
+                    raise ValueError(f"the teacher's vocabulary changed from V = {vocab} to V = "
+                                     f"{logits.shape[-1]} at token {a}")
                 if args.k:
                     rows = topk_teacher(logits, k=args.k, temperature=args.temperature)
                 else:

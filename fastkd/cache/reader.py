@@ -4,9 +4,11 @@
     teacher = cache[4096:4096 + 8192]        # SparseTeacher, [8192, k]
     loss = fastkd.sparse_kd_loss(student_logits, teacher)
 
-Shards are memory-mapped when first touched and checked against their sha256 then.
+Shards are read into memory when touched (the last `max_shards` of them stay), each time checked
+against its sha256 and the layout the manifest implies; decoded values are range-checked.
 """
 import bisect
+import collections
 import math
 
 import torch
@@ -17,11 +19,14 @@ from ..sparse_teacher import SparseTeacher
 
 class TeacherCache:
     """The cache in `directory`. `vocab_size` / `temperature`: when given, a cache made for another
-    vocabulary or temperature is refused. `verify`: check each shard's sha256 when first mapped."""
+    vocabulary or temperature is refused. `verify`: check each shard's sha256 when it is read.
+    `max_shards`: how many shards stay in memory (least recently used first out)."""
 
     def __init__(self, directory: str, *, vocab_size: int | None = None,
-                 temperature: float | None = None, verify: bool = True):
-        self.directory, self.verify = directory, verify
+                 temperature: float | None = None, verify: bool = True, max_shards: int = 8):
+        if isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1:
+            raise ValueError(f"max_shards must be a positive int, got {max_shards!r}")
+        self.directory, self.verify, self.max_shards = directory, verify, max_shards
         self.manifest = m = _store.read_manifest(directory)
         if vocab_size is not None and vocab_size != m["vocab_size"]:
             raise _store.CacheError(f"{directory!r} was made for vocab_size={m['vocab_size']}, "
@@ -31,20 +36,17 @@ class TeacherCache:
                                     f"asked for temperature={temperature} (a sparse teacher's "
                                     "temperature is fixed when it is cached)")
         self._starts = [0]
-        for entry in m["shards"]:
+        for entry in m["shards"]:  # (read_manifest checked that they add up to num_tokens)
             self._starts.append(self._starts[-1] + entry["num_tokens"])
-        if self._starts[-1] != m["num_tokens"]:
-            raise _store.CacheError(f"{directory!r}: shards hold {self._starts[-1]} tokens, "
-                                    f"the manifest says {m['num_tokens']}")
-        self._shards = [None] * len(m["shards"])
+        self._shards = collections.OrderedDict()
         self._table = _codec.delta_table(m["logprob_quantisation"]) if m["kind"] == "topk" else None
 
     def __len__(self) -> int:
         return self.manifest["num_tokens"]
 
-    def __getstate__(self):  # for DataLoader workers: send the manifest, not the mapped shards
+    def __getstate__(self):  # for DataLoader workers: send the manifest, not the shards read
         state = self.__dict__.copy()
-        state["_shards"] = [None] * len(self._shards)
+        state["_shards"] = collections.OrderedDict()
         return state
 
     @property
@@ -57,14 +59,18 @@ class TeacherCache:
         return sum(e["bytes"] for e in self.manifest["shards"]) / max(len(self), 1)
 
     def _shard(self, i: int) -> dict:
-        if self._shards[i] is None:
-            self._shards[i] = _store.open_shard(self.directory, self.manifest["shards"][i], self.verify)
+        if i in self._shards:
+            self._shards.move_to_end(i)
+        else:
+            self._shards[i] = _store.read_shard(self.directory, self.manifest["shards"][i], self.manifest, self.verify)
+            while len(self._shards) > self.max_shards:
+                self._shards.popitem(last=False)
         return self._shards[i]
 
     def verify_all(self) -> None:
-        """Check every shard's sha256 now (CacheError on the first mismatch)."""
+        """Check every shard's sha256 and layout now (CacheError on the first mismatch)."""
         for entry in self.manifest["shards"]:
-            _store.open_shard(self.directory, entry, verify=True)
+            _store.read_shard(self.directory, entry, self.manifest, verify=True)
 
     def _pieces(self, start: int, stop: int):
         if not 0 <= start <= stop <= len(self):
@@ -78,8 +84,24 @@ class TeacherCache:
     def read(self, start: int, stop: int) -> SparseTeacher:
         """Teacher rows of tokens [start, stop): SparseTeacher with [stop - start, k] entries."""
         m = self.manifest
-        return _codec.cat_rows([_codec.decode(self._shard(i), m, a, b, self._table)
-                                for i, a, b in self._pieces(start, stop)], m)
+        return _codec.cat_rows([self._decoded(i, a, b) for i, a, b in self._pieces(start, stop)], m)
+
+    def _decoded(self, i: int, start: int, stop: int) -> SparseTeacher:
+        """Rows [start, stop) of shard i, decoded and range-checked, else CacheError naming the shard."""
+        m, why = self.manifest, None
+        try:
+            rows = _codec.decode(self._shard(i), m, start, stop, self._table)
+        except (ValueError, RuntimeError) as e:  # a bitmap or counts that no writer makes
+            raise _store.CacheError(f"{self.directory}/{m['shards'][i]['file']}: {e} (a corrupt or forged shard)") from None
+        if rows.indices.numel() and int(rows.indices.max()) >= m["vocab_size"]:
+            why = f"an id {int(rows.indices.max())} beyond vocab_size={m['vocab_size']}"
+        elif rows.logprobs.isnan().any() or rows.tail_logmass.isnan().any():
+            why = "a NaN log-prob"
+        elif (rows.logprobs > 1e-3).any() or (rows.tail_logmass > 1e-3).any():
+            why = "a log-prob above 0"
+        if why:
+            raise _store.CacheError(f"{self.directory}/{m['shards'][i]['file']}: {why} (a corrupt or forged shard)")
+        return rows
 
     def tokens(self, start: int, stop: int) -> torch.Tensor:
         """The input token ids of tokens [start, stop) (int64), when the cache keeps them."""
@@ -87,7 +109,11 @@ class TeacherCache:
             raise _store.CacheError(f"{self.directory!r} was written without the input token ids")
         parts = [_bits.unpack(self._shard(i)["tokens"], self.manifest["id_bits"], a, b)
                  for i, a, b in self._pieces(start, stop)]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        ids = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        if ids.numel() and int(ids.max()) >= self.manifest["vocab_size"]:
+            raise _store.CacheError(f"{self.directory!r}: an input token id {int(ids.max())} beyond "
+                                    f"vocab_size={self.manifest['vocab_size']} (a corrupt or forged shard)")
+        return ids
 
     def __getitem__(self, key) -> SparseTeacher:
         if isinstance(key, slice):

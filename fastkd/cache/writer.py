@@ -8,57 +8,22 @@
 Rows are buffered until at least `shard_tokens` are held, then written as one shard (atomically)
 and recorded in the manifest; `close()` writes what is left. A writer killed at any point leaves
 a valid cache of the shards written so far; opening the same directory again with the same
-settings resumes it (`num_tokens` says where), and different settings are refused.
+settings resumes it (`num_tokens` says where), and different settings are refused. A live writer
+holds an exclusive flock on the directory itself (nothing that can be deleted from under it).
 """
 import fcntl
-import glob
 import math
 import os
+import re
 
 import torch
 
-from . import _bits, _codec, _store
+from . import _bits, _codec, _format, _store
 from .._version import __version__
 from ..sparse_teacher import KINDS, SparseTeacher
 
 SHARD_TOKENS = 1 << 16
-LOCK = ".writer.lock"  # flock'd by the live writer; not part of the format (a killed one releases it)
-_SETTINGS = ("kind", "k", "num_samples", "vocab_size", "temperature", "teacher", "seq_len",
-             "id_bits", "count_bits", "logprob_quantisation", "has_tokens")
-
-
-def cache_settings(*, vocab_size: int, kind: str, k: int | None = None, num_samples: int | None = None,
-                   temperature: float, teacher: str, seq_len: int | None = None, has_tokens: bool = True) -> dict:
-    """The manifest fields that fix a cache's format (everything but its shard list)."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= 1 << _bits.MAX_WIDTH:
-        raise ValueError(f"vocab_size must be an int in [1, {1 << _bits.MAX_WIDTH}], got {vocab_size!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if kind == "topk":
-        if num_samples is not None:
-            raise ValueError("num_samples is for kind='sampled'; a top-k cache takes k")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
-            raise ValueError(f"k must be an int in [1, vocab_size={vocab_size}], got {k!r}")
-    else:
-        if k is not None:
-            raise ValueError("k is for kind='topk'; a sampled cache takes num_samples")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= 255:
-            raise ValueError(f"num_samples must be an int in [1, 255], got {num_samples!r}")
-        k = num_samples
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not isinstance(teacher, str) or not teacher:
-        raise ValueError(f"teacher must be a non-empty name, got {teacher!r}")
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-        raise ValueError(f"seq_len must be a positive int or None, got {seq_len!r}")
-    return {
-        "kind": kind, "k": k, "num_samples": num_samples, "vocab_size": vocab_size,
-        "temperature": float(temperature), "teacher": teacher, "seq_len": seq_len,
-        "id_bits": _bits.width_for(vocab_size),
-        "count_bits": _bits.width_for(num_samples + 1) if kind == "sampled" else None,
-        "logprob_quantisation": _codec.logprob_quantisation(k) if kind == "topk" else None,
-        "has_tokens": bool(has_tokens),
-    }
+OWN_TMP = re.compile(r"(manifest\.json|shard-\d{5,}\.safetensors)\.tmp")  # what write_atomic leaves when killed
 
 
 class CacheWriter:
@@ -69,41 +34,53 @@ class CacheWriter:
                  seq_len: int | None = None, has_tokens: bool = True, shard_tokens: int = SHARD_TOKENS):
         if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
             raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
-        settings = cache_settings(vocab_size=vocab_size, kind=kind, k=k, num_samples=num_samples,
+        settings = _format.cache_settings(vocab_size=vocab_size, kind=kind, k=k, num_samples=num_samples,
                                   temperature=temperature, teacher=teacher, seq_len=seq_len,
                                   has_tokens=has_tokens)
         self.directory, self.shard_tokens = directory, shard_tokens
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise _store.CacheError(f"{directory!r} is a file, not a cache directory")
         os.makedirs(directory, exist_ok=True)
-        self._lock = open(os.path.join(directory, LOCK), "a")  # held while this writer lives
+        self._lock = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # held while this writer lives
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
+            os.close(self._lock)
             raise _store.CacheError(f"{directory!r} is being written by another CacheWriter "
                                     "(another process, or an unclosed writer)") from None
         try:
             self.manifest = self._open(settings)
         except BaseException:
-            self._lock.close()
+            os.close(self._lock)
             raise
         self._pending: list[tuple[SparseTeacher, torch.Tensor | None]] = []
+        self._failed: BaseException | None = None  # a flush that failed: appends refused until one succeeds
 
     def _open(self, settings: dict) -> dict:
         """The manifest to continue: the directory's (same settings only) or a new, empty one."""
         directory = self.directory
-        for stale in glob.glob(os.path.join(glob.escape(directory), "*.tmp")):
-            os.remove(stale)  # a write that was killed before its rename
-        if os.path.exists(os.path.join(directory, _store.MANIFEST)):
+        names = os.listdir(directory)
+        if _store.MANIFEST in names:
             manifest = _store.read_manifest(directory)
             diff = [f"{key}: cache has {manifest.get(key)!r}, asked for {settings[key]!r}"
-                    for key in _SETTINGS if manifest.get(key) != settings[key]]
+                    for key in _format.SETTINGS if manifest.get(key) != settings[key]]
             if diff:
                 raise _store.CacheError(f"{directory!r} holds a cache with other settings; use a new "
                                         "directory to write a different one (" + "; ".join(diff) + ")")
-            return manifest
-        manifest = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION,
-                    **settings, "num_tokens": 0, "shards": [], "created_by": f"fastkd {__version__}"}
-        _store.write_manifest(directory, manifest)
+        else:
+            orphans = sorted(n for n in names if _format.SHARD_NAME.fullmatch(n))
+            if orphans:
+                raise _store.CacheError(
+                    f"{directory!r} holds shard files ({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}) "
+                    f"but no {_store.MANIFEST}: refusing to write over them; move them away, or write to "
+                    "another directory")
+            manifest = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION,
+                        **settings, "num_tokens": 0, "shards": [], "created_by": f"fastkd {__version__}"}
+        for stale in names:  # only this format's own temporary files: a write killed before its rename
+            if OWN_TMP.fullmatch(stale):
+                os.remove(os.path.join(directory, stale))
+        if _store.MANIFEST not in names:
+            _store.write_manifest(directory, manifest)
         return manifest
 
     @property
@@ -113,6 +90,13 @@ class CacheWriter:
 
     def append(self, teacher: SparseTeacher, tokens: torch.Tensor | None = None) -> None:
         """Add rows: `teacher` [..., k] and, when the cache keeps them, the input token ids [...]."""
+        if self._lock is None:
+            raise _store.CacheError(f"{self.directory!r}: this CacheWriter is closed")
+        if self._failed is not None:
+            raise _store.CacheError(
+                f"{self.directory!r}: writing a shard failed ({self._failed!r}); its rows are still "
+                "buffered, so appending more would shift every later token. close() retries them (or "
+                "reopen the directory, which resumes after the last shard written)")
         m = self.manifest
         if not isinstance(teacher, SparseTeacher):
             raise TypeError(f"teacher must be a fastkd.SparseTeacher, got {type(teacher).__name__}")
@@ -133,6 +117,16 @@ class CacheWriter:
                              f"{tuple(teacher.tail_logmass.shape)} do not fit indices {tuple(teacher.indices.shape)}")
         rows = SparseTeacher(ids, teacher.logprobs.detach().reshape(-1, m["k"]).float().cpu(),
                              teacher.tail_logmass.detach().reshape(-1).float().cpu(), m["temperature"], m["kind"])
+        bad = rows.logprobs.isnan().any(-1) | rows.tail_logmass.isnan()
+        if bad.any():  # a teacher row with a NaN or +inf logit (docs/math.md): never cached as data
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"teacher: row {r} of this batch (cache token {self.num_tokens + self._buffered() + r}) "
+                             "is NaN: the teacher's logits there hold a NaN or +inf (an fp16 overflow?)")
+        high = (rows.logprobs > 1e-3).any(-1) | (rows.tail_logmass > 1e-3)
+        if high.any():
+            r = int(high.nonzero()[0, 0])
+            raise ValueError(f"teacher: row {r} has log-probs above 0 (raw logits?); cache rows from "
+                             "fastkd.topk_teacher or fastkd.sample_teacher")
         if m["kind"] == "sampled":  # log(count / num_samples), counts summing to num_samples (or an empty row)
             counts = rows.logprobs.double().exp() * m["num_samples"]
             total = counts.sum(-1)
@@ -158,30 +152,43 @@ class CacheWriter:
         return sum(rows.indices.shape[0] for rows, _ in self._pending)
 
     def flush(self) -> None:
-        """Write the buffered rows as one shard and record it in the manifest. The buffer is
-        taken first and the manifest replaced last, so an interrupt anywhere in between leaves
-        the cache as it was (the rows are lost, not doubled; a resumed run recomputes them)."""
-        pending, self._pending = self._pending, []
-        n = sum(rows.indices.shape[0] for rows, _ in pending)
+        """Write the buffered rows as one shard and record it in the manifest (replaced last, so
+        an interrupt or an error anywhere leaves the cache as it was). The buffer is emptied only
+        once the manifest lists the shard: a failed write (a full disk) keeps every row, and the
+        next flush or close() writes the same rows again -- never a shorter, shifted cache."""
+        if self._lock is None:
+            raise _store.CacheError(f"{self.directory!r}: this CacheWriter is closed")
+        n = self._buffered()
         if not n:
             return
         m = self.manifest
-        tensors = _codec.encode(_codec.cat_rows([rows for rows, _ in pending], m), m)
+        tensors = _codec.encode(_codec.cat_rows([rows for rows, _ in self._pending], m), m)
         if m["has_tokens"]:
-            tensors["tokens"] = _bits.pack(torch.cat([t for _, t in pending]), m["id_bits"])
+            tensors["tokens"] = _bits.pack(torch.cat([t for _, t in self._pending]), m["id_bits"])
         name = f"shard-{len(m['shards']):05d}.safetensors"
         data = _store.shard_bytes(tensors, {"format": _store.FORMAT, "num_tokens": n, "first_token": m["num_tokens"]})
-        entry = dict(_store.write_shard(self.directory, name, data), num_tokens=n)
-        updated = dict(m, shards=m["shards"] + [entry], num_tokens=m["num_tokens"] + n)
-        _store.write_manifest(self.directory, updated)
-        self.manifest = updated
+        try:
+            entry = dict(_store.write_shard(self.directory, name, data), num_tokens=n)
+            updated = dict(m, shards=m["shards"] + [entry], num_tokens=m["num_tokens"] + n)
+            _store.write_manifest(self.directory, updated)
+        except BaseException as e:
+            self._failed = e
+            raise
+        self.manifest, self._pending, self._failed = updated, [], None
 
     def close(self) -> None:
         """Write what is buffered and release the directory."""
-        if self._lock.closed:
+        if self._lock is None:
             return
         self.flush()
-        self._lock.close()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Release the directory without writing what is buffered (at most one shard's rows,
+        which a resumed run recomputes): the cache keeps the shards already written."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self):
         return self
@@ -190,4 +197,4 @@ class CacheWriter:
         if exc_type is None:
             self.close()
         else:  # keep the shards written so far; what is buffered may be incomplete
-            self._lock.close()
+            self.abandon()

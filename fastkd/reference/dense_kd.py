@@ -2,7 +2,7 @@
 other backend is tested against. The math is fastkd/_math.py, the same as the kernels'."""
 import torch
 
-from .. import _math
+from .. import _math, _op_checks
 from ._rows import chunked_rows, finish_rows, finite_rows, not_a_number, softmax_parts
 
 
@@ -29,6 +29,8 @@ def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, c
 def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index,
              hard_weight, scale_by_t2, grad_scale, compute_grad):
     """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_schemas.py."""
+    _op_checks.row_loss("dense_kd", student, labels, temperature, ignore_index, hard_weight)
+    _op_checks.dense(student, teacher, divergence, beta)
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     return chunked_rows(student, labels, compute_grad, lambda rows, lab: _dense_chunk(
         student[rows], teacher[rows], lab, divergence, temperature, beta, ignore_index, w, compute_grad))

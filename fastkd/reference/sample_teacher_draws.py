@@ -1,12 +1,14 @@
 """Backend "torch" of the op sample_teacher_draws (fastkd/_schemas.py)."""
 import torch
 
+from .. import _op_checks
 from ._rows import chunk_rows
 
 
 def sample_teacher_draws(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
     """The first id whose running sum of exp(t / T - max) exceeds u * total, for each sorted
     uniform u ([N, S] -> [N, S] ids; -1 for a row with no finite logit)."""
+    _op_checks.draws(logits, uniforms, temperature)
     n, vocab = logits.shape
     draws = torch.empty(uniforms.shape, dtype=torch.long, device=logits.device)
     step = chunk_rows(vocab)

@@ -6,7 +6,7 @@ loss and gradient however far below the row's maximum its parts lie. Row sums in
 """
 import torch
 
-from .. import _math, _sparse_math
+from .. import _math, _op_checks, _sparse_math
 from ._rows import NEG_INF, chunked_rows, finish_rows, finite_rows, log_normaliser
 
 
@@ -42,8 +42,10 @@ def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, 
 def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
               hard_weight, scale_by_t2, grad_scale, compute_grad):
     """student [N, V], indices/logprobs [N, k], tail_logmass [N] -> (loss [N], grad [N, V])."""
+    _op_checks.row_loss("sparse_kd", student, labels, temperature, ignore_index, hard_weight)
+    _op_checks.sparse(student, indices, logprobs, tail_logmass)
     if tail not in _sparse_math.TAILS:
-        raise ValueError(f"unknown tail={tail!r}; expected one of {_sparse_math.TAILS}")
+        raise RuntimeError(f"fastkd::sparse_kd: unknown tail '{tail}'")
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     return chunked_rows(student, labels, compute_grad, lambda rows, lab: _sparse_chunk(
         student[rows], indices[rows], logprobs[rows], tail_logmass[rows], lab, tail, temperature,

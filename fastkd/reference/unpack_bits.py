@@ -2,6 +2,8 @@
 and the encoder are in fastkd/cache/_bits.py (docs/cache-format.md)."""
 import torch
 
+from .. import _op_checks
+
 
 def slots(width: int):
     """(slot, first byte, shift, bytes spanned) for the 8 slots of a group of 8 `width`-bit values
@@ -14,6 +16,7 @@ def slots(width: int):
 def unpack_bits(stream: torch.Tensor, width: int, start: int, stop: int) -> torch.Tensor:
     """Values [start, stop) of a packed uint8 stream -> int64 [stop - start]: the groups that hold
     them, slot by slot."""
+    _op_checks.unpack_bits(stream, width, start, stop)
     g0, g1 = start // 8, -(-stop // 8)
     groups = stream[g0 * width:g1 * width].view(g1 - g0, width)
     out = torch.empty(g1 - g0, 8, dtype=torch.int32)

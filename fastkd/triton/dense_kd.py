@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _math as host_math
+from .. import _math as host_math, _op_checks
 from . import _config
 from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, log1p, log2_total, online_update,
                     online_update_weighted)
@@ -43,7 +43,10 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
     m_1 = tl.full((), ninf, ACC)
     s_1 = tl.zeros((), ACC)
     keep = label != ignore_index
-    if keep:
+    bad_label = label < -1  # false; a kept label outside [0, V) makes the row NaN (no host check on CUDA)
+    if HAS_LABELS:
+        bad_label = keep & ((label < 0) | (label >= V))
+    if keep & (bad_label == 0):
         # 1. running max and sum of exp2 for a, b (and s at T = 1)
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -63,7 +66,7 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
     lse_a = log2_total(m_a, s_a)  # log2 units
     lse_b = log2_total(m_b, s_b)
     # a NaN or +inf logit makes its running sum NaN: the row is NaN (docs/math.md)
-    numbers = (s_a == s_a) & (s_b == s_b) & (s_1 == s_1)
+    numbers = (s_a == s_a) & (s_b == s_b) & (s_1 == s_1) & (bad_label == 0)
     poison = keep & (numbers == 0)
     live = keep & (m_a > ninf) & numbers  # a kept row with a student distribution
     kd_on = live & (m_b > ninf)  # ... and a teacher distribution
@@ -133,8 +136,8 @@ _tuned = _config.autotuned(_dense_kd_kernel)
 def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
              scale_by_t2, grad_scale, compute_grad):
     """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_schemas.py."""
-    if divergence not in DIVERGENCE_CODES:
-        raise ValueError(f"unknown divergence={divergence!r}; expected one of {tuple(DIVERGENCE_CODES)}")
+    _op_checks.row_loss("dense_kd", student, labels, temperature, ignore_index, hard_weight)
+    _op_checks.dense(student, teacher, divergence, beta)
     n, vocab = student.shape
     acc = host_math.acc_dtype(student.dtype)
     s = student if student.stride(-1) == 1 else student.contiguous()

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _op_checks
 from . import _config
 from ._math import LOG2E
 
@@ -53,6 +54,7 @@ def _sample_teacher_kernel(X, U, OUT, V, S, stride_x, scale2, S_PAD: tl.constexp
 
 def sample_teacher_draws(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits [N, V], uniforms [N, S] fp64 ascending in [0, 1) -> draws [N, S] int64 ascending."""
+    _op_checks.draws(logits, uniforms, temperature)
     n, vocab = logits.shape
     s = uniforms.shape[1]
     x = logits if logits.stride(-1) == 1 else logits.contiguous()

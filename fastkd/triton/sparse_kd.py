@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _math as host_math
+from .. import _math as host_math, _op_checks
 from .._sparse_math import TAILS
 from . import _config
 from ._math import LN2, LOG2E, TAIL_CODES, exp_below, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
@@ -41,6 +41,11 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
     lp = tl.load(lp_row + c, mask=c < K, other=ninf).to(ACC)
     ids = tl.load(id_row + c, mask=c < K, other=V)
     known = lp > ninf
+    in_range = (ids >= 0) & (ids < V)
+    # what the host checks on CPU tensors, here a NaN row: a real id outside [0, V), a log-prob
+    # above 0 (raw logits?) -- and, below, a repeated id
+    bad = tl.sum((known & (in_range == 0)).to(tl.int32), 0) + tl.sum((lp > 1e-3).to(tl.int32), 0)
+    known = known & in_range
     a_in = tl.where(known, tl.load(s_row + tl.where(known, ids, 0), mask=known, other=ninf).to(ACC) * inv_t, ninf)
     m_p = tl.max(lp, 0)
     log_p = tl.where(m_p > ninf, m_p + tl.log(tl.sum(tl.exp(lp - tl.where(m_p > ninf, m_p, 0.0)), 0)), ninf)
@@ -55,6 +60,7 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
     s_1 = tl.zeros((), ACC)
     if keep:
         ptr = 0
+        last = -1
         nxt = tl.load(id_row, mask=K > 0, other=V)
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -62,6 +68,8 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
             in_i = offs < 0
             while (nxt < start + BLOCK) & (nxt < V):
                 in_i = in_i | (offs == nxt)
+                bad += (nxt == last).to(tl.int32)
+                last = nxt
                 ptr += 1
                 nxt = tl.load(id_row + ptr, mask=ptr < K, other=V)
             x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
@@ -72,7 +80,7 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
                 m_1, s_1 = online_update(m_1, s_1, x * LOG2E)
     tail_lp = tl.load(TAIL + row).to(ACC)
     # a NaN or +inf logit makes its running sum NaN, a NaN logprob log P: the row is NaN
-    numbers = (s_a == s_a) & (log_p == log_p) & (tail_lp == tail_lp)
+    numbers = (s_a == s_a) & (log_p == log_p) & (tail_lp == tail_lp) & (bad == 0) & (tail_lp <= 1e-3)
     poison = keep & (numbers == 0)
     live = keep & (m_a > ninf) & numbers
     lse_tail = log2_total(m_t, s_t) * LN2
@@ -123,8 +131,10 @@ _tuned = _config.autotuned(_sparse_kd_kernel)
 def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
               hard_weight, scale_by_t2, grad_scale, compute_grad):
     """student [N, V], indices/logprobs [N, k], tail_logmass [N] -> (loss [N], grad [N, V])."""
+    _op_checks.row_loss("sparse_kd", student, labels, temperature, ignore_index, hard_weight)
+    _op_checks.sparse(student, indices, logprobs, tail_logmass)
     if tail not in TAILS:
-        raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+        raise RuntimeError(f"fastkd::sparse_kd: unknown tail '{tail}'")
     n, vocab = student.shape
     k = indices.shape[-1]
     acc = host_math.acc_dtype(student.dtype)

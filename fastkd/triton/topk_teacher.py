@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _op_checks
 from . import _config
 from ._math import LN2, LOG2E, log2_total, online_update
 
@@ -69,16 +70,18 @@ def _topk_teacher_kernel(X, IDX, LP, TAIL, V, k, stride_x, scale, K_PAD: tl.cons
     hi = tl.maximum(lse_in, lse_tail)
     lse_all = hi + tl.log(tl.exp(lse_in - hi) + tl.exp(lse_tail - hi))
     has = m > ninf
+    # a NaN or +inf logit sorts first (or, a negative NaN, into the tail's sum): the row is NaN
+    v0 = tl.sum(tl.where(c == 0, vals, 0.0), 0)
+    bad = (v0 != v0) | (v0 == float("inf")) | (s_t != s_t)
     tl.store(IDX + row * k + c, ids, mask=c < k)
-    tl.store(LP + row * k + c, tl.where(has, vals - lse_all, ninf), mask=c < k)
-    tl.store(TAIL + row, tl.where(has, lse_tail - lse_all, ninf))
+    tl.store(LP + row * k + c, tl.where(bad, float("nan"), tl.where(has, vals - lse_all, ninf)), mask=c < k)
+    tl.store(TAIL + row, tl.where(bad, float("nan"), tl.where(has, lse_tail - lse_all, ninf)))
 
 
 def topk_teacher(logits: torch.Tensor, k: int, temperature: float):
     """logits [N, V] -> (ids [N, k] largest first, logprobs [N, k] fp32, tail_logmass [N] fp32)."""
+    _op_checks.topk(logits, k, temperature)
     n, vocab = logits.shape
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
     if k > MAX_K:
         raise ValueError(f"backend='triton' keeps at most k={MAX_K} entries per row, got k={k}; "
                          "use backend='torch' for more")

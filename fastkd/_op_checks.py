@@ -1,0 +1,135 @@
+"""The argument checks of the Python backends' ops (torch, triton), the twins of the C++ ops'
+TORCH_CHECKs (csrc/cpu/op_args.cpp and the op files): an op called directly through
+torch.ops.fastkd checks what it trusts. Checks of values (ids, labels, uniforms) read the data,
+so they run on CPU tensors only; on CUDA the kernels make such a row NaN instead of reading out
+of bounds (docs/math.md, "NaN is never hidden"). Errors are RuntimeErrors like TORCH_CHECK's.
+"""
+import math
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+LOGPROB_SLACK = 1e-3  # log-probs above this are not log-probs (raw logits?)
+
+
+def _fail(op: str, why: str):
+    raise RuntimeError(f"fastkd::{op}: {why}")
+
+
+def _reads_values(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def row_loss(op, student, labels, temperature, ignore_index, hard_weight):
+    if student.dim() != 2 or not student.is_floating_point():
+        _fail(op, f"student must be a floating-point [N, V] tensor, got {student.dtype} {tuple(student.shape)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        _fail(op, f"temperature must be positive and finite, got {temperature}")
+    if not 0 <= hard_weight <= 1:
+        _fail(op, f"hard_weight must lie in [0, 1], got {hard_weight}")
+    n, vocab = student.shape
+    if labels is None:
+        if hard_weight > 0:
+            _fail(op, "hard_weight > 0 needs labels")
+        return
+    if labels.dtype != torch.long or tuple(labels.shape) != (n,):
+        _fail(op, f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    if _reads_values(labels):
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            r = int(bad.nonzero()[0, 0])
+            _fail(op, f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {int(labels[r])} at row {r}")
+
+
+def dense(student, teacher, divergence, beta):
+    if teacher.shape != student.shape or teacher.dtype != student.dtype:
+        _fail("dense_kd", f"student {student.dtype} {tuple(student.shape)} and teacher {teacher.dtype} "
+                          f"{tuple(teacher.shape)} must match")
+    if divergence not in DIVERGENCES:
+        _fail("dense_kd", f"unknown divergence '{divergence}'")
+    if divergence == "jsd" and not 0 < beta < 1:
+        _fail("dense_kd", f"beta must lie in (0, 1) for jsd, got {beta}")
+    if divergence.startswith("skew_") and not 0 <= beta < 1:
+        _fail("dense_kd", f"beta must lie in [0, 1) for {divergence}, got {beta}")
+
+
+def sparse(student, indices, logprobs, tail_logmass):
+    n, vocab = student.shape
+    if indices.dim() != 2 or indices.shape[0] != n or logprobs.shape != indices.shape:
+        _fail("sparse_kd", f"indices and logprobs must be [{n}, k], got {tuple(indices.shape)} and {tuple(logprobs.shape)}")
+    if indices.shape[1] < 1:
+        _fail("sparse_kd", "a sparse teacher needs k >= 1 entries per row")
+    if tuple(tail_logmass.shape) != (n,):
+        _fail("sparse_kd", f"tail_logmass must be [{n}], got {tuple(tail_logmass.shape)}")
+    if indices.dtype != torch.long or logprobs.dtype != torch.float32 or tail_logmass.dtype != torch.float32:
+        _fail("sparse_kd", "indices must be int64, logprobs and tail_logmass float32")
+    if _reads_values(indices):
+        why = sparse_values(indices, logprobs, tail_logmass, vocab)
+        if why:
+            _fail("sparse_kd", why)
+
+
+def sparse_values(indices, logprobs, tail_logmass, vocab, prefix=""):
+    """Why the teacher's values cannot be used (None if they can): ids of real entries (finite or
+    NaN logprob) in [0, vocab) and unique per row, log-probs and tail log-mass <= 0 (to rounding).
+    Rows [N, k]; `prefix` names the fields ("teacher." for the public functions)."""
+    known = ~(logprobs == float("-inf"))
+    bad = known & ((indices < 0) | (indices >= vocab))
+    if bad.any():
+        r, c = bad.nonzero()[0].tolist()
+        return f"{prefix}indices must lie in [0, {vocab}); got {int(indices[r, c])} at row {r}"
+    k = indices.shape[-1]
+    ids = torch.where(known, indices, -1 - torch.arange(k, device=indices.device))  # padding never collides
+    srt = ids.sort(-1).values
+    dup = srt[:, 1:] == srt[:, :-1]
+    if dup.any():
+        r, c = dup.nonzero()[0].tolist()
+        return f"{prefix}indices has a duplicate id {int(srt[r, c])} in row {r}"
+    high = (logprobs > LOGPROB_SLACK).any(-1) | (tail_logmass > LOGPROB_SLACK)
+    if high.any():
+        r = int(high.nonzero()[0, 0])
+        return (f"{prefix}logprobs must be log-probabilities (<= 0); row {r} has "
+                f"{max(float(logprobs[r].max()), float(tail_logmass[r])):.4g} (raw logits? use "
+                "fastkd.topk_teacher or fastkd.sample_teacher)")
+    return None
+
+
+def teacher_logits(op, logits, temperature):
+    if logits.dim() != 2 or not logits.is_floating_point():
+        _fail(op, f"logits must be a floating-point [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        _fail(op, f"temperature must be positive and finite, got {temperature}")
+
+
+def topk(logits, k, temperature):
+    teacher_logits("topk_teacher", logits, temperature)
+    if not 1 <= k <= logits.shape[1]:
+        _fail("topk_teacher", f"k must lie in [1, V={logits.shape[1]}], got {k}")
+
+
+def draws(logits, uniforms, temperature):
+    teacher_logits("sample_teacher_draws", logits, temperature)
+    n = logits.shape[0]
+    if uniforms.dim() != 2 or uniforms.shape[0] != n or uniforms.dtype != torch.float64:
+        _fail("sample_teacher_draws", f"uniforms must be float64 [{n}, S], got {uniforms.dtype} {tuple(uniforms.shape)}")
+    if _reads_values(uniforms) and uniforms.numel():
+        if not ((uniforms >= 0) & (uniforms < 1)).all():
+            _fail("sample_teacher_draws", "uniforms must lie in [0, 1)")
+        if (uniforms[:, 1:] < uniforms[:, :-1]).any():
+            _fail("sample_teacher_draws", "uniforms must ascend along each row")
+
+
+def unpack_bits(stream, width, start, stop):
+    if stream.dim() != 1 or stream.dtype != torch.uint8:
+        _fail("unpack_bits", f"stream must be a 1-D uint8 tensor, got {stream.dtype} {tuple(stream.shape)}")
+    if not 1 <= width <= 24:
+        _fail("unpack_bits", f"width must lie in [1, 24], got {width}")
+    if not 0 <= start <= stop <= stream.numel() * 8 // width:  # no product of stop that can overflow
+        _fail("unpack_bits", f"values [{start}, {stop}) lie outside a stream of {stream.numel()} bytes at {width} bits")
+
+
+def unpack_monotone(bitmap, count):
+    if bitmap.dim() != 2 or bitmap.dtype != torch.uint8:
+        _fail("unpack_monotone", f"bitmap must be a 2-D uint8 tensor, got {bitmap.dtype} {tuple(bitmap.shape)}")
+    if not 0 <= count <= bitmap.shape[1] * 8:
+        _fail("unpack_monotone", f"count must lie in [0, {bitmap.shape[1] * 8}], got {count}")
