@@ -13,6 +13,13 @@ def row_weight(labels, ignore_index: int, reduction: str, n_rows: int, device: t
     return 1.0 / max(kept, 1)
 
 
+def kept_rows(labels, ignore_index: int, n_rows: int):
+    """The number of kept rows, at least 1 (a device tensor with labels: no host sync)."""
+    if labels is None:
+        return max(n_rows, 1)
+    return (labels != ignore_index).sum().clamp_min(1)
+
+
 def reduce_rows(rows: torch.Tensor, labels, ignore_index: int, reduction: str, lead_shape):
     """rows: [N] per-row losses (0 at ignored rows). "mean" divides by the number of kept rows,
     and is 0 (not NaN) when no row is kept; "none" returns the logits' leading shape."""

@@ -37,7 +37,9 @@ def check_pair(student, teacher, student_name="student_logits", teacher_name="te
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"vocabulary sizes differ: {student_name} has V={student.shape[-1]}, "
-            f"{teacher_name} has V={teacher.shape[-1]}"
+            f"{teacher_name} has V={teacher.shape[-1]}; for LM heads padded past one tokenizer's "
+            f"vocabulary pass vocab_size=<its size> (the loss then runs over the first vocab_size "
+            f"columns of each)"
         )
     if student.shape != teacher.shape:
         raise ValueError(
@@ -51,6 +53,28 @@ def check_pair(student, teacher, student_name="student_logits", teacher_name="te
             f"{student_name} is {student.dtype} but {teacher_name} is {teacher.dtype}; pass both in "
             f"one dtype, e.g. {teacher_name}.to({student.dtype})"
         )
+
+
+def vocab_in_use(vocab_size, *sizes: int) -> int | None:
+    """The columns the loss runs over (DESIGN 1, padded LM heads): None (all, sizes must agree)
+    or vocab_size, at most every given size."""
+    if vocab_size is None:
+        return None
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    if any(vocab_size > v for v in sizes):
+        raise ValueError(f"vocab_size={vocab_size} exceeds a vocabulary dimension of {min(sizes)}")
+    return vocab_size
+
+
+def vocab_columns(vocab_size, student, teacher=None):
+    """(student, teacher) cut to their first `vocab_size` columns (views; the teacher may be None)."""
+    if vocab_size is None or not isinstance(student, torch.Tensor):
+        return student, teacher
+    sizes = [student.shape[-1]] + ([teacher.shape[-1]] if isinstance(teacher, torch.Tensor) else [])
+    v = vocab_in_use(vocab_size, *sizes)
+    cut = lambda x: x if not isinstance(x, torch.Tensor) or x.shape[-1] == v else x[..., :v]  # noqa: E731
+    return cut(student), cut(teacher)
 
 
 def check_temperature(temperature) -> float:

@@ -43,9 +43,28 @@ def _check_teacher(teacher, student):
     return idx, lp, tail.reshape(-1).float()
 
 
+def resolve_tail(tail, teacher, divergence, temperature):
+    """The tail mode to run (a sampled teacher always uses renorm_teacher), after checking the
+    divergence, the tail's name and that `temperature` (if given) is the teacher's."""
+    if divergence != "forward_kl":
+        raise ValueError(f"divergence={divergence!r}: a sparse teacher supports only 'forward_kl' "
+                         "(the other divergences need the teacher's full distribution)")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+    if temperature is not None and float(temperature) != float(teacher.temperature):
+        raise ValueError(f"temperature={temperature} differs from the teacher's temperature={teacher.temperature}: "
+                         "a sparse teacher's tempered distribution is fixed when it is compressed; "
+                         "rebuild the teacher at the temperature you want")
+    if teacher.kind == "sampled":
+        if tail == "renorm_both":
+            raise ValueError("tail='renorm_both' is biased for a sampled teacher; sampled KD uses 'renorm_teacher'")
+        return "renorm_teacher"
+    return tail
+
+
 def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", labels=None,
                    ignore_index=-100, hard_weight=0.0, scale_by_t2=True, temperature=None,
-                   divergence="forward_kl", backend="auto"):
+                   divergence="forward_kl", vocab_size=None, backend="auto"):
     """Forward-KL distillation loss of `student_logits` [..., V] against a sparse teacher.
 
     teacher: a SparseTeacher from fastkd.topk_teacher / fastkd.sample_teacher, [..., k].
@@ -54,25 +73,15 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
         "renorm_both".
     temperature: the teacher's (fixed when it was compressed); passing another value is an error.
     divergence: only "forward_kl" is defined for sparse teachers.
+    vocab_size: run over the student's first V columns (a padded LM head); teacher ids must be < V.
     Other options as in fastkd.kd_loss. Returns a float32 loss in nats (float64 for fp64 logits).
     """
     _validate.check_logits("student_logits", student_logits)
     _validate.check_not_transformed(student_logits)
-    if divergence != "forward_kl":
-        raise ValueError(f"divergence={divergence!r}: a sparse teacher supports only 'forward_kl' "
-                         "(the other divergences need the teacher's full distribution)")
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+    student_logits, _ = _validate.vocab_columns(vocab_size, student_logits)
     idx, lp, tail_lp = _check_teacher(teacher, student_logits)
     t_temp = _validate.check_temperature(teacher.temperature)
-    if temperature is not None and float(temperature) != t_temp:
-        raise ValueError(f"temperature={temperature} differs from the teacher's temperature={t_temp}: "
-                         "a sparse teacher's tempered distribution is fixed when it is compressed; "
-                         "rebuild the teacher at the temperature you want")
-    if teacher.kind == "sampled":
-        if tail == "renorm_both":
-            raise ValueError("tail='renorm_both' is biased for a sampled teacher; sampled KD uses 'renorm_teacher'")
-        tail = "renorm_teacher"
+    tail = resolve_tail(tail, teacher, divergence, temperature)
     _validate.check_reduction(reduction)
     flat_labels = _validate.check_labels(labels, student_logits, ignore_index, hard_weight)
     if not isinstance(scale_by_t2, bool):
@@ -94,14 +103,15 @@ class SparseKDLoss(torch.nn.Module):
     """
 
     def __init__(self, *, tail="bucket", reduction="mean", ignore_index=-100, hard_weight=0.0,
-                 scale_by_t2=True, temperature=None, divergence="forward_kl", backend="auto"):
+                 scale_by_t2=True, temperature=None, divergence="forward_kl", vocab_size=None, backend="auto"):
         super().__init__()
         if tail not in TAILS:
             raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
         _validate.check_reduction(reduction)
         self.options = dict(tail=tail, reduction=reduction, ignore_index=ignore_index,
                             hard_weight=hard_weight, scale_by_t2=scale_by_t2,
-                            temperature=temperature, divergence=divergence, backend=backend)
+                            temperature=temperature, divergence=divergence, vocab_size=vocab_size,
+                            backend=backend)
 
     def forward(self, student_logits, teacher, labels=None):
         return sparse_kd_loss(student_logits, teacher, labels=labels, **self.options)

@@ -1,0 +1,248 @@
+"""`fastkd.fused_linear_kd_loss` / `fastkd.FusedLinearKDLoss`: KD straight from the last hidden
+states and the LM head, never holding the [N, V] student logits (DESIGN 1).
+
+The rows are taken a chunk at a time: the chunk's student logits h_c W^T (+ b, soft-capped) go
+into one [chunk, V] buffer reused for every chunk, the teacher's logits for the chunk (its own
+hidden states and head, under no_grad, or rows of a SparseTeacher) beside them, and the fused row
+op of the chosen backend (dense_kd or sparse_kd) turns them into the loss and the logits'
+gradient G. Then grad_hidden[c] = G W and grad_weight += G^T h_c, grad_bias += sum G, accumulated
+in fp32 for 16-bit weights. So the three GEMMs of a linear layer run once each, in the forward
+pass; backward only scales. (With reduction="none" the upstream gradient differs per row, so the
+forward keeps only the loss and backward runs the chunk loop again.)
+
+chunk_size=None picks the chunk so that the per-chunk [chunk, V] buffers -- student logits,
+teacher logits and the op's gradient, fp32 when upcast -- take about 1/8 of the device's free
+memory (CUDA: torch.cuda.mem_get_info), or 256 MiB on the CPU, between 1 and N rows; see
+`auto_chunk_rows`.
+"""
+import torch
+
+from . import _validate, backends
+from ._math import grad_dtype
+from ._reduce import kept_rows, reduce_rows
+from ._sparse_math import TAILS
+from .sparse_teacher import SparseTeacher
+
+CPU_CHUNK_BYTES = 256 << 20
+
+
+def auto_chunk_rows(n: int, vocab: int, element_size: int, device: torch.device) -> int:
+    """Rows per chunk: three [chunk, V] buffers within 1/8 of the free device memory (CUDA) or
+    256 MiB (CPU), at least 1 and at most n."""
+    budget = CPU_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 8
+    per_row = 3 * vocab * max(element_size, 4)
+    return max(1, min(n, budget // max(per_row, 1)))
+
+
+def _logits(h, weight, bias, softcap):
+    """h [n, H] @ weight [V, H]^T (+ bias), soft-capped: softcap * tanh(z / softcap)."""
+    z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+class _Chunked:
+    """The chunk loop, shared by forward (reduction mean/sum) and backward (reduction none)."""
+
+    def __init__(self, h, weight, bias, teacher_fn, row_op, labels, softcap, chunk, vocab, compute_dtype):
+        self.h, self.weight, self.bias = h, weight, bias
+        self.teacher_fn, self.row_op, self.labels = teacher_fn, row_op, labels
+        self.softcap, self.chunk, self.vocab, self.dtype = softcap, chunk, vocab, compute_dtype
+
+    def run(self, compute_grad: bool, row_scale=None, need=(True, True, True)):
+        """-> (loss rows [N] fp32, grad_h, grad_w (fp32, [V_full, H]), grad_b (fp32)); grads are
+        None where not needed. row_scale: [N] per-row factors applied to each chunk's gradient."""
+        h, weight, bias, dtype = self.h, self.weight, self.bias, self.dtype
+        n = h.shape[0]
+        w_used = weight[:self.vocab].to(dtype)
+        b_used = bias[:self.vocab].to(dtype) if bias is not None else None
+        gdt = grad_dtype(dtype)  # fp16's gradient GEMMs run in fp32: its range cannot hold them (docs/math.md)
+        w_grad = w_used.to(gdt) if compute_grad and need[0] else None
+        rows = torch.empty(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=grad_dtype(h.dtype), device=h.device) if compute_grad and need[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if dtype != torch.float64 else dtype,
+                             device=h.device) if compute_grad and need[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
+                             device=h.device) if compute_grad and bias is not None and need[2] else None
+        for a in range(0, n, self.chunk):
+            hc = h[a:a + self.chunk].to(dtype)
+            z = _logits(hc, w_used, b_used, self.softcap)
+            lab = None if self.labels is None else self.labels[a:a + self.chunk]
+            loss, g = self.row_op(z, self.teacher_fn(a, a + hc.shape[0], z.dtype), lab, compute_grad)
+            rows[a:a + hc.shape[0]] = loss
+            if not compute_grad:
+                continue
+            g = g.to(gdt)
+            if row_scale is not None:
+                g = g * row_scale[a:a + hc.shape[0]].unsqueeze(-1).to(gdt)
+            if self.softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2 = 1 - (z / c)^2
+                g = g * (1 - (z.to(gdt) / self.softcap) ** 2)
+            if grad_h is not None:
+                grad_h[a:a + hc.shape[0]] = (g @ w_grad).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w[:self.vocab] += (g.t() @ hc.to(gdt)).to(grad_w.dtype)
+            if grad_b is not None:
+                grad_b[:self.vocab] += g.sum(0, dtype=grad_b.dtype)
+        return rows, grad_h, grad_w, grad_b
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, loop, reduction, labels, ignore_index, lead):
+        ctx.loop, ctx.lead = loop, lead
+        ctx.grad_flags = need = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        eager = reduction != "none" and any(need)
+        rows, grad_h, grad_w, grad_b = loop.run(eager, need=need)
+        if eager:
+            kept = 1 if reduction == "sum" else kept_rows(labels, ignore_index, rows.shape[0])
+            ctx.grads = [None if g is None else g / (kept.to(g.dtype) if torch.is_tensor(kept) else kept)
+                         for g in (grad_h, grad_w, grad_b)]
+        else:
+            ctx.grads = None
+        ctx.weight_dtype = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.hidden_dtype = h.dtype
+        return reduce_rows(rows, labels, ignore_index, reduction, lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise NotImplementedError("fastkd's fused linear loss does not support double backward "
+                                      "(create_graph=True): its gradient has no graph of its own")
+        if ctx.grads is None:  # reduction="none": per-row factors, so run the chunks again
+            _, *grads = ctx.loop.run(True, row_scale=grad_out.reshape(-1), need=ctx.grad_flags)
+        else:
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+            ctx.grads = None
+        grad_h, grad_w, grad_b = grads
+        grad_h = None if grad_h is None else grad_h.to(ctx.hidden_dtype)
+        grad_w = None if grad_w is None else grad_w.to(ctx.weight_dtype[0])
+        grad_b = None if grad_b is None else grad_b.to(ctx.weight_dtype[1])
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, teacher_hidden=None,
+                         teacher_weight=None, teacher_bias=None, teacher=None, softcap=None, chunk_size=None,
+                         temperature=1.0, divergence="forward_kl", beta=0.5, tail="bucket", reduction="mean",
+                         labels=None, ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None,
+                         backend="auto"):
+    """KD loss of the student's LM head on its hidden states, without the [N, V] logits.
+
+    student_hidden [..., H]; student_weight [V_s, H] (the LM head, nn.Linear's layout);
+    student_bias [V_s] or None. The teacher is either dense -- teacher_hidden [..., H_t],
+    teacher_weight [V_t, H_t], teacher_bias [V_t] or None, used under no_grad -- or `teacher`, a
+    SparseTeacher [..., k] (forward KL with `tail`, at the teacher's temperature).
+    softcap: Gemma-style soft-capping of both sides' logits, c tanh(z / c), before temperature.
+    vocab_size: run over the first V rows of each head (padded heads); later rows get zero gradient.
+    chunk_size: rows per chunk (None: see auto_chunk_rows). Other options as in fastkd.kd_loss.
+    Under autocast the logits are computed in the autocast dtype. Returns the loss (fp32);
+    gradients reach student_hidden, student_weight and student_bias.
+    """
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        _validate.check_logits(name, x)
+        _validate.check_not_transformed(x)
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight must be [V, H] with H = student_hidden's {student_hidden.shape[-1]}, "
+                         f"got {tuple(student_weight.shape)}")
+    if student_bias is not None and tuple(student_bias.shape) != (student_weight.shape[0],):
+        raise ValueError(f"student_bias must be [{student_weight.shape[0]}], got {tuple(student_bias.shape)}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    dense = teacher is None
+    if dense == (teacher_weight is None) or dense != (teacher_hidden is not None):
+        raise ValueError("give the teacher either as teacher_hidden + teacher_weight (+ teacher_bias), "
+                         "or as teacher=SparseTeacher, not both and not neither")
+    lead, hid = student_hidden.shape[:-1], student_hidden.shape[-1]
+    h = student_hidden.reshape(-1, hid)
+    n = h.shape[0]
+    device = h.device
+    sizes = [student_weight.shape[0]] + ([teacher_weight.shape[0]] if dense else [])
+    vocab = _validate.vocab_in_use(vocab_size, *sizes)
+    if vocab is None:
+        if dense and teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(f"vocabulary sizes differ: student_weight has V={student_weight.shape[0]}, "
+                             f"teacher_weight has V={teacher_weight.shape[0]}; for LM heads padded past one "
+                             "tokenizer's vocabulary pass vocab_size=<its size>")
+        vocab = student_weight.shape[0]
+    temperature = _validate.check_temperature(temperature if dense else teacher.temperature if isinstance(
+        teacher, SparseTeacher) else temperature)
+    _validate.check_reduction(reduction)
+    flat_labels = _validate.check_labels(labels, student_hidden[..., :1].expand(*lead, vocab), ignore_index, hard_weight)
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+    chunk = chunk_size or auto_chunk_rows(n, vocab, torch.empty((), dtype=dtype).element_size(), device)
+
+    if dense:
+        beta = _validate.check_divergence(divergence, beta)
+        if teacher_hidden.shape[:-1] != lead or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_weight "
+                             f"{tuple(teacher_weight.shape)} must be [..., H_t] (the student's leading "
+                             f"shape {tuple(lead)}) and [V, H_t]")
+        th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        tw = teacher_weight.detach()[:vocab]
+        tb = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+        op = backends.kernel("dense_kd", backend, device)
+
+        def teacher_fn(a, b, logits_dtype):
+            with torch.no_grad():
+                return _logits(th[a:b].to(logits_dtype), tw.to(logits_dtype),
+                               None if tb is None else tb.to(logits_dtype), softcap)
+
+        def row_op(z, t, lab, compute_grad):
+            return op(z, t, lab, divergence, temperature, beta, ignore_index, float(hard_weight),
+                      scale_by_t2, 1.0, compute_grad)
+    else:
+        from .sparse_kd import _check_teacher, resolve_tail
+
+        probe = student_hidden[..., :1].expand(*lead, vocab)
+        idx, lp, tail_lp = _check_teacher(teacher, probe)
+        tail = resolve_tail(tail, teacher, divergence, None)
+        op = backends.kernel("sparse_kd", backend, device)
+
+        def teacher_fn(a, b, logits_dtype):
+            return idx[a:b], lp[a:b], tail_lp[a:b]
+
+        def row_op(z, t, lab, compute_grad):
+            return op(z, *t, lab, tail, temperature, ignore_index, float(hard_weight), scale_by_t2, 1.0,
+                      compute_grad)
+
+    loop = _Chunked(h, student_weight, student_bias, teacher_fn, row_op, flat_labels, softcap, chunk, vocab, dtype)
+    with torch.autocast(device.type, enabled=False):
+        return _FusedLinearKD.apply(h, student_weight, student_bias, loop, reduction, flat_labels, ignore_index, lead)
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """Module form of `fused_linear_kd_loss`, with the same options and defaults.
+
+    forward(student_hidden, student_weight, student_bias=None, *, teacher_hidden=None,
+            teacher_weight=None, teacher_bias=None, teacher=None, labels=None) -> loss
+    """
+
+    def __init__(self, *, softcap=None, chunk_size=None, temperature=1.0, divergence="forward_kl", beta=0.5,
+                 tail="bucket", reduction="mean", ignore_index=-100, hard_weight=0.0, scale_by_t2=True,
+                 vocab_size=None, backend="auto"):
+        super().__init__()
+        if tail not in TAILS:
+            raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+        _validate.check_temperature(temperature)
+        _validate.check_divergence(divergence, beta)
+        _validate.check_reduction(reduction)
+        self.options = dict(softcap=softcap, chunk_size=chunk_size, temperature=temperature,
+                            divergence=divergence, beta=beta, tail=tail, reduction=reduction,
+                            ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                            vocab_size=vocab_size, backend=backend)
+
+    def forward(self, student_hidden, student_weight, student_bias=None, *, teacher_hidden=None,
+                teacher_weight=None, teacher_bias=None, teacher=None, labels=None):
+        return fused_linear_kd_loss(student_hidden, student_weight, student_bias=student_bias,
+                                    teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                    teacher_bias=teacher_bias, teacher=teacher, labels=labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
