@@ -14,7 +14,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers triton pytest hypothesis pytest-benchmark expecttest
+	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate triton pytest hypothesis pytest-benchmark expecttest
 	touch $@
 
 venv: $(VENV)/.deps

@@ -1,0 +1,122 @@
+"""fastkd.hf: knowledge distillation for Hugging Face causal LMs without materialising logits
+(the optional extra `pip install 'fastkd[hf]'`; the only module that imports transformers).
+
+    loss = fastkd.hf.causal_lm_kd_loss(student, input_ids, teacher_model=teacher,
+                                       attention_mask=mask, temperature=2.0)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher,
+                                            kd_options={"temperature": 2.0}, args=..., train_dataset=...)
+
+The student's backbone runs (not its LM head); the head's weight (and bias, and the config's
+`final_logit_softcapping`) go to fastkd.fused_linear_kd_loss with the last hidden states, so the
+[B, L, V] logits never exist. Conventions, stated because other integrations differ silently:
+- Hugging Face's shift: the hidden state at position i is trained against the teacher at
+  position i and the label at i + 1. Positions whose shifted label is `ignore_index`, or whose
+  attention mask (at i or i + 1) is 0, are ignored. `labels` defaults to `input_ids`.
+- No cross-entropy is mixed in unless you ask (`hard_weight=0` by default); the temperature is
+  yours (default 1) and T^2 scaling is on (`scale_by_t2=True`), as in fastkd.kd_loss.
+- `num_items_in_batch` (what the Trainer passes under gradient accumulation) replaces the kept
+  row count of "mean", so accumulated micro-batches sum to the full batch's mean.
+- Padded heads over one tokenizer (e.g. 152064 vs 151936 rows): pass `vocab_size`.
+"""
+import torch
+
+import transformers
+
+from .fused_linear_kd import fused_linear_kd_loss
+from .sparse_teacher import SparseTeacher
+
+__all__ = ["causal_lm_kd_loss", "DistillationTrainer", "lm_head"]
+
+
+def lm_head(model):
+    """(backbone, head weight [V, H], head bias or None, softcap or None) of a causal LM whose
+    get_output_embeddings() is a Linear (Llama, Qwen2, Gemma2, GPT-2 with its tied head, ...)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not a "
+                        "torch.nn.Linear: fastkd.hf needs the LM head's weight")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return model.base_model, head.weight, head.bias, softcap
+
+
+def _hidden(model, input_ids, attention_mask):
+    backbone = lm_head(model)[0]
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
+                      labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean", **loss_options):
+    """KD loss of a causal LM against a teacher model or a SparseTeacher ([B, L, k], aligned to
+    the student's positions, e.g. cache[a:b] of a fastkd.cache.TeacherCache), from the hidden
+    states and the LM head: input_ids [B, L] -> the loss (see the module docstring for the
+    conventions). loss_options: those of fastkd.fused_linear_kd_loss (temperature, divergence,
+    beta, tail, hard_weight, scale_by_t2, vocab_size, chunk_size, backend)."""
+    if (teacher_model is None) == (teacher is None):
+        raise ValueError("give exactly one of teacher_model= (a causal LM) or teacher= (a SparseTeacher)")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+    labels = input_ids if labels is None else labels
+    shifted = labels[:, 1:].clone()
+    if attention_mask is not None:
+        shifted[(attention_mask[:, :-1] == 0) | (attention_mask[:, 1:] == 0)] = ignore_index
+    _, weight, bias, softcap = lm_head(student_model)
+    hidden = _hidden(student_model, input_ids, attention_mask)[:, :-1]
+    options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index, **loss_options)
+    if teacher_model is not None:
+        _, t_weight, t_bias, t_softcap = lm_head(teacher_model)
+        if t_softcap != softcap:
+            raise ValueError(f"the teacher's final_logit_softcapping ({t_softcap}) differs from the student's "
+                             f"({softcap}); fastkd soft-caps both sides alike")
+        with torch.no_grad():
+            t_hidden = _hidden(teacher_model, input_ids, attention_mask)[:, :-1]
+        options.update(teacher_hidden=t_hidden, teacher_weight=t_weight.detach(),
+                       teacher_bias=None if t_bias is None else t_bias.detach())
+    else:
+        if not isinstance(teacher, SparseTeacher):
+            raise TypeError(f"teacher must be a fastkd.SparseTeacher, got {type(teacher).__name__}")
+        options["teacher"] = SparseTeacher(teacher.indices[:, :-1], teacher.logprobs[:, :-1],
+                                           teacher.tail_logmass[:, :-1], teacher.temperature, teacher.kind)
+    if num_items_in_batch is None:
+        return fused_linear_kd_loss(hidden, weight, reduction=reduction, **options)
+    if reduction != "mean":
+        raise ValueError("num_items_in_batch replaces the row count of reduction='mean'; got reduction="
+                         f"{reduction!r}")
+    total = fused_linear_kd_loss(hidden, weight, reduction="sum", **options)
+    return total / num_items_in_batch
+
+
+class DistillationTrainer(transformers.Trainer):
+    """A transformers.Trainer whose loss is fastkd.hf.causal_lm_kd_loss.
+
+    teacher_model: a causal LM, kept in eval mode on the student's device, never trained; or
+    teacher_cache: a fastkd.cache.TeacherCache whose rows come in the batch as "indices",
+    "logprobs" and "tail_logmass" (a TeacherCacheDataset's items; pass
+    TrainingArguments(remove_unused_columns=False) so the Trainer keeps them).
+    kd_options: passed to the loss (temperature, divergence, hard_weight, ...).
+    """
+
+    def __init__(self, *args, teacher_model=None, teacher_cache=None, kd_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if (teacher_model is None) == (teacher_cache is None):
+            raise ValueError("give exactly one of teacher_model= or teacher_cache=")
+        self.kd_options = dict(kd_options or {})
+        # the loss divides by num_items_in_batch itself: the Trainer must not also divide by the
+        # gradient-accumulation steps (it does for models it thinks take no loss kwargs)
+        self.model_accepts_loss_kwargs = True
+        self.teacher_cache = teacher_cache
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)
+            teacher_model.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        teacher = None
+        if self.teacher_cache is not None:
+            teacher = SparseTeacher(inputs.pop("indices"), inputs.pop("logprobs"), inputs.pop("tail_logmass"),
+                                    self.teacher_cache.temperature, self.teacher_cache.manifest["kind"])
+        loss = causal_lm_kd_loss(model, inputs["input_ids"], teacher_model=self.teacher_model, teacher=teacher,
+                                 attention_mask=inputs.get("attention_mask"), labels=inputs.get("labels"),
+                                 num_items_in_batch=num_items_in_batch, **self.kd_options)
+        return (loss, None) if return_outputs else loss

@@ -1,0 +1,155 @@
+"""fastkd.hf on tiny causal LMs built from configs (nothing downloaded): values and gradients
+against the materialised path (model(...).logits, HF's shift, fastkd.kd_loss), for Llama, Qwen2,
+Gemma2 (soft-capped logits) and GPT-2 (tied head); a sparse teacher; gradient accumulation with
+num_items_in_batch; and a 30-step DistillationTrainer run whose KD loss falls."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # `make test` installs it
+
+import fastkd  # noqa: E402
+import fastkd.hf  # noqa: E402
+
+V = 64
+
+
+def _model(kind, seed, hidden=32):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=V, num_hidden_layers=1)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
+                                       num_key_value_heads=2, max_position_embeddings=64, **common)
+        return transformers.LlamaForCausalLM(cfg)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
+                                       num_key_value_heads=1, max_position_embeddings=64, **common)
+        return transformers.Qwen2ForCausalLM(cfg)
+    if kind == "gemma2":
+        cfg = transformers.Gemma2Config(hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                                        final_logit_softcapping=5.0, **common)
+        return transformers.Gemma2ForCausalLM(cfg)
+    cfg = transformers.GPT2Config(n_embd=hidden, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    return ids, mask
+
+
+def _materialised(student, teacher, ids, mask, **opts):
+    logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].clone()
+    labels[(mask[:, :-1] == 0) | (mask[:, 1:] == 0)] = -100
+    return fastkd.kd_loss(logits, t.to(logits.dtype), labels=labels, backend="torch", **opts)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_causal_lm_kd_loss_matches_materialised(kind):
+    student, teacher = _model(kind, 0).double().eval(), _model(kind, 1).double().eval()  # no dropout
+    ids, mask = _batch()
+    opts = dict(temperature=2.0, divergence="jsd", hard_weight=0.2)
+    loss = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, **opts)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    want = _materialised(student, teacher, ids, mask, **opts)
+    want_grads = torch.autograd.grad(want, list(student.parameters()))
+    torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-12)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
+
+
+def test_sparse_teacher_and_num_items_in_batch():
+    student, teacher = _model("llama", 0).double(), _model("llama", 1).double()
+    ids, mask = _batch()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    sparse = fastkd.topk_teacher(t_logits, k=8, temperature=2.0)
+    loss = fastkd.hf.causal_lm_kd_loss(student, ids, teacher=sparse, attention_mask=mask)
+    logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].clone()
+    labels[(mask[:, :-1] == 0) | (mask[:, 1:] == 0)] = -100
+    shifted = fastkd.SparseTeacher(*(f[:, :-1] for f in sparse[:3]), 2.0, "topk")
+    torch.testing.assert_close(loss, fastkd.sparse_kd_loss(logits, shifted, labels=labels, backend="torch"))
+    # two micro-batches with num_items_in_batch sum to the whole batch's mean
+    kept = int((labels != -100).sum())
+    parts = [fastkd.hf.causal_lm_kd_loss(student, ids[a:b], teacher_model=teacher, attention_mask=mask[a:b],
+                                         num_items_in_batch=kept) for a, b in ((0, 1), (1, 3))]
+    whole = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask)
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input():
+    student = _model("llama", 0)
+    ids, _ = _batch()
+    with pytest.raises(ValueError, match="exactly one"):
+        fastkd.hf.causal_lm_kd_loss(student, ids)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        fastkd.hf.causal_lm_kd_loss(_model("gemma2", 0), ids, teacher_model=_model("llama", 1))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=64, length=16):
+        g = torch.Generator().manual_seed(2)
+        # a learnable stream: token i + 1 follows token i mostly
+        start = torch.randint(0, V, (n, 1), generator=g)
+        self.ids = (start + torch.arange(length)) % V
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+
+
+def test_distillation_trainer_30_steps_kd_loss_falls(tmp_path):
+    student, teacher = _model("llama", 0), _model("llama", 1, hidden=48)
+    data = _Tokens()
+    # make the teacher good at the stream first (a few plain LM steps)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-2)
+    for _ in range(40):
+        out = teacher(input_ids=data.ids, labels=data.ids)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30,
+                                          learning_rate=1e-2, logging_steps=5, report_to=[], use_cpu=True,
+                                          gradient_accumulation_steps=2, save_strategy="no",
+                                          disable_tqdm=True)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                            kd_options={"temperature": 2.0})
+    before = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher_model=teacher, temperature=2.0).item()
+    trainer.train()
+    after = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher_model=teacher, temperature=2.0).item()
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert after < 0.5 * before and logged[-1] < logged[0]
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_trainer_from_a_teacher_cache(tmp_path):
+    """The same, with the teacher's top-k rows read from a fastkd.cache (no teacher at train time)."""
+    from fastkd.cache import CacheWriter, TeacherCache, TeacherCacheDataset
+
+    student, teacher = _model("llama", 0), _model("llama", 1).eval()
+    data = _Tokens(n=32)
+    with torch.no_grad(), CacheWriter(str(tmp_path / "cache"), vocab_size=V, k=16, temperature=2.0,
+                                      teacher="tiny", seq_len=16) as w:
+        w.append(fastkd.topk_teacher(teacher(input_ids=data.ids).logits, k=16, temperature=2.0), data.ids)
+    cache = TeacherCache(str(tmp_path / "cache"))
+    ds = TeacherCacheDataset(cache)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8,
+                                          max_steps=12, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher_cache=cache, args=args, train_dataset=ds)
+    whole = cache[0:len(cache)]
+    teacher_rows = fastkd.SparseTeacher(*(f.view(32, 16, -1).squeeze(-1) if f.dim() == 1 else f.view(32, 16, -1)
+                                          for f in whole[:3]), 2.0, "topk")
+    before = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher=teacher_rows).item()
+    trainer.train()
+    after = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher=teacher_rows).item()
+    assert after < 0.7 * before
