@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bt", default="1024,8192")
     parser.add_argument("--vocab", default="32000,128256,256000")
     parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--skip-fused-linear", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_bench.py needs a CUDA device")
@@ -140,12 +141,63 @@ def main(argv=None) -> int:
                 print(lines[-1], flush=True)
                 del s, t, teacher
                 torch.cuda.empty_cache()
+    if not args.skip_fused_linear:
+        lines += fused_linear_rows(bw)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
     return 0
+
+
+def fused_linear_rows(bw, bt=8192, hidden=4096, vocab=128256, dtype=torch.bfloat16):
+    """Fused linear KD fwd+bwd (hidden states + LM heads, bf16) against materialising the logits
+    + fastkd / the naive loss, and Liger's fused-linear JSD when it imports; the achieved TFLOP/s
+    of the three GEMMs (logits, grad_hidden, grad_weight: 6 BT H V flops) against the same three
+    GEMMs timed alone."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(bt, hidden, device="cuda", generator=g, dtype=dtype) / hidden**0.5
+    w = torch.randn(vocab, hidden, device="cuda", generator=g, dtype=dtype) * 0.02
+    th = torch.randn(bt, hidden, device="cuda", generator=g, dtype=dtype) / hidden**0.5
+    tw = torch.randn(vocab, hidden, device="cuda", generator=g, dtype=dtype) * 0.02
+    flops = 6 * bt * hidden * vocab
+    out = []
+
+    def gemms():
+        z = h @ w.T
+        _ = z @ w
+        _ = z.T @ h
+
+    ms_gemm = _try(lambda: time_ms(gemms))
+    impls = {
+        "fastkd fused": lambda x, y: fastkd.fused_linear_kd_loss(x, y, teacher_hidden=th, teacher_weight=tw,
+                                                                  temperature=TEMPERATURE),
+        "materialised+fastkd": lambda x, y: fastkd.kd_loss(x @ y.T, (th @ tw.T).detach(), temperature=TEMPERATURE),
+        "materialised+naive": lambda x, y: naive(x @ y.T, (th @ tw.T).detach()),
+    }
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=TEMPERATURE)
+        impls["liger fused-linear JSD"] = lambda x, y: liger(x, y, th, tw)
+    except ImportError:
+        pass
+    for name, fn in impls.items():
+        x, y = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
+
+        def run():
+            x.grad = y.grad = None
+            fn(x, y).backward()
+
+        ms, peak = measure(run, x.numel() * x.element_size() + y.numel() * y.element_size())
+        tflops = "-" if ms is None else f"{flops / (ms * 1e-3) / 1e12:.0f}"
+        out.append(f"| {name} | {'OOM' if ms is None else f'{ms:.2f}'} | {'-' if peak is None else f'{peak:.2f}'} | {tflops} |")
+    head = [f"\n## Fused linear KD, BT = {bt}, H = {hidden}, V = {vocab}, {str(dtype)[6:]}\n",
+            f"The three GEMMs alone: {'OOM' if ms_gemm is None else f'{ms_gemm:.2f} ms, {flops / (ms_gemm * 1e-3) / 1e12:.0f} TFLOP/s'}. "
+            "'x inputs' is peak memory growth in units of the hidden states + the head.\n",
+            "| impl | ms | x inputs | TFLOP/s (6 BT H V flops) |", "|---|---|---|---|"]
+    return head + out
 
 
 def _torch_topk(t):
