@@ -14,7 +14,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate triton pytest hypothesis pytest-benchmark expecttest
+	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate triton matplotlib pytest hypothesis pytest-benchmark expecttest
 	touch $@
 
 venv: $(VENV)/.deps
@@ -30,9 +30,9 @@ build: $(VENV)/.editable
 test: build
 	$(PY) -m pytest -q tests
 
+# The main job: distil a small language model end to end (docs/demo.md); under 10 minutes on 2 cores.
 demo: build
-	$(PY) -m fastkd info
-	$(PY) -m fastkd bench --shapes 512x32000,256x128256 --repeats 3
+	$(PY) -m fastkd demo
 
 bench: build
 	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,rounds

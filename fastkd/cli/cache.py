@@ -17,10 +17,12 @@ import time
 import numpy as np
 import torch
 
-from ._store import CacheError
-from .reader import TeacherCache
-from .writer import SHARD_TOKENS, CacheWriter
+from ..cache import CacheError, CacheWriter, TeacherCache
+from ..cache.writer import SHARD_TOKENS
 from ..sparse_teacher import sample_teacher, topk_teacher
+
+
+HELP = "run a teacher over tokens and write its sparse rows to a cache"
 
 
 def add_arguments(p) -> None:

@@ -1,0 +1,62 @@
+"""The demo's pipeline at a tiny size (seconds): corpus split, tokenizer, a few teacher steps, the
+cache round trip through the CLI, a few steps of each method, results.json and loss_curves.png;
+bad flags; Ctrl-C leaves no half-written results."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("matplotlib")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--max-files", "12", "--vocab", "300", "--teacher-seconds", "1", "--student-tokens", "1024",
+        "--seq-len", "32", "--batch-size", "4", "--no-progress"]
+
+
+def _demo(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "fastkd", "demo", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, **kw)
+
+
+def test_tiny_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = _demo(*TINY, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["methods"]) == {"hard_labels", "dense_kd", "topk_bucket", "topk_renorm_teacher",
+                                      "topk_renorm_both", "sampled_kd"}
+    for r_ in report["methods"].values():
+        assert {"val_loss", "val_ppl", "ece", "top1_agreement", "tokens_per_s", "peak_mem_mb"} <= set(r_)
+        assert r_["val_loss"] > 0 and r_["tokens"] == 1024
+    assert report["cache"]["topk"]["bytes_per_token"] > 0 and report["config"]["temperature"] == 1.0
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| dense_kd, naive loss" in r.stdout and "validation files" in r.stdout
+
+
+@pytest.mark.parametrize("flags, needle", [(["--methods", "bogus"], "--methods: unknown bogus"),
+                                           (["--vocab", "1"], "--vocab must be at least 2"),
+                                           (["--hard-weight", "2"], "--hard-weight must lie in [0, 1]")])
+def test_bad_flags(tmp_path, flags, needle):
+    r = _demo(*flags, "--out", tmp_path / "x")
+    assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_leaves_no_half_written_results(tmp_path):
+    out = tmp_path / "demo"
+    p = subprocess.Popen([sys.executable, "-m", "fastkd", "demo", *TINY[:4], "--teacher-seconds", "60",
+                          *TINY[6:], "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "work").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # inside the teacher's training
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "no results written" in err
+    assert not (out / "results.json").exists() and not (out / "loss_curves.png").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
