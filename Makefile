@@ -19,9 +19,11 @@ $(VENV)/.deps: pyproject.toml
 
 venv: $(VENV)/.deps
 
-# Install editable once (that compiles fastkd._C), then recompile what changed (ninja, incremental).
+# Put the checkout on the venv's path once (a .pth file: no second compile of fastkd._C, which an
+# editable pip install would build in a directory of its own), then build in place; ninja
+# recompiles only what changed. `pip install --no-build-isolation .` is the way to install it.
 $(VENV)/.editable: $(VENV)/.deps setup.py
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'fastkd-checkout.pth'), 'w').write(os.getcwd() + '\n')"
 	touch $@
 
 build: $(VENV)/.editable
