@@ -26,11 +26,13 @@ def run(_args) -> int:
     for name in backends.BACKENDS:
         why = backends._why_unavailable(name)
         print(f"  {name:7s} {'available' if why is None else 'unavailable: ' + name + ' ' + why}")
-    for device in ("cpu", "cuda"):
-        name, why = backends.auto_choice(device)
-        print(f"auto picks: {name!r} for {device.upper()} tensors ({why})")
-    if not torch.cuda.is_available():
-        print("(no CUDA device visible)")
+    name, why = backends.auto_choice("cpu")
+    print(f"auto picks: {name!r} for CPU tensors ({why})")
+    if torch.cuda.is_available():
+        name, why = backends.auto_choice("cuda")
+        print(f"auto picks: {name!r} for CUDA tensors ({why})")
+    else:
+        print("no CUDA device visible (on CUDA tensors auto picks triton when it is installed, else torch)")
     return 0
 
 

@@ -20,6 +20,21 @@ from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, 
 
 
 @triton.jit
+def _block_terms(s_row, t_row, offs, mask, scale2, lse_a, lse_b, dl, kd_on, beta, omb, log_beta, log_omb,
+                 DIVERGENCE: tl.constexpr, ACC: tl.constexpr):
+    """One block of a row: (x = s in ACC, q, term, u); term and u are 0 without a teacher
+    distribution (kd_on false). lse_a, lse_b in log2 units, dl = lse(b) - lse(a) in nats."""
+    x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(ACC)
+    a2 = x * scale2
+    q = tl.exp2(a2 - lse_a)
+    b2 = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(ACC) * scale2
+    p = tl.exp2(b2 - lse_b)
+    term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2, (b2 - a2) * LN2 - dl,
+                   beta, omb, log_beta, log_omb)
+    return x, q, tl.where(kd_on, term, 0.0), tl.where(kd_on, u, 0.0)
+
+
+@triton.jit
 def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, kd_loss_w, kd_grad_w,
                      hard_w, hard_grad_w, ignore_index, beta, omb, log_beta, log_omb,
                      DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
@@ -84,18 +99,10 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
         for start in range(0, V, BLOCK):
             offs = start + cols
             mask = offs < V
-            x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
-            a2 = x * scale2
-            q = tl.exp2(a2 - lse_a)
-            if kd_on:
-                b2 = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC) * scale2
-                p = tl.exp2(b2 - lse_b)
-                term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2,
-                               (b2 - a2) * LN2 - dl, beta, omb, log_beta, log_omb)
-                d_acc += tl.where(mask, term, 0.0)
-                u_acc += tl.where(mask, u, 0.0)
-            else:
-                u = tl.zeros((BLOCK,), ACC)
+            x, q, term, u = _block_terms(s_row, t_row, offs, mask, scale2, lse_a, lse_b, dl, kd_on, beta, omb,
+                                         log_beta, log_omb, DIVERGENCE, ACC)
+            d_acc += tl.where(mask, term, 0.0)
+            u_acc += tl.where(mask, u, 0.0)
             if COMPUTE_GRAD:
                 if DIVERGENCE == FORWARD_KL:
                     g = kd_grad_w * tl.where(kd_on, u + q, 0.0)
@@ -114,15 +121,9 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                 mask = offs < V
                 g = tl.zeros((BLOCK,), ACC)
                 if live:
-                    x = tl.load(s_row + offs, mask=mask, other=ninf).to(ACC)
-                    a2 = x * scale2
-                    q = tl.exp2(a2 - lse_a)
-                    if kd_on:
-                        b2 = tl.load(t_row + offs, mask=mask, other=ninf).to(ACC) * scale2
-                        p = tl.exp2(b2 - lse_b)
-                        term, u = elem(DIVERGENCE, p, q, (b2 - lse_b) * LN2, (a2 - lse_a) * LN2,
-                                       (b2 - a2) * LN2 - dl, beta, omb, log_beta, log_omb)
-                        g = kd_grad_w * (u - q * big_u)
+                    x, q, term, u = _block_terms(s_row, t_row, offs, mask, scale2, lse_a, lse_b, dl, kd_on, beta,
+                                                 omb, log_beta, log_omb, DIVERGENCE, ACC)
+                    g = tl.where(kd_on, kd_grad_w * (u - q * big_u), 0.0)
                     if HARD:
                         g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
                 if poison:
