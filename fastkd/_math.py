@@ -102,3 +102,12 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of a logits dtype: fp64 for fp64, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_loss_outputs(student: torch.Tensor, compute_grad: bool):
+    """The uninitialised outputs of a row-loss op (dense_kd, sparse_kd) on student [N, V]: loss [N]
+    in acc_dtype, and grad [N, V] contiguous in grad_dtype (or an empty tensor without compute_grad)."""
+    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
+    grad = (torch.empty(student.shape, dtype=grad_dtype(student.dtype), device=student.device)
+            if compute_grad else student.new_empty(0))
+    return loss, grad

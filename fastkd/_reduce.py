@@ -9,8 +9,7 @@ def row_weight(labels, ignore_index: int, reduction: str, n_rows: int, device: t
     weight instead."""
     if reduction != "mean" or device.type != "cpu" or torch.compiler.is_compiling():
         return 1.0
-    kept = n_rows if labels is None else int((labels != ignore_index).sum())
-    return 1.0 / max(kept, 1)
+    return 1.0 / float(kept_rows(labels, ignore_index, n_rows))
 
 
 def kept_rows(labels, ignore_index: int, n_rows: int):
@@ -28,7 +27,5 @@ def reduce_rows(rows: torch.Tensor, labels, ignore_index: int, reduction: str, l
     total = rows.sum()
     if reduction == "sum":
         return total
-    if labels is None:
-        return total / max(rows.numel(), 1)
-    kept = (labels != ignore_index).sum().clamp_min(1)
-    return total / kept.to(total.dtype)
+    kept = kept_rows(labels, ignore_index, rows.numel())
+    return total / (kept.to(total.dtype) if torch.is_tensor(kept) else kept)

@@ -9,7 +9,7 @@ import torch
 
 from . import backends
 from ._autograd import register_autograd
-from ._math import acc_dtype, grad_dtype
+from ._math import row_loss_outputs
 
 SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
@@ -44,8 +44,7 @@ SCHEMAS = {
 
 def _row_loss_fake(student, *args):
     """dense_kd and sparse_kd: (loss [N], grad [N, V] or empty); compute_grad is the last argument."""
-    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
-    return loss, (torch.empty_like(student, dtype=grad_dtype(student.dtype)) if args[-1] else student.new_empty(0))
+    return row_loss_outputs(student, args[-1])
 
 
 def _topk_fake(logits, k, temperature):

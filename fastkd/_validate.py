@@ -29,18 +29,21 @@ def check_not_transformed(x: torch.Tensor) -> None:
             "own. Use loss.backward() or torch.autograd.grad.")
 
 
+def check_same_vocab(student_name: str, student_v: int, teacher_name: str, teacher_v: int) -> None:
+    if student_v != teacher_v:
+        raise ValueError(
+            f"vocabulary sizes differ: {student_name} has V={student_v}, {teacher_name} has V={teacher_v}; "
+            f"for LM heads padded past one tokenizer's vocabulary pass vocab_size=<its size> (the loss "
+            f"then runs over the first vocab_size columns of each)"
+        )
+
+
 def check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
     """Both logits tensors: one dtype, one device, one shape, the vocabulary last."""
     check_logits(student_name, student)
     check_not_transformed(student)
     check_logits(teacher_name, teacher)
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
-            f"vocabulary sizes differ: {student_name} has V={student.shape[-1]}, "
-            f"{teacher_name} has V={teacher.shape[-1]}; for LM heads padded past one tokenizer's "
-            f"vocabulary pass vocab_size=<its size> (the loss then runs over the first vocab_size "
-            f"columns of each)"
-        )
+    check_same_vocab(student_name, student.shape[-1], teacher_name, teacher.shape[-1])
     if student.shape != teacher.shape:
         raise ValueError(
             f"{student_name} {tuple(student.shape)} and {teacher_name} {tuple(teacher.shape)} "

@@ -21,7 +21,6 @@ from . import _validate, backends
 from ._math import grad_dtype
 from ._reduce import kept_rows, reduce_rows
 from ._sparse_math import TAILS
-from .sparse_teacher import SparseTeacher
 
 CPU_CHUNK_BYTES = 256 << 20
 
@@ -164,21 +163,19 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     sizes = [student_weight.shape[0]] + ([teacher_weight.shape[0]] if dense else [])
     vocab = _validate.vocab_in_use(vocab_size, *sizes)
     if vocab is None:
-        if dense and teacher_weight.shape[0] != student_weight.shape[0]:
-            raise ValueError(f"vocabulary sizes differ: student_weight has V={student_weight.shape[0]}, "
-                             f"teacher_weight has V={teacher_weight.shape[0]}; for LM heads padded past one "
-                             "tokenizer's vocabulary pass vocab_size=<its size>")
+        if dense:
+            _validate.check_same_vocab("student_weight", student_weight.shape[0], "teacher_weight", teacher_weight.shape[0])
         vocab = student_weight.shape[0]
-    temperature = _validate.check_temperature(temperature if dense else teacher.temperature if isinstance(
-        teacher, SparseTeacher) else temperature)
     _validate.check_reduction(reduction)
-    flat_labels = _validate.check_labels(labels, student_hidden[..., :1].expand(*lead, vocab), ignore_index, hard_weight)
+    probe = student_hidden[..., :1].expand(*lead, vocab)  # the logits' shape, for the checks below
+    flat_labels = _validate.check_labels(labels, probe, ignore_index, hard_weight)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
     chunk = chunk_size or auto_chunk_rows(n, vocab, torch.empty((), dtype=dtype).element_size(), device)
 
     if dense:
+        temperature = _validate.check_temperature(temperature)
         beta = _validate.check_divergence(divergence, beta)
         if teacher_hidden.shape[:-1] != lead or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_weight "
@@ -200,8 +197,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     else:
         from .sparse_kd import _check_teacher, resolve_tail
 
-        probe = student_hidden[..., :1].expand(*lead, vocab)
         idx, lp, tail_lp = _check_teacher(teacher, probe)
+        temperature = _validate.check_temperature(teacher.temperature)
         tail = resolve_tail(tail, teacher, divergence, None)
         op = backends.kernel("sparse_kd", backend, device)
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate, backends
+from .reference._rows import not_a_number
 
 KINDS = ("topk", "sampled")
 
@@ -77,8 +78,7 @@ def sample_teacher(teacher_logits: torch.Tensor, num_samples: int = 12, temperat
                            torch.full((), float("-inf"), device=ids.device))
     # a row with a NaN or +inf logit has no distribution to draw from: NaN, never a confident
     # one-hot or an empty row (docs/math.md; the cache writer refuses such rows)
-    m = flat.amax(-1, keepdim=True)
-    bad = m.isnan() | (m == float("inf"))
+    bad = not_a_number(flat).unsqueeze(-1)
     first = torch.arange(num_samples, device=ids.device) == 0  # one NaN entry (id 0), then padding
     logprobs = torch.where(bad, torch.where(first, float("nan"), float("-inf")), logprobs)
     uniq = torch.where(bad, 0, uniq)

@@ -100,8 +100,7 @@ def write_shard(directory: str, name: str, data: bytes) -> dict:
 def shard_path(directory: str, name: str) -> str:
     """The path of shard `name`: a plain file name inside `directory` (no separator, no '..', no
     link leaving the directory), else CacheError."""
-    if (not isinstance(name, str) or not _format.SHARD_NAME.fullmatch(name) or os.sep in name
-            or (os.altsep and os.altsep in name)):
+    if not isinstance(name, str) or not _format.SHARD_NAME.fullmatch(name):  # no separator, no '..'
         raise CacheError(f"{directory!r}: shard name {name!r} is not a plain shard file name")
     path = os.path.join(directory, name)
     root = os.path.realpath(directory)

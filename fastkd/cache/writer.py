@@ -20,7 +20,7 @@ import torch
 
 from . import _bits, _codec, _format, _store
 from .._version import __version__
-from ..sparse_teacher import KINDS, SparseTeacher
+from ..sparse_teacher import SparseTeacher
 
 SHARD_TOKENS = 1 << 16
 OWN_TMP = re.compile(r"(manifest\.json|shard-\d{5,}\.safetensors)\.tmp")  # what write_atomic leaves when killed

@@ -78,8 +78,7 @@ def chunked_rows(student, labels, compute_grad, chunk):
     """Run `chunk(rows, labels_of_rows) -> (loss [n], grad [n, V] or None)` over row chunks of
     `student` [N, V]; returns the op's (loss [N], grad [N, V] or an empty tensor)."""
     n, vocab = student.shape
-    loss = student.new_empty(n, dtype=_math.acc_dtype(student.dtype))
-    grad = torch.empty_like(student, dtype=_math.grad_dtype(student.dtype)) if compute_grad else student.new_empty(0)
+    loss, grad = _math.row_loss_outputs(student, compute_grad)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)

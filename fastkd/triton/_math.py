@@ -171,6 +171,13 @@ def expm1_near(x, DEGREE: tl.constexpr):
 
 
 @triton.jit
+def hard_label_grad(x, offs, label, lse_1):
+    """d CE / d s of the hard-label term at temperature 1: softmax(s) - onehot(label), with
+    lse_1 = log2 sum exp(s) (log2 units)."""
+    return tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0)
+
+
+@triton.jit
 def log2_total(m, s):
     """log2 of the sum that (m, s) hold: m + log2(s), -inf for an empty one."""
     return tl.where(m == float("-inf"), m, m + tl.log2(s))

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _math as host_math, _op_checks
 from . import _config
-from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, log1p, log2_total, online_update,
+from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, hard_label_grad, log1p, log2_total, online_update,
                     online_update_weighted)
 
 
@@ -107,7 +107,7 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                 if DIVERGENCE == FORWARD_KL:
                     g = kd_grad_w * tl.where(kd_on, u + q, 0.0)
                     if HARD:
-                        g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                        g += hard_grad_w * hard_label_grad(x, offs, label, lse_1)
                     tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
     big_d = tl.sum(d_acc, 0)
     big_u = tl.sum(u_acc, 0)
@@ -125,7 +125,7 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                                                  omb, log_beta, log_omb, DIVERGENCE, ACC)
                     g = tl.where(kd_on, kd_grad_w * (u - q * big_u), 0.0)
                     if HARD:
-                        g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                        g += hard_grad_w * hard_label_grad(x, offs, label, lse_1)
                 if poison:
                     g = tl.full((BLOCK,), float("nan"), ACC)
                 tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
@@ -143,9 +143,7 @@ def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_ind
     acc = host_math.acc_dtype(student.dtype)
     s = student if student.stride(-1) == 1 else student.contiguous()
     t = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    loss = torch.empty(n, dtype=acc, device=student.device)
-    grad = (torch.empty_like(s, dtype=host_math.grad_dtype(s.dtype), memory_format=torch.contiguous_format)
-            if compute_grad else student.new_empty(0))
+    loss, grad = host_math.row_loss_outputs(s, compute_grad)
     if n == 0 or vocab == 0:
         return loss.zero_(), grad.zero_() if compute_grad else grad
     w = host_math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)

@@ -8,7 +8,6 @@ log P come from the k ids directly. The loss and the gradient's coefficients are
 csrc/sparse_math.h's (fastkd/triton/_math.py); pass 2 writes the gradient. The student is read
 twice and the gradient written once.
 """
-import math
 
 import torch
 import triton
@@ -17,7 +16,7 @@ import triton.language as tl
 from .. import _math as host_math, _op_checks
 from .._sparse_math import TAILS
 from . import _config
-from ._math import LN2, LOG2E, TAIL_CODES, exp_below, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
+from ._math import LN2, LOG2E, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
 
 
 @triton.jit
@@ -119,7 +118,7 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
                 outside = out_scale * exp_below(a, lse_all) - tail_scale * exp_below(a, lse_tail)
                 g = kd_grad_w * tl.where(in_i, inside, outside)
                 if HARD:
-                    g += hard_grad_w * (tl.exp2(x * LOG2E - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                    g += hard_grad_w * hard_label_grad(x, offs, label, lse_1)
             if poison:
                 g = tl.full((BLOCK,), float("nan"), ACC)
             tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
@@ -139,9 +138,7 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
     k = indices.shape[-1]
     acc = host_math.acc_dtype(student.dtype)
     s = student if student.stride(-1) == 1 else student.contiguous()
-    loss = torch.empty(n, dtype=acc, device=student.device)
-    grad = (torch.empty_like(s, dtype=host_math.grad_dtype(s.dtype), memory_format=torch.contiguous_format)
-            if compute_grad else student.new_empty(0))
+    loss, grad = host_math.row_loss_outputs(s, compute_grad)
     if n == 0 or vocab == 0:
         return loss.zero_(), grad.zero_() if compute_grad else grad
     # ids ascending, padding last as id V (never walked): a [N, k] sort, no host sync
