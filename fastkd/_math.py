@@ -60,16 +60,24 @@ def elem(divergence: str, p, q, lp, lq, d, beta: float):
 CLOSE_ROW = 1.0  # kd_math.h's kCloseRow
 
 
+def close_row_sum(a, b, e):
+    """(r, far), each [n, 1]: r = sum_j e_j expm1(b_j - a_j) in float64 (-e_j where b_j = -inf,
+    0 where e_j = 0), far = whether some entry with b > -inf has |b - a| >= CLOSE_ROW. With e = q
+    the row is close when not far, and then lse(b) - lse(a) = log1p(r) (lse_shift); with e =
+    exp(a - m) over a slice of the vocabulary, r is that slice's share (fastkd.distributed)."""
+    support = b > float("-inf")
+    delta = (b - a).double()
+    far = (support & (delta.abs() >= CLOSE_ROW)).any(-1, keepdim=True)
+    terms = torch.where(support, e.double() * torch.expm1(delta.clamp(-CLOSE_ROW, CLOSE_ROW)), -e.double())
+    return torch.where(e > 0, terms, 0.0).sum(-1, keepdim=True), far
+
+
 def lse_shift(a, b, q, la, lb):
     """dL = lse(b) - lse(a) per row ([n, 1] float64), kd_math.h's rule: for a close row (every
     entry with b > -inf has |b - a| < CLOSE_ROW) log1p(sum_j q_j expm1(b_j - a_j)), exact to
     rounding, else lb - la."""
-    support = b > float("-inf")
-    delta = (b - a).double()
-    close = ~(support & (delta.abs() >= CLOSE_ROW)).any(-1, keepdim=True)
-    terms = torch.where(support, q.double() * torch.expm1(delta.clamp(-CLOSE_ROW, CLOSE_ROW)), -q.double())
-    r = torch.where(q > 0, terms, 0.0).sum(-1, keepdim=True)
-    return torch.where(close, torch.log1p(r), lb - la)
+    r, far = close_row_sum(a, b, q)
+    return torch.where(far, lb - la, torch.log1p(r))
 
 
 @dataclass(frozen=True)
@@ -111,3 +119,20 @@ def row_loss_outputs(student: torch.Tensor, compute_grad: bool):
     grad = (torch.empty(student.shape, dtype=grad_dtype(student.dtype), device=student.device)
             if compute_grad else student.new_empty(0))
     return loss, grad
+
+
+# Vocab-parallel partial forms (fastkd.distributed, docs/distributed.md): the columns of the
+# [N, k] float64 row tensors that pass between a rank's kernels and the all-reduces.
+#   dense_kd_stats -> DENSE_STATS of the rank's slice: maxima m and sums exp(x - m) of a = s/T,
+#       b = t/T and s (temperature 1, for hard labels), r = close_row_sum's share, far (0 or 1).
+#   dense_kd_shard <- DENSE_ROW, the whole row's: maxima M and log sums log S (lse = M + log S),
+#       dl = lse(b) - lse(a) by the close-row rule, u = sum u (0 until known; forward KL: -1);
+#       NaN in any column marks a row that read a NaN or +inf somewhere.
+#   sparse_kd_stats -> SPARSE_STATS of the slice: (m, sum exp(a - m)) over the slice's ids of I,
+#       over its other ids, and of s at temperature 1.
+#   sparse_kd_shard <- SPARSE_ROW: the row's TailCoef fields the gradient uses, lse_all and
+#       lse_tail, and lse of s at temperature 1.
+DENSE_STATS = ("m_a", "s_a", "r_a", "far", "m_b", "s_b", "m_1", "s_1")
+DENSE_ROW = ("m_a", "log_s_a", "m_b", "log_s_b", "dl", "m_1", "log_s_1", "u")
+SPARSE_STATS = ("m_in", "s_in", "m_out", "s_out", "m_1", "s_1")
+SPARSE_ROW = ("shift", "in_scale", "in_norm", "out_scale", "lse_all", "tail_scale", "lse_tail", "lse_1")

@@ -133,3 +133,25 @@ def unpack_monotone(bitmap, count):
         _fail("unpack_monotone", f"bitmap must be a 2-D uint8 tensor, got {bitmap.dtype} {tuple(bitmap.shape)}")
     if not 0 <= count <= bitmap.shape[1] * 8:
         _fail("unpack_monotone", f"count must lie in [0, {bitmap.shape[1] * 8}], got {count}")
+
+
+def row_stats(op, stats, n, k):
+    """The [N, k] float64 row statistics of a vocab-parallel op (fastkd/_math.py's layouts)."""
+    if stats.dtype != torch.float64 or tuple(stats.shape) != (n, k):
+        _fail(op, f"row_stats must be float64 [{n}, {k}], got {stats.dtype} {tuple(stats.shape)}")
+
+
+def shard_labels(op, labels, n):
+    """Labels of a vocab-parallel op: int64 [N]; any value (ids of other slices are allowed)."""
+    if labels is not None and (labels.dtype != torch.long or tuple(labels.shape) != (n,)):
+        _fail(op, f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
+
+
+def shard_teacher(op, student, indices, logprobs):
+    """A sparse teacher's rows on a vocab-parallel op: ids (any int64: those outside [0, V_slice)
+    belong to other slices) and float32 log-probs, [N, k]."""
+    n = student.shape[0]
+    if indices.dim() != 2 or indices.shape[0] != n or logprobs.shape != indices.shape:
+        _fail(op, f"indices and logprobs must be [{n}, k], got {tuple(indices.shape)} and {tuple(logprobs.shape)}")
+    if indices.dtype != torch.long or logprobs.dtype != torch.float32:
+        _fail(op, "indices must be int64, logprobs float32")

@@ -9,7 +9,7 @@ import torch
 
 from . import backends
 from ._autograd import register_autograd
-from ._math import row_loss_outputs
+from ._math import DENSE_STATS, SPARSE_STATS, row_loss_outputs
 
 SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
@@ -33,6 +33,22 @@ SCHEMAS = {
     # Draws for sampled KD by inverse CDF: logits [N, V]; uniforms [N, S] fp64, each row
     # ascending in [0, 1) -> draws [N, S] int64 token ids, ascending (-1: row with no finite logit).
     "sample_teacher_draws": "(Tensor logits, Tensor uniforms, float temperature) -> Tensor",
+    # Vocab-parallel partial forms (fastkd.distributed; columns in fastkd/_math.py, docs/distributed.md).
+    # Each takes one rank's slice [N, V_slice] of the vocabulary; teacher ids and labels are
+    # given less the slice's start (ids outside [0, V_slice) belong to other slices).
+    # dense_kd_stats -> [N, 8] float64 partial statistics (DENSE_STATS).
+    "dense_kd_stats": "(Tensor student, Tensor teacher, float temperature, bool hard) -> Tensor",
+    # dense_kd_shard: row_stats [N, 8] float64 (DENSE_ROW, the whole row's) -> (parts [N, 2]
+    # float64: the slice's shares of D and U; grad [N, V_slice] like dense_kd's, or empty).
+    "dense_kd_shard": "(Tensor student, Tensor teacher, Tensor? labels, Tensor row_stats, str divergence, "
+                      "float temperature, float beta, int ignore_index, float hard_weight, bool scale_by_t2, "
+                      "float grad_scale, bool compute_grad) -> (Tensor, Tensor)",
+    # sparse_kd_stats: indices [N, k] int64, logprobs [N, k] fp32 -> [N, 6] float64 (SPARSE_STATS).
+    "sparse_kd_stats": "(Tensor student, Tensor indices, Tensor logprobs, float temperature, bool hard) -> Tensor",
+    # sparse_kd_shard: row_stats [N, 8] float64 (SPARSE_ROW) -> grad [N, V_slice] like sparse_kd's.
+    "sparse_kd_shard": "(Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, Tensor row_stats, "
+                       "float temperature, int ignore_index, float hard_weight, bool scale_by_t2, "
+                       "float grad_scale) -> Tensor",
     # The teacher cache's decoders (docs/cache-format.md). unpack_bits: values [start, stop) of
     # a uint8 stream of `width`-bit values, LSB first -> int64 [stop - start]. unpack_monotone:
     # bitmap [n, B] uint8 holding `count` non-decreasing values per row (a one at bit c_i + i)
@@ -53,11 +69,19 @@ def _topk_fake(logits, k, temperature):
             logits.new_empty(n, dtype=torch.float32))
 
 
+def _stats_fake(student, *args, columns):
+    return student.new_empty(student.shape[0], columns, dtype=torch.float64)
+
+
 FAKES = {
     "dense_kd": _row_loss_fake,
     "sparse_kd": _row_loss_fake,
     "topk_teacher": _topk_fake,
     "sample_teacher_draws": lambda logits, uniforms, temperature: uniforms.new_empty(uniforms.shape, dtype=torch.long),
+    "dense_kd_stats": lambda *args: _stats_fake(*args, columns=len(DENSE_STATS)),
+    "dense_kd_shard": lambda student, *args: (_stats_fake(student, columns=2), row_loss_outputs(student, args[-1])[1]),
+    "sparse_kd_stats": lambda *args: _stats_fake(*args, columns=len(SPARSE_STATS)),
+    "sparse_kd_shard": lambda student, *args: row_loss_outputs(student, True)[1],
     "unpack_bits": lambda stream, width, start, stop: stream.new_empty(stop - start, dtype=torch.long),
     "unpack_monotone": lambda bitmap, count: bitmap.new_empty(bitmap.shape[0], count, dtype=torch.long),
 }

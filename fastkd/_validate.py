@@ -105,9 +105,9 @@ def check_reduction(reduction) -> None:
         raise ValueError(f"unknown reduction={reduction!r}; expected one of {REDUCTIONS}")
 
 
-def check_labels(labels, logits: torch.Tensor, ignore_index, hard_weight) -> torch.Tensor | None:
+def check_labels(labels, logits: torch.Tensor, ignore_index, hard_weight, check_range=True) -> torch.Tensor | None:
     """Labels flattened to [N] int64 (or None); checks shape, dtype, device and, where that needs
-    no device sync (CPU tensors, eager mode), the range of every kept label."""
+    no device sync (CPU tensors, eager mode) and check_range, the range of every kept label."""
     if isinstance(hard_weight, bool) or not isinstance(hard_weight, Real) or not 0 <= hard_weight <= 1:
         raise ValueError(f"hard_weight must lie in [0, 1], got {hard_weight!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -127,7 +127,7 @@ def check_labels(labels, logits: torch.Tensor, ignore_index, hard_weight) -> tor
         raise ValueError(f"labels are on {labels.device} but the logits are on {logits.device}")
     flat = labels.reshape(-1).long()
     vocab = logits.shape[-1]
-    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+    if check_range and flat.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
         if bad.any():
             i = int(bad.nonzero()[0, 0])

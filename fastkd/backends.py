@@ -29,6 +29,10 @@ OPS = {
     "sparse_kd": ("torch", "cpu", "triton"),
     "topk_teacher": ("torch", "cpu", "triton"),
     "sample_teacher_draws": ("torch", "cpu", "triton"),
+    "dense_kd_stats": ("torch",),
+    "dense_kd_shard": ("torch",),
+    "sparse_kd_stats": ("torch",),
+    "sparse_kd_shard": ("torch",),
     "unpack_bits": ("torch", "cpu"),
     "unpack_monotone": ("torch", "cpu"),
 }

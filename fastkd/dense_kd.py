@@ -11,7 +11,7 @@ from ._reduce import reduce_rows, row_weight
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forward_kl", beta=0.5,
             reduction="mean", labels=None, ignore_index=-100, hard_weight=0.0, scale_by_t2=True,
-            vocab_size=None, backend="auto"):
+            vocab_size=None, vocab_shard=None, backend="auto"):
     """Knowledge-distillation loss of `student_logits` against `teacher_logits`.
 
     student_logits, teacher_logits: [..., V] logits of one float dtype (fp32, bf16, fp16, fp64).
@@ -24,12 +24,22 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
     reduction: "mean" over kept rows | "sum" | "none" (the leading shape, 0 at ignored rows).
     vocab_size: V for LM heads padded past one tokenizer's vocabulary (e.g. 152064 vs 151936):
         the loss runs over the first V columns of each side; later columns get zero gradient.
+    vocab_shard: a fastkd.distributed.VocabShard when the logits are this rank's slice [..., V_r]
+        of a vocabulary split over ranks (tensor-parallel heads): the loss is the whole rows' (the
+        same on every rank), the gradient this slice's; labels are global ids (docs/distributed.md).
     backend: "auto" | "torch" | "cpu" | ... (see fastkd.available_backends()).
 
     Returns a float32 loss (float64 for float64 logits), in nats. The gradient with respect to
     `student_logits` (in its dtype) is computed in this call and kept; backward only scales it.
     See docs/math.md for the exact definitions.
     """
+    if vocab_shard is not None:
+        from . import distributed
+
+        return distributed.kd_loss(vocab_shard, student_logits, teacher_logits, temperature=temperature,
+                                   divergence=divergence, beta=beta, reduction=reduction, labels=labels,
+                                   ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                                   vocab_size=vocab_size, backend=backend)
     student_logits, teacher_logits = _validate.vocab_columns(vocab_size, student_logits, teacher_logits)
     _validate.check_pair(student_logits, teacher_logits)
     temperature = _validate.check_temperature(temperature)
@@ -56,11 +66,13 @@ class KDLoss(torch.nn.Module):
     """
 
     def __init__(self, *, temperature=1.0, divergence="forward_kl", beta=0.5, reduction="mean",
-                 ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None, backend="auto"):
+                 ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None, vocab_shard=None,
+                 backend="auto"):
         super().__init__()
         self.options = dict(temperature=temperature, divergence=divergence, beta=beta,
                             reduction=reduction, ignore_index=ignore_index, hard_weight=hard_weight,
-                            scale_by_t2=scale_by_t2, vocab_size=vocab_size, backend=backend)
+                            scale_by_t2=scale_by_t2, vocab_size=vocab_size, vocab_shard=vocab_shard,
+                            backend=backend)
         # Fail at construction, not at the first batch.
         _validate.check_temperature(temperature)
         _validate.check_divergence(divergence, beta)

@@ -11,13 +11,16 @@ from ._sparse_math import TAILS
 from .sparse_teacher import KINDS, SparseTeacher
 
 
-def _check_teacher(teacher, student):
+def _check_teacher(teacher, student, vocab=None):
+    """The teacher's (indices [N, k] int64, logprobs [N, k] fp32, tail_logmass [N] fp32), checked
+    against the student's leading shape and a vocabulary of `vocab` ids (None: the student's)."""
     if not isinstance(teacher, SparseTeacher):
         raise TypeError(f"teacher must be a fastkd.SparseTeacher (from topk_teacher or "
                         f"sample_teacher), got {type(teacher).__name__}")
     if teacher.kind not in KINDS:
         raise ValueError(f"teacher.kind must be one of {KINDS}, got {teacher.kind!r}")
-    lead, vocab = tuple(student.shape[:-1]), student.shape[-1]
+    lead = tuple(student.shape[:-1])
+    vocab = student.shape[-1] if vocab is None else vocab
     idx, lp, tail = teacher.indices, teacher.logprobs, teacher.tail_logmass
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"teacher.indices must be an integer tensor, got {idx.dtype}")
@@ -64,7 +67,7 @@ def resolve_tail(tail, teacher, divergence, temperature):
 
 def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", labels=None,
                    ignore_index=-100, hard_weight=0.0, scale_by_t2=True, temperature=None,
-                   divergence="forward_kl", vocab_size=None, backend="auto"):
+                   divergence="forward_kl", vocab_size=None, vocab_shard=None, backend="auto"):
     """Forward-KL distillation loss of `student_logits` [..., V] against a sparse teacher.
 
     teacher: a SparseTeacher from fastkd.topk_teacher / fastkd.sample_teacher, [..., k].
@@ -74,8 +77,17 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
     temperature: the teacher's (fixed when it was compressed); passing another value is an error.
     divergence: only "forward_kl" is defined for sparse teachers.
     vocab_size: run over the student's first V columns (a padded LM head); teacher ids must be < V.
+    vocab_shard: a fastkd.distributed.VocabShard when student_logits is this rank's slice
+        [..., V_r] of a vocabulary split over ranks; the teacher's ids are global (docs/distributed.md).
     Other options as in fastkd.kd_loss. Returns a float32 loss in nats (float64 for fp64 logits).
     """
+    if vocab_shard is not None:
+        from . import distributed
+
+        return distributed.sparse_kd_loss(vocab_shard, student_logits, teacher, tail=tail, reduction=reduction,
+                                          labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+                                          scale_by_t2=scale_by_t2, temperature=temperature, divergence=divergence,
+                                          vocab_size=vocab_size, backend=backend)
     _validate.check_logits("student_logits", student_logits)
     _validate.check_not_transformed(student_logits)
     student_logits, _ = _validate.vocab_columns(vocab_size, student_logits)
@@ -103,7 +115,8 @@ class SparseKDLoss(torch.nn.Module):
     """
 
     def __init__(self, *, tail="bucket", reduction="mean", ignore_index=-100, hard_weight=0.0,
-                 scale_by_t2=True, temperature=None, divergence="forward_kl", vocab_size=None, backend="auto"):
+                 scale_by_t2=True, temperature=None, divergence="forward_kl", vocab_size=None, vocab_shard=None,
+                 backend="auto"):
         super().__init__()
         if tail not in TAILS:
             raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
@@ -111,7 +124,7 @@ class SparseKDLoss(torch.nn.Module):
         self.options = dict(tail=tail, reduction=reduction, ignore_index=ignore_index,
                             hard_weight=hard_weight, scale_by_t2=scale_by_t2,
                             temperature=temperature, divergence=divergence, vocab_size=vocab_size,
-                            backend=backend)
+                            vocab_shard=vocab_shard, backend=backend)
 
     def forward(self, student_logits, teacher, labels=None):
         return sparse_kd_loss(student_logits, teacher, labels=labels, **self.options)

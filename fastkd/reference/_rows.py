@@ -34,12 +34,24 @@ def softmax_parts(x: torch.Tensor):
     return e * (1.0 / total).to(x.dtype), m.double() + total.log()
 
 
+def max_sum(x: torch.Tensor):
+    """(m, total, e): the row maximum m and total = sum exp(x - m) ([.., 1] float64), with
+    e = exp(x - m) in x's dtype; m = -inf, total = 0, e = 0 for a row with no finite entry, and
+    total NaN for a row holding a NaN or +inf. The partial log-sum-exp of a vocabulary slice."""
+    if x.shape[-1] == 0:
+        m = x.new_full((*x.shape[:-1], 1), NEG_INF, dtype=torch.float64)
+        return m, torch.zeros_like(m), x
+    m = x.amax(-1, keepdim=True)
+    safe = torch.where(m > NEG_INF, m, torch.zeros_like(m))
+    e = (x - safe).exp()
+    return m.double(), e.sum(-1, keepdim=True, dtype=torch.float64), e
+
+
 def log_normaliser(x: torch.Tensor) -> torch.Tensor:
     """float64 logsumexp over the last dim ([.., 1]) at the row's own maximum; -inf for a row with
     no finite entry."""
-    m = x.amax(-1, keepdim=True)
-    safe = torch.where(m > NEG_INF, m, torch.zeros_like(m))
-    return safe.double() + (x - safe).exp().sum(-1, keepdim=True, dtype=torch.float64).log()
+    m, total, _ = max_sum(x)
+    return torch.where(m > NEG_INF, m, 0.0) + total.log()
 
 
 def not_a_number(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,459 @@
+"""Vocab-parallel losses over torch.distributed: each rank holds the logits (or the LM-head rows) of
+a contiguous slice [start, start + V_r) of a vocabulary of `total` ids -- Megatron-style tensor
+parallelism -- and gets the exact loss of the whole rows and its own slice of the gradient, while
+only a few numbers per row cross the network (docs/distributed.md).
+
+    shard = fastkd.distributed.VocabShard()          # slices in rank order, from their sizes
+    loss = fastkd.kd_loss(student_slice, teacher_slice, vocab_shard=shard, temperature=2.0)
+
+Per call, on N rows (the collectives are torch.distributed's, NCCL or gloo; the kernels are the
+backend's partial forms -- ops dense_kd_stats / dense_kd_shard, sparse_kd_stats / sparse_kd_shard):
+
+    0. agree    all_gather of HEADER (8 int64 per rank): row counts, slice sizes and positions,
+                a hash of the options; a bad argument on any rank is raised on every rank
+    1. stats    the slice's row maxima and sums of exponentials -> all_reduce MAX of [N, 3],
+                then all_reduce SUM of [N, 7 (dense) | 6 (sparse)] rescaled sums and flags
+    2. shares   the slice's shares of the row sums (dense: D, U; sparse: sum over its ids) and the
+                label's logit where the label lies in the slice -> all_reduce SUM of [N, 3 | 2]
+    3. grad     the slice's gradient from the whole row's statistics (no communication)
+
+All float64: 13 numbers (104 bytes) per row for the dense loss, 11 (88 bytes) for the sparse one.
+With check=False the agreement runs only on the first call (it reads a value back to the host,
+a device sync on CUDA); then a rank passing a different N fails inside the collectives instead.
+"""
+import hashlib
+import math
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+
+from . import _math, _sparse_math, _validate, backends
+from ._reduce import reduce_rows, row_weight
+from .reference._rows import NEG_INF, log_normaliser
+
+UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before the total is known
+HEADER = ("ok", "rows", "size", "start", "total", "options", "grad", "spare")
+
+
+def _dist():
+    import torch.distributed as dist  # (imported on use: fastkd works where torch.distributed does not)
+
+    return dist
+
+
+def _int_or_none(name, x):
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, Integral) or x < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {x!r}")
+    return int(x)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank's slice lies: [start, start + size) of `total` ids, `world` ranks."""
+    start: int
+    size: int
+    total: int
+    world: int
+
+
+class VocabShard:
+    """This rank's slice of a vocabulary split over the ranks of `group` (None: the default group).
+
+    start, total: the slice [start, start + V_r) of `total` ids, V_r being the size of the
+    vocabulary dimension this rank passes; both None (the default): the slices follow one another
+    in rank order, sizes taken from the tensors (uneven shards are fine). Either way every call
+    checks on every rank that the slices tile [0, total) (check=True; see the module docs).
+    """
+
+    def __init__(self, group=None, start=None, total=None, *, check=True):
+        start, total = _int_or_none("start", start), _int_or_none("total", total)
+        if (start is None) != (total is None):
+            raise ValueError("give VocabShard both start and total, or neither (then the slices follow "
+                             "one another in rank order)")
+        if total is not None and start > total:
+            raise ValueError(f"start={start} lies past total={total}")
+        if not isinstance(check, bool):
+            raise TypeError(f"check must be a bool, got {check!r}")
+        dist = _dist()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("fastkd.distributed.VocabShard needs torch.distributed initialised "
+                               "(torch.distributed.init_process_group) before it is made")
+        self.group, self.start, self.total, self.check = group, start, total, check
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._layout = None  # from the first agreement
+
+    def __repr__(self):
+        where = "in rank order" if self.start is None else f"start={self.start}, total={self.total}"
+        return f"VocabShard(rank {self.rank} of {self.world}, {where})"
+
+    def device(self) -> torch.device:
+        """Where the collectives' tensors live: the current CUDA device for NCCL, else the CPU."""
+        if _dist().get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_gather_header(self, own):
+        dist = _dist()
+        out = [torch.empty_like(own) for _ in range(self.world)]
+        dist.all_gather(out, own, group=self.group)
+        return torch.stack(out).tolist()
+
+    def _raise_everywhere(self, error, headers):
+        """Every rank calls this when some rank's header says its call was bad."""
+        messages = [None] * self.world
+        _dist().all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
+                                  group=self.group)
+        said = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
+        raise ValueError(f"fastkd vocab-parallel call refused on every rank ({said})")
+
+    def fail(self, error):
+        """Join the agreement with a bad call of this rank's: raises `error`'s message on every rank."""
+        headers = self._all_gather_header(torch.zeros(len(HEADER), dtype=torch.long, device=self.device()))
+        self._raise_everywhere(error, headers)
+
+    def agree(self, rows: int, size: int, options: tuple, grad: bool) -> Layout:
+        """The agreement (step 0): the same call on every rank, or a ValueError on every rank."""
+        if self._layout is not None and not self.check:
+            if size != self._layout.size:
+                raise ValueError(f"this rank's vocabulary slice changed from {self._layout.size} to {size} "
+                                 "columns (VocabShard(check=False) keeps the layout of its first call)")
+            return self._layout
+        digest = int.from_bytes(hashlib.blake2b(repr(options).encode(), digest_size=7).digest(), "little")
+        own = [1, rows, size, -1 if self.start is None else self.start, -1 if self.total is None else self.total,
+               digest, int(grad), 0]
+        headers = self._all_gather_header(torch.tensor(own, dtype=torch.long, device=self.device()))
+        if not all(h[0] for h in headers):
+            self._raise_everywhere(None, headers)
+        layout = self._layout_of(headers)
+        self._layout = layout
+        return layout
+
+    def _layout_of(self, headers) -> Layout:
+        """Check the headers (the same on every rank, so every rank decides alike)."""
+        col = {name: [h[i] for h in headers] for i, name in enumerate(HEADER)}
+        problems = []
+        if len(set(col["rows"])) > 1:
+            problems.append(f"the ranks pass different numbers of rows N: {col['rows']}")
+        if len(set(col["options"])) > 1 or len(set(col["grad"])) > 1:
+            problems.append("the ranks call with different options (loss, divergence, temperature, tail, "
+                            "reduction, labels, dtype or requires_grad differ)")
+        sizes, starts, totals = col["size"], col["start"], col["total"]
+        given = [s >= 0 for s in starts]
+        if any(given) and not all(given):
+            problems.append("some ranks give VocabShard start/total and others do not")
+        elif all(given):
+            if len(set(totals)) > 1:
+                problems.append(f"the ranks give different totals: {totals}")
+            spans = sorted((s, s + v, r) for r, (s, v) in enumerate(zip(starts, sizes)))
+            edge = 0
+            for s, e, r in spans:
+                if s != edge:
+                    problems.append(f"rank {r}'s slice [{s}, {e}) ({sizes[r]} columns from start={s}) does not "
+                                    f"begin where the previous slice ends ({edge}): the slices must tile "
+                                    f"[0, total) without gaps or overlaps")
+                    break
+                edge = e
+            else:
+                if edge != totals[0]:
+                    problems.append(f"the slices cover [0, {edge}) but total={totals[0]}; a slice's size "
+                                    f"disagrees with start/total (sizes {sizes}, starts {starts})")
+        if problems:
+            raise ValueError("fastkd vocab-parallel call refused on every rank: " + "; ".join(problems))
+        if all(given):
+            return Layout(starts[self.rank], sizes[self.rank], totals[0], self.world)
+        return Layout(sum(sizes[:self.rank]), sizes[self.rank], sum(sizes), self.world)
+
+    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """In place on x (moved to the collectives' device and back when they differ)."""
+        dist = _dist()
+        here = x if x.device == self.device() else x.to(self.device())
+        dist.all_reduce(here, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        if here is not x:
+            x.copy_(here)
+        return x
+
+
+def _labels_of(labels, layout: Layout, ignore_index, n, device):
+    """(kept [N], bad [N] (a kept label outside [0, total)), labels for the slice's ops: its own
+    ids less start, -1 for ignored rows (the ops' ignore_index), -2 for ids of other slices)."""
+    if labels is None:
+        return torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device), None
+    kept = labels != ignore_index
+    bad = kept & ((labels < 0) | (labels >= layout.total))
+    local = labels - layout.start
+    here = kept & (local >= 0) & (local < layout.size)
+    return kept, bad, torch.where(here, local, torch.where(kept, -2, -1))
+
+
+def _gathered(student, ids):
+    """student.gather(-1, ids), zeros for an empty slice (whose ids are all placeholders)."""
+    if student.shape[1] == 0:
+        return student.new_zeros(ids.shape)
+    return student.gather(-1, ids)
+
+
+def _label_logit(student, local):
+    """[N] float64: the student's raw logit at the label where the label lies in this slice, else 0."""
+    if local is None:
+        return torch.zeros(student.shape[0], dtype=torch.float64, device=student.device)
+    here = local >= 0
+    return torch.where(here, _gathered(student, torch.where(here, local, 0).unsqueeze(-1)).squeeze(-1).double(), 0.0)
+
+
+def _refuse_rows(shard, layout, flags, labels, indices):
+    """With check=True, raise on every rank when some rank found a kept label (flags column 0) or a
+    teacher id (column 1) outside [0, total): the flags are summed over the ranks, so every rank
+    sees them alike. (This reads a value back: a device sync on CUDA; check=False makes such a
+    row NaN instead.)"""
+    if not shard.check:
+        return
+    hit = flags > 0
+    if not bool(hit.any()):
+        return
+    r, what = (int(x) for x in hit.nonzero()[0])
+    if what == 0:
+        raise ValueError(f"labels must lie in [0, {layout.total}) (the whole vocabulary) or equal ignore_index; "
+                         f"row {r} has {int(labels[r]) if labels is not None else '?'} (refused on every rank)")
+    raise ValueError(f"teacher.indices must lie in [0, {layout.total}) (the whole vocabulary); row {r} has "
+                     f"{indices[r].tolist() if indices is not None else '?'} (refused on every rank)")
+
+
+def _combine(shard, maxima, sums, owners, flags):
+    """Step 1's collectives. maxima [N, m]: this slice's row maxima (NaN: it read a NaN or +inf);
+    sums [N, s]: sums at the maxima of columns `owners` (NaN likewise); flags [N, f] to add up ->
+    (M [N, m], S [N, s], flags [N, f + 1]): the rows' maxima, their sums at M, the flags summed and
+    last the count of ranks that read a NaN or +inf."""
+    bad = (maxima.isnan().any(-1, keepdim=True) | sums.isnan().any(-1, keepdim=True))
+    maxima = torch.where(maxima.isnan(), NEG_INF, maxima)
+    big = shard.all_reduce(maxima.clone(), "max")
+    scale = torch.where(maxima > NEG_INF, (maxima - torch.where(big > NEG_INF, big, 0.0)).exp(), 0.0)[:, owners]
+    total = torch.cat([torch.where(bad, 0.0, sums * scale), flags.double(), bad.double()], -1)
+    shard.all_reduce(total, "sum")
+    return big, total[:, :sums.shape[1]], total[:, sums.shape[1]:]
+
+
+class _ShardedRows(torch.autograd.Function):
+    """Rows [N] of a sharded loss whose gradient for the slice is computed in forward (kept)."""
+
+    @staticmethod
+    def forward(ctx, student, run, grad_scale, compute_grad):
+        rows, grad = run(compute_grad)
+        ctx.kept, ctx.grad_scale, ctx.dtype = grad, grad_scale, student.dtype
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if torch.is_grad_enabled():
+            raise NotImplementedError("fastkd's fused losses do not support double backward (create_graph=True)")
+        grad, ctx.kept = ctx.kept, None
+        if grad is None:
+            raise RuntimeError("a vocab-parallel fastkd loss keeps its gradient for one backward; run the "
+                               "forward again (retain_graph=True cannot replay its collectives)")
+        factor = (grad_rows / ctx.grad_scale).unsqueeze(-1).to(grad.dtype)
+        return (grad * factor).to(ctx.dtype), None, None, None
+
+
+def dense_rows(shard, layout, student, teacher, labels, divergence, temperature, beta, ignore_index,
+               hard_weight, scale_by_t2, grad_scale, compute_grad, backend):
+    """The slice [N, V_r] of student and teacher logits, labels [N] (global ids) -> (loss [N] in
+    the accumulation dtype, the same on every rank; grad [N, V_r] for this slice, or None)."""
+    n, device = student.shape[0], student.device
+    hard = hard_weight > 0
+    stats = backends.kernel("dense_kd_stats", backend, device)(student, teacher, temperature, hard)
+    kept, bad_label, local = _labels_of(labels, layout, ignore_index, n, device)
+    m_a, s_a, r_a, far, m_b, s_b, m_1, s_1 = stats.unbind(-1)
+    big, sums, flags = _combine(shard, torch.stack([m_a, m_b, m_1], -1), torch.stack([s_a, r_a, s_b, s_1], -1),
+                                [0, 0, 1, 2], torch.stack([far, bad_label.double()], -1))
+    _refuse_rows(shard, layout, flags[:, 1:2], labels, None)
+    poisoned = kept & ((flags[:, 1] > 0) | (flags[:, 2] > 0))
+    live = big[:, 0] > NEG_INF
+    kd_on = live & (big[:, 1] > NEG_INF)
+    log_s = sums.log()  # (column 1, r_a, may be negative: only its ratio to s_a is used)
+    lse_a, lse_b = big[:, 0] + log_s[:, 0], big[:, 1] + log_s[:, 2]
+    # lse(b) - lse(a): log1p(R / S_a) for a close row (kd_math.h's rule), else the difference
+    dl = torch.where(flags[:, 0] > 0, lse_b - lse_a, torch.log1p(sums[:, 1] / sums[:, 0]))
+    row = torch.stack([big[:, 0], log_s[:, 0], big[:, 1], log_s[:, 2], dl, big[:, 2], log_s[:, 3],
+                       torch.full_like(dl, -1.0 if divergence == "forward_kl" else 0.0)], -1)
+    healthy = torch.tensor([NEG_INF, 0.0, NEG_INF, 0.0, 0.0, NEG_INF, 0.0, 0.0], dtype=torch.float64, device=device)
+    row = torch.where(kd_on.unsqueeze(-1), row, torch.where(live.unsqueeze(-1), _live_only(row), healthy))
+    row = torch.where(poisoned.unsqueeze(-1), math.nan, row)
+    op = backends.kernel("dense_kd_shard", backend, device)
+    one_pass = compute_grad and divergence == "forward_kl"  # U = -1 is known: the gradient comes with the shares
+    parts, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
+                     scale_by_t2, grad_scale, one_pass)
+    shares = torch.cat([parts, _label_logit(student, local).unsqueeze(-1)], -1)
+    shard.all_reduce(shares, "sum")
+    w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
+    loss = torch.where(kd_on, w.kd_loss * shares[:, 0].clamp_min(0), 0.0)
+    if hard:
+        loss = loss + torch.where(live, w.hard * (big[:, 2] + log_s[:, 3] - shares[:, 2]), 0.0)
+    loss = _finish(loss, kept, poisoned, student)
+    if compute_grad and not one_pass:
+        row[:, 7] = torch.where(kd_on, shares[:, 1], row[:, 7])
+        _, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
+                     scale_by_t2, grad_scale, True)
+    return loss, grad if compute_grad else None
+
+
+def _live_only(row):
+    """A row with a student distribution but no teacher's: the teacher's columns neutral."""
+    out = row.clone()
+    out[:, 2], out[:, 3], out[:, 4] = NEG_INF, 0.0, 0.0
+    return out
+
+
+def _finish(loss, kept, poisoned, student):
+    """The loss [N] in the accumulation dtype: 0 at ignored rows, NaN at kept rows that read a NaN."""
+    loss = torch.where(kept, torch.where(poisoned, math.nan, loss), 0.0)
+    return loss.to(_math.acc_dtype(student.dtype))
+
+
+def sparse_rows(shard, layout, student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
+                hard_weight, scale_by_t2, grad_scale, compute_grad, backend):
+    """The student's slice [N, V_r], a sparse teacher's [N, k] rows (global ids), labels [N] ->
+    (loss [N], the same on every rank; grad [N, V_r] for this slice, or None)."""
+    n, device = student.shape[0], student.device
+    hard = hard_weight > 0
+    local_ids = indices - layout.start
+    stats = backends.kernel("sparse_kd_stats", backend, device)(student, local_ids, logprobs, temperature, hard)
+    kept, bad_label, local = _labels_of(labels, layout, ignore_index, n, device)
+    known = logprobs > NEG_INF
+    bad_ids = (~(logprobs == NEG_INF) & ((indices < 0) | (indices >= layout.total))).any(-1)
+    m_in, s_in, m_out, s_out, m_1, s_1 = stats.unbind(-1)
+    big, sums, flags = _combine(shard, torch.stack([m_in, m_out, m_1], -1), torch.stack([s_in, s_out, s_1], -1),
+                                [0, 1, 2], torch.stack([bad_label.double(), bad_ids.double()], -1))
+    _refuse_rows(shard, layout, flags[:, :2], labels, indices)
+    teacher_nan = logprobs.isnan().any(-1) | tail_logmass.isnan()
+    poisoned = kept & ((flags.sum(-1) > 0) | teacher_nan)
+    lse_in, lse_tail, lse_1 = (big + torch.where(big > NEG_INF, sums.log(), NEG_INF)).unbind(-1)
+    lse_all = torch.logaddexp(lse_in, lse_tail)
+    live = lse_all > NEG_INF
+    col = lambda x: x.unsqueeze(-1)  # noqa: E731
+    c = _sparse_math.tail_coefficients(tail, col(lse_all), col(lse_in), col(lse_tail),
+                                       log_normaliser(torch.where(known, logprobs.double(), NEG_INF)),
+                                       col(tail_logmass.double()))
+    here = known & (local_ids >= 0) & (local_ids < layout.size)
+    a_i = _gathered(student, torch.where(here, local_ids, 0)).to(_math.acc_dtype(student.dtype)) * (1.0 / temperature)
+    share = torch.where(here, _sparse_math.sparse_term(logprobs.double(), a_i.double(), c), 0.0).sum(-1)
+    shares = torch.stack([share, _label_logit(student, local)], -1)
+    shard.all_reduce(shares, "sum")
+    w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
+    loss = torch.where(live, w.kd_loss * (shares[:, 0] + c.extra.squeeze(-1)).clamp_min(0), 0.0)
+    if hard:
+        loss = loss + torch.where(live, w.hard * (lse_1 - shares[:, 1]), 0.0)
+    loss = _finish(loss, kept, poisoned, student)
+    if not compute_grad:
+        return loss, None
+    row = torch.cat([x.expand(n, 1) for x in (c.shift, c.in_scale, c.in_norm, c.out_scale, col(lse_all),
+                                              c.tail_scale, col(lse_tail), col(lse_1))], -1)
+    dead = torch.tensor([0.0, 0.0, 0.0, 0.0, NEG_INF, 0.0, NEG_INF, NEG_INF], dtype=torch.float64, device=device)
+    row = torch.where(col(live), row, dead)
+    row = torch.where(col(poisoned), math.nan, row).contiguous()
+    grad = backends.kernel("sparse_kd_shard", backend, device)(
+        student, local_ids, logprobs, local, row, temperature, -1, float(hard_weight), scale_by_t2, grad_scale)
+    return loss, grad
+
+
+def _refused(shard, check):
+    """Run the local checks `check()`; a bad argument on this rank is raised on every rank."""
+    try:
+        return check()
+    except (TypeError, ValueError, NotImplementedError) as error:
+        shard.fail(error)
+
+
+def _check_shard(vocab_shard):
+    if not isinstance(vocab_shard, VocabShard):
+        raise TypeError(f"vocab_shard must be a fastkd.distributed.VocabShard, got {type(vocab_shard).__name__}")
+    return vocab_shard
+
+
+def _used_columns(layout: Layout, vocab_size):
+    """(columns of this slice the loss runs over, the vocabulary in use): vocab_size (a padded head:
+    DESIGN 1) cuts the slices where it falls; it must not exceed the total."""
+    if vocab_size is None:
+        return layout.size, layout.total
+    if vocab_size > layout.total:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the sharded vocabulary's total={layout.total}")
+    return max(0, min(layout.size, vocab_size - layout.start)), vocab_size
+
+
+def _run_rows(rows_fn, shard, layout, flat, *args, reduction, flat_labels, ignore_index, lead, backend):
+    """rows_fn over the slice's columns in use, through the kept-gradient autograd, then reduced."""
+    compute_grad = torch.is_grad_enabled() and flat.requires_grad
+    weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)
+    run = lambda grad: rows_fn(shard, layout, flat.detach(), *args, weight, grad, backend)  # noqa: E731
+    rows = _ShardedRows.apply(flat, run, weight, compute_grad)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
+
+
+def kd_loss(vocab_shard, student_logits, teacher_logits, *, temperature, divergence, beta, reduction, labels,
+            ignore_index, hard_weight, scale_by_t2, vocab_size, backend):
+    """fastkd.kd_loss(..., vocab_shard=...): this rank's slices [..., V_r] of both logits."""
+    shard = _check_shard(vocab_shard)
+
+    def check():
+        _validate.check_pair(student_logits, teacher_logits)
+        t = _validate.check_temperature(temperature)
+        b = _validate.check_divergence(divergence, beta)
+        _validate.check_reduction(reduction)
+        lab = _validate.check_labels(labels, student_logits, ignore_index, hard_weight, check_range=False)
+        if not isinstance(scale_by_t2, bool):
+            raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+        _validate.vocab_in_use(vocab_size, UNBOUNDED)
+        backends.resolve("dense_kd_shard", backend, student_logits.device)
+        return t, b, lab
+
+    t, b, flat_labels = _refused(shard, check)
+    vocab = student_logits.shape[-1]
+    n = math.prod(student_logits.shape[:-1])
+    flat = student_logits.reshape(n, vocab)
+    options = ("dense", divergence, t, b, reduction, flat_labels is None, ignore_index, float(hard_weight),
+               scale_by_t2, vocab_size, str(student_logits.dtype))
+    layout = shard.agree(flat.shape[0], vocab, options, torch.is_grad_enabled() and flat.requires_grad)
+    used, total = _used_columns(layout, vocab_size)
+    layout = Layout(layout.start, used, total, layout.world)
+    return _run_rows(dense_rows, shard, layout, flat[:, :used], teacher_logits.reshape(n, vocab)[:, :used].detach(),
+                     flat_labels, divergence, t, b, ignore_index, float(hard_weight), scale_by_t2,
+                     reduction=reduction, flat_labels=flat_labels, ignore_index=ignore_index,
+                     lead=student_logits.shape[:-1], backend=backend)
+
+
+def sparse_kd_loss(vocab_shard, student_logits, teacher, *, tail, reduction, labels, ignore_index, hard_weight,
+                   scale_by_t2, temperature, divergence, vocab_size, backend):
+    """fastkd.sparse_kd_loss(..., vocab_shard=...): this rank's slice [..., V_r] of the student's
+    logits, a SparseTeacher [..., k] with global ids (the same on every rank)."""
+    from .sparse_kd import _check_teacher, resolve_tail
+
+    shard = _check_shard(vocab_shard)
+
+    def check():
+        _validate.check_logits("student_logits", student_logits)
+        _validate.check_not_transformed(student_logits)
+        idx, lp, tail_lp = _check_teacher(teacher, student_logits, vocab=UNBOUNDED)  # ids: against the total, below
+        t = _validate.check_temperature(teacher.temperature)
+        mode = resolve_tail(tail, teacher, divergence, temperature)
+        _validate.check_reduction(reduction)
+        lab = _validate.check_labels(labels, student_logits, ignore_index, hard_weight, check_range=False)
+        if not isinstance(scale_by_t2, bool):
+            raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+        _validate.vocab_in_use(vocab_size, UNBOUNDED)
+        backends.resolve("sparse_kd_shard", backend, student_logits.device)
+        return idx, lp, tail_lp, t, mode, lab
+
+    idx, lp, tail_lp, t, mode, flat_labels = _refused(shard, check)
+    vocab = student_logits.shape[-1]
+    n = math.prod(student_logits.shape[:-1])
+    flat = student_logits.reshape(n, vocab)
+    options = ("sparse", mode, t, idx.shape[-1], reduction, flat_labels is None, ignore_index, float(hard_weight),
+               scale_by_t2, vocab_size, str(student_logits.dtype))
+    layout = shard.agree(n, vocab, options, torch.is_grad_enabled() and flat.requires_grad)
+    used, total = _used_columns(layout, vocab_size)
+    layout = Layout(layout.start, used, total, layout.world)
+    return _run_rows(sparse_rows, shard, layout, flat[:, :used], idx, lp, tail_lp, flat_labels, mode, t, ignore_index,
+                     float(hard_weight), scale_by_t2, reduction=reduction, flat_labels=flat_labels,
+                     ignore_index=ignore_index, lead=student_logits.shape[:-1], backend=backend)
