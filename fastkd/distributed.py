@@ -457,3 +457,23 @@ def sparse_kd_loss(vocab_shard, student_logits, teacher, *, tail, reduction, lab
     return _run_rows(sparse_rows, shard, layout, flat[:, :used], idx, lp, tail_lp, flat_labels, mode, t, ignore_index,
                      float(hard_weight), scale_by_t2, reduction=reduction, flat_labels=flat_labels,
                      ignore_index=ignore_index, lead=student_logits.shape[:-1], backend=backend)
+
+
+def fused_linear_setup(vocab_shard, setup, args):
+    """fastkd.fused_linear_kd_loss(..., vocab_shard=...): `setup` (fused_linear_kd._setup) runs its
+    checks on this rank, then, once the ranks agree, builds the chunk loop over this rank's slice
+    of the head's rows. -> (h, lead, loop, labels) as setup returns them."""
+    shard = _check_shard(vocab_shard)
+    _refused(shard, lambda: setup(**args, layout=None, shard=shard))
+    h, w = args["student_hidden"], args["student_weight"]
+    lead = h.shape[:-1]
+    dense = args["teacher"] is None
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (h, w, args["student_bias"]))
+    options = ("fused", dense, h.shape[-1], h.requires_grad, str(h.dtype), str(w.dtype)) + tuple(
+        repr(args[k]) for k in ("divergence", "beta", "tail", "reduction", "ignore_index", "hard_weight",
+                                "scale_by_t2", "vocab_size", "softcap", "chunk_size")) + (
+        args["labels"] is None, args["temperature"] if dense else args["teacher"].temperature)
+    layout = shard.agree(math.prod(lead), w.shape[0], options, grad)
+    used, total = _used_columns(layout, args["vocab_size"])
+    return setup(**args, layout=Layout(layout.start, used, total, layout.world), shard=shard)

@@ -23,6 +23,7 @@ from ._reduce import kept_rows, reduce_rows
 from ._sparse_math import TAILS
 
 CPU_CHUNK_BYTES = 256 << 20
+UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before a sharded call's total is known
 
 
 def auto_chunk_rows(n: int, vocab: int, element_size: int, device: torch.device) -> int:
@@ -47,10 +48,11 @@ def _logits(h, weight, bias, softcap):
 class _Chunked:
     """The chunk loop, shared by forward (reduction mean/sum) and backward (reduction none)."""
 
-    def __init__(self, h, weight, bias, teacher_fn, row_op, labels, softcap, chunk, vocab, compute_dtype):
+    def __init__(self, h, weight, bias, teacher_fn, row_op, labels, softcap, chunk, vocab, compute_dtype, shard=None):
         self.h, self.weight, self.bias = h, weight, bias
         self.teacher_fn, self.row_op, self.labels = teacher_fn, row_op, labels
         self.softcap, self.chunk, self.vocab, self.dtype = softcap, chunk, vocab, compute_dtype
+        self.shard = shard  # a VocabShard: the head holds one slice of the vocabulary, grad_h is summed
 
     def run(self, compute_grad: bool, row_scale=None, need=(True, True, True)):
         """-> (loss rows [N] fp32, grad_h, grad_w (fp32, [V_full, H]), grad_b (fp32)); grads are
@@ -62,7 +64,9 @@ class _Chunked:
         gdt = grad_dtype(dtype)  # fp16's gradient GEMMs run in fp32: its range cannot hold them (docs/math.md)
         w_grad = w_used.to(gdt) if compute_grad and need[0] else None
         rows = torch.empty(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=h.device)
-        grad_h = torch.empty(h.shape, dtype=grad_dtype(h.dtype), device=h.device) if compute_grad and need[0] else None
+        # (a shard's grad_h is one term of a sum over ranks: kept in fp32 until summed)
+        h_dt = torch.promote_types(grad_dtype(h.dtype), torch.float32) if self.shard else grad_dtype(h.dtype)
+        grad_h = torch.empty(h.shape, dtype=h_dt, device=h.device) if compute_grad and need[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32 if dtype != torch.float64 else dtype,
                              device=h.device) if compute_grad and need[1] else None
         grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
@@ -86,6 +90,9 @@ class _Chunked:
                 grad_w[:self.vocab] += (g.t() @ hc.to(gdt)).to(grad_w.dtype)
             if grad_b is not None:
                 grad_b[:self.vocab] += g.sum(0, dtype=grad_b.dtype)
+        if self.shard is not None and grad_h is not None:
+            self.shard.all_reduce(grad_h, "sum")  # [N, H]: the one collective of O(N H)
+            grad_h = grad_h.to(grad_dtype(h.dtype))
         return rows, grad_h, grad_w, grad_b
 
 
@@ -127,7 +134,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
                          teacher_weight=None, teacher_bias=None, teacher=None, softcap=None, chunk_size=None,
                          temperature=1.0, divergence="forward_kl", beta=0.5, tail="bucket", reduction="mean",
                          labels=None, ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None,
-                         backend="auto"):
+                         vocab_shard=None, backend="auto"):
     """KD loss of the student's LM head on its hidden states, without the [N, V] logits.
 
     student_hidden [..., H]; student_weight [V_s, H] (the LM head, nn.Linear's layout);
@@ -137,9 +144,35 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     softcap: Gemma-style soft-capping of both sides' logits, c tanh(z / c), before temperature.
     vocab_size: run over the first V rows of each head (padded heads); later rows get zero gradient.
     chunk_size: rows per chunk (None: see auto_chunk_rows). Other options as in fastkd.kd_loss.
+    vocab_shard: a fastkd.distributed.VocabShard when the heads (student_weight, teacher_weight,
+        biases) hold this rank's slice of the vocabulary's rows; hidden states are the same on every
+        rank, labels and sparse-teacher ids global, grad_hidden summed over the ranks.
     Under autocast the logits are computed in the autocast dtype. Returns the loss (fp32);
     gradients reach student_hidden, student_weight and student_bias.
     """
+    args = dict(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                teacher=teacher, softcap=softcap, chunk_size=chunk_size, temperature=temperature,
+                divergence=divergence, beta=beta, tail=tail, reduction=reduction, labels=labels,
+                ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                vocab_size=vocab_size, backend=backend)
+    if vocab_shard is None:
+        setup = _setup(**args, layout=None)
+    else:
+        from . import distributed
+
+        setup = distributed.fused_linear_setup(vocab_shard, _setup, args)
+    h, lead, loop, flat_labels = setup
+    with torch.autocast(h.device.type, enabled=False):
+        return _FusedLinearKD.apply(h, student_weight, student_bias, loop, reduction, flat_labels, ignore_index, lead)
+
+
+def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher,
+           softcap, chunk_size, temperature, divergence, beta, tail, reduction, labels, ignore_index, hard_weight,
+           scale_by_t2, vocab_size, backend, layout, shard=None):
+    """Check the arguments and build the chunk loop -> (h [N, H], lead shape, _Chunked, labels [N]).
+    layout: None, or a vocab-parallel call's fastkd.distributed.Layout -- then None checks only
+    what needs no other rank (the first pass of fastkd.distributed.fused_linear_setup)."""
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         _validate.check_logits(name, x)
         _validate.check_not_transformed(x)
@@ -161,18 +194,23 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     n = h.shape[0]
     device = h.device
     sizes = [student_weight.shape[0]] + ([teacher_weight.shape[0]] if dense else [])
-    vocab = _validate.vocab_in_use(vocab_size, *sizes)
-    if vocab is None:
+    sharded = shard is not None
+    vocab = _validate.vocab_in_use(vocab_size, *(sizes if not sharded else [UNBOUNDED]))
+    if vocab is None or sharded:
         if dense:
             _validate.check_same_vocab("student_weight", student_weight.shape[0], "teacher_weight", teacher_weight.shape[0])
-        vocab = student_weight.shape[0]
+        vocab = student_weight.shape[0] if layout is None else layout.size
     _validate.check_reduction(reduction)
     probe = student_hidden[..., :1].expand(*lead, vocab)  # the logits' shape, for the checks below
-    flat_labels = _validate.check_labels(labels, probe, ignore_index, hard_weight)
+    flat_labels = _validate.check_labels(labels, probe, ignore_index, hard_weight, check_range=not sharded)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
-    chunk = chunk_size or auto_chunk_rows(n, vocab, torch.empty((), dtype=dtype).element_size(), device)
+    size = torch.empty((), dtype=dtype).element_size()
+    # (sharded: the same chunk on every rank, from the agreed total, not from each rank's free memory)
+    chunk = chunk_size or (auto_chunk_rows(n, vocab, size, device) if not sharded else
+                           auto_chunk_rows(n, -(-layout.total // layout.world), size, torch.device("cpu")) if layout
+                           else 1)
 
     if dense:
         temperature = _validate.check_temperature(temperature)
@@ -184,7 +222,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
         th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         tw = teacher_weight.detach()[:vocab]
         tb = None if teacher_bias is None else teacher_bias.detach()[:vocab]
-        op = backends.kernel("dense_kd", backend, device)
+        op = backends.kernel("dense_kd" if not sharded else "dense_kd_shard", backend, device)
 
         def teacher_fn(a, b, logits_dtype):
             with torch.no_grad():
@@ -197,10 +235,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     else:
         from .sparse_kd import _check_teacher, resolve_tail
 
-        idx, lp, tail_lp = _check_teacher(teacher, probe)
+        idx, lp, tail_lp = _check_teacher(teacher, probe, vocab=UNBOUNDED if sharded else None)
         temperature = _validate.check_temperature(teacher.temperature)
         tail = resolve_tail(tail, teacher, divergence, None)
-        op = backends.kernel("sparse_kd", backend, device)
+        op = backends.kernel("sparse_kd" if not sharded else "sparse_kd_shard", backend, device)
 
         def teacher_fn(a, b, logits_dtype):
             return idx[a:b], lp[a:b], tail_lp[a:b]
@@ -209,9 +247,27 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
             return op(z, *t, lab, tail, temperature, ignore_index, float(hard_weight), scale_by_t2, 1.0,
                       compute_grad)
 
-    loop = _Chunked(h, student_weight, student_bias, teacher_fn, row_op, flat_labels, softcap, chunk, vocab, dtype)
-    with torch.autocast(device.type, enabled=False):
-        return _FusedLinearKD.apply(h, student_weight, student_bias, loop, reduction, flat_labels, ignore_index, lead)
+    if layout is None and sharded:
+        return None
+    if sharded:
+        row_op = _sharded_row_op(shard, layout, dense, backend, divergence, temperature, beta, tail, ignore_index,
+                                 hard_weight, scale_by_t2)
+    loop = _Chunked(h, student_weight, student_bias, teacher_fn, row_op, flat_labels, softcap, chunk, vocab, dtype, shard)
+    return h, lead, loop, flat_labels
+
+
+def _sharded_row_op(shard, layout, dense, backend, divergence, temperature, beta, tail, ignore_index, hard_weight,
+                    scale_by_t2):
+    """The chunk's row op of a vocab-parallel call: fastkd.distributed's dense or sparse rows."""
+    from . import distributed
+
+    if dense:
+        return lambda z, t, lab, grad: distributed.dense_rows(
+            shard, layout, z, t, lab, divergence, temperature, beta, ignore_index, float(hard_weight), scale_by_t2,
+            1.0, grad, backend)
+    return lambda z, t, lab, grad: distributed.sparse_rows(
+        shard, layout, z, *t, lab, tail, temperature, ignore_index, float(hard_weight), scale_by_t2, 1.0, grad,
+        backend)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
