@@ -1,0 +1,42 @@
+"""Vocab-parallel losses (fastkd.distributed) on gloo, in 2 and 3 spawned processes with uneven
+slices (one of them empty), against the unsharded loss in the same run: every divergence, the
+sparse tails, fused linear, padded heads, explicit layouts, errors raised on every rank, and the
+bytes each step sends (tests/distributed_cases.py)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_cases
+import fastkd
+from fastkd.distributed import VocabShard
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.mark.parametrize("sizes", [(13, 20), (17, 0, 12)], ids=["2-ranks", "3-ranks-one-empty"])
+def test_sharded_equals_unsharded(sizes, tmp_path):
+    report = tmp_path / "bytes"
+    mp.spawn(distributed_cases.run, args=(len(sizes), str(tmp_path / "rendezvous"), list(sizes), str(report)),
+             nprocs=len(sizes))
+    per_row = {float((tmp_path / f"bytes.{r}").read_text()) for r in range(len(sizes))}
+    assert per_row == {13 * 8.0}  # dense, jsd with hard labels: 13 float64 per row, on every rank
+
+
+def test_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        VocabShard()
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(start=3), "both start and total"),
+                                           (dict(start=-1, total=4), "start must be a non-negative int"),
+                                           (dict(start=5, total=4), "past total")])
+def test_bad_layout_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VocabShard(**kwargs)
+
+
+def test_vocab_shard_must_be_a_vocab_shard():
+    x = torch.zeros(2, 5)
+    with pytest.raises(TypeError, match="vocab_shard must be a fastkd.distributed.VocabShard"):
+        fastkd.kd_loss(x, x, vocab_shard="tp")
