@@ -391,6 +391,33 @@ def _run_rows(rows_fn, shard, layout, flat, *args, reduction, flat_labels, ignor
     return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
 
 
+def _row_checks(student, labels, ignore_index, hard_weight, scale_by_t2, reduction, vocab_size, op, backend):
+    """The checks kd_loss and sparse_kd_loss share on a slice -> labels [N] (ranges: later, globally)."""
+    _validate.check_reduction(reduction)
+    flat_labels = _validate.check_labels(labels, student, ignore_index, hard_weight, check_range=False)
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
+    _validate.vocab_in_use(vocab_size, UNBOUNDED)
+    backends.resolve(op, backend, student.device)
+    return flat_labels
+
+
+def _sharded_rows(shard, rows_fn, student_logits, options, vocab_size, teacher_args, row_args, *, reduction,
+                  flat_labels, ignore_index, backend):
+    """Agree, cut the slice to the columns in use, run rows_fn through the kept-gradient autograd
+    and reduce. teacher_args(n, vocab, used): the teacher's arguments for the cut slice."""
+    vocab = student_logits.shape[-1]
+    n = math.prod(student_logits.shape[:-1])
+    flat = student_logits.reshape(n, vocab)
+    layout = shard.agree(n, vocab, options + (str(student_logits.dtype),),
+                         torch.is_grad_enabled() and flat.requires_grad)
+    used, total = _used_columns(layout, vocab_size)
+    layout = Layout(layout.start, used, total, layout.world)
+    return _run_rows(rows_fn, shard, layout, flat[:, :used], *teacher_args(n, vocab, used), flat_labels, *row_args,
+                     reduction=reduction, flat_labels=flat_labels, ignore_index=ignore_index,
+                     lead=student_logits.shape[:-1], backend=backend)
+
+
 def kd_loss(vocab_shard, student_logits, teacher_logits, *, temperature, divergence, beta, reduction, labels,
             ignore_index, hard_weight, scale_by_t2, vocab_size, backend):
     """fastkd.kd_loss(..., vocab_shard=...): this rank's slices [..., V_r] of both logits."""
@@ -398,29 +425,17 @@ def kd_loss(vocab_shard, student_logits, teacher_logits, *, temperature, diverge
 
     def check():
         _validate.check_pair(student_logits, teacher_logits)
-        t = _validate.check_temperature(temperature)
-        b = _validate.check_divergence(divergence, beta)
-        _validate.check_reduction(reduction)
-        lab = _validate.check_labels(labels, student_logits, ignore_index, hard_weight, check_range=False)
-        if not isinstance(scale_by_t2, bool):
-            raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-        _validate.vocab_in_use(vocab_size, UNBOUNDED)
-        backends.resolve("dense_kd_shard", backend, student_logits.device)
-        return t, b, lab
+        t, b = _validate.check_temperature(temperature), _validate.check_divergence(divergence, beta)
+        return t, b, _row_checks(student_logits, labels, ignore_index, hard_weight, scale_by_t2, reduction,
+                                 vocab_size, "dense_kd_shard", backend)
 
     t, b, flat_labels = _refused(shard, check)
-    vocab = student_logits.shape[-1]
-    n = math.prod(student_logits.shape[:-1])
-    flat = student_logits.reshape(n, vocab)
     options = ("dense", divergence, t, b, reduction, flat_labels is None, ignore_index, float(hard_weight),
-               scale_by_t2, vocab_size, str(student_logits.dtype))
-    layout = shard.agree(flat.shape[0], vocab, options, torch.is_grad_enabled() and flat.requires_grad)
-    used, total = _used_columns(layout, vocab_size)
-    layout = Layout(layout.start, used, total, layout.world)
-    return _run_rows(dense_rows, shard, layout, flat[:, :used], teacher_logits.reshape(n, vocab)[:, :used].detach(),
-                     flat_labels, divergence, t, b, ignore_index, float(hard_weight), scale_by_t2,
-                     reduction=reduction, flat_labels=flat_labels, ignore_index=ignore_index,
-                     lead=student_logits.shape[:-1], backend=backend)
+               scale_by_t2, vocab_size)
+    return _sharded_rows(shard, dense_rows, student_logits, options, vocab_size,
+                         lambda n, vocab, used: (teacher_logits.reshape(n, vocab)[:, :used].detach(),),
+                         (divergence, t, b, ignore_index, float(hard_weight), scale_by_t2), reduction=reduction,
+                         flat_labels=flat_labels, ignore_index=ignore_index, backend=backend)
 
 
 def sparse_kd_loss(vocab_shard, student_logits, teacher, *, tail, reduction, labels, ignore_index, hard_weight,
@@ -434,29 +449,18 @@ def sparse_kd_loss(vocab_shard, student_logits, teacher, *, tail, reduction, lab
     def check():
         _validate.check_logits("student_logits", student_logits)
         _validate.check_not_transformed(student_logits)
-        idx, lp, tail_lp = _check_teacher(teacher, student_logits, vocab=UNBOUNDED)  # ids: against the total, below
+        rows = _check_teacher(teacher, student_logits, vocab=UNBOUNDED)  # ids: against the total, in step 1
         t = _validate.check_temperature(teacher.temperature)
         mode = resolve_tail(tail, teacher, divergence, temperature)
-        _validate.check_reduction(reduction)
-        lab = _validate.check_labels(labels, student_logits, ignore_index, hard_weight, check_range=False)
-        if not isinstance(scale_by_t2, bool):
-            raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-        _validate.vocab_in_use(vocab_size, UNBOUNDED)
-        backends.resolve("sparse_kd_shard", backend, student_logits.device)
-        return idx, lp, tail_lp, t, mode, lab
+        return rows, t, mode, _row_checks(student_logits, labels, ignore_index, hard_weight, scale_by_t2, reduction,
+                                          vocab_size, "sparse_kd_shard", backend)
 
-    idx, lp, tail_lp, t, mode, flat_labels = _refused(shard, check)
-    vocab = student_logits.shape[-1]
-    n = math.prod(student_logits.shape[:-1])
-    flat = student_logits.reshape(n, vocab)
-    options = ("sparse", mode, t, idx.shape[-1], reduction, flat_labels is None, ignore_index, float(hard_weight),
-               scale_by_t2, vocab_size, str(student_logits.dtype))
-    layout = shard.agree(n, vocab, options, torch.is_grad_enabled() and flat.requires_grad)
-    used, total = _used_columns(layout, vocab_size)
-    layout = Layout(layout.start, used, total, layout.world)
-    return _run_rows(sparse_rows, shard, layout, flat[:, :used], idx, lp, tail_lp, flat_labels, mode, t, ignore_index,
-                     float(hard_weight), scale_by_t2, reduction=reduction, flat_labels=flat_labels,
-                     ignore_index=ignore_index, lead=student_logits.shape[:-1], backend=backend)
+    rows, t, mode, flat_labels = _refused(shard, check)
+    options = ("sparse", mode, t, rows[0].shape[-1], reduction, flat_labels is None, ignore_index,
+               float(hard_weight), scale_by_t2, vocab_size)
+    return _sharded_rows(shard, sparse_rows, student_logits, options, vocab_size, lambda n, vocab, used: rows,
+                         (mode, t, ignore_index, float(hard_weight), scale_by_t2), reduction=reduction,
+                         flat_labels=flat_labels, ignore_index=ignore_index, backend=backend)
 
 
 def fused_linear_setup(vocab_shard, setup, args):
