@@ -102,7 +102,53 @@ def unpack_monotone(dtype=None):
     return [("count63", (_bits.pack_monotone(values, 255), 63))]
 
 
+def _slice_labels(n):
+    return torch.tensor([3, -1, -2, 39, 0, 7][:n])  # -1: ignored, -2: another slice's (the layer's codes)
+
+
+def dense_kd_stats(dtype=torch.float32):
+    s, t = logits((6, 40), dtype), logits((6, 40), dtype, seed=1)
+    return [("hard", (s, t, 2.0, True)), ("masked", (_masked(s), _masked(t), 1.0, False)),
+            ("empty-slice", (s[:, :0], t[:, :0], 1.0, True))]
+
+
+def _dense_row(s, t, temperature):
+    """DENSE_ROW of rows whose slice s, t is the whole vocabulary (forward KL's u = -1)."""
+    a, b = s.double() / temperature, t.double() / temperature
+    m_a, m_b, m_1 = a.amax(-1), b.amax(-1), s.double().amax(-1)
+    ls = lambda x, m: (x - m.unsqueeze(-1)).exp().sum(-1).log()  # noqa: E731
+    dl = (m_b + ls(b, m_b)) - (m_a + ls(a, m_a))
+    return torch.stack([m_a, ls(a, m_a), m_b, ls(b, m_b), dl, m_1, ls(s.double(), m_1), -torch.ones_like(dl)], -1)
+
+
+def dense_kd_shard(dtype=torch.float32):
+    s, t = logits((6, 40), dtype), logits((6, 40), dtype, seed=1)
+    row = _dense_row(s, t, 2.0)
+    return [("jsd-hard", (s, t, _slice_labels(6), row, "jsd", 2.0, 0.5, -1, 0.2, True, 0.5, True)),
+            ("forward_kl", (s, t, None, row, "forward_kl", 2.0, 0.5, -1, 0.0, True, 1.0, True)),
+            ("no-grad", (s, t, None, row, "tvd", 2.0, 0.5, -1, 0.0, True, 1.0, False))]
+
+
+def _sparse_slice_teacher(n):
+    idx = torch.tensor([[0, 7, 50, -3]] * n)  # 50 and -3 lie in other slices
+    return idx, torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]] * n))
+
+
+def sparse_kd_stats(dtype=torch.float32):
+    s = logits((6, 40), dtype)
+    return [("hard", (s, *_sparse_slice_teacher(6), 2.0, True)), ("plain", (s, *_sparse_slice_teacher(6), 1.0, False))]
+
+
+def sparse_kd_shard(dtype=torch.float32):
+    s = logits((6, 40), dtype)
+    row = torch.tensor([[0.0, 1.0, 5.0, 1.0, 5.0, 0.0, 4.0, 5.0]] * 6, dtype=torch.float64)
+    return [("hard", (s, *_sparse_slice_teacher(6), _slice_labels(6), row, 2.0, -1, 0.2, True, 1.0)),
+            ("plain", (s, *_sparse_slice_teacher(6), None, row, 2.0, -1, 0.0, True, 0.5))]
+
+
 SAMPLES = {"dense_kd": dense_kd, "sparse_kd": sparse_kd, "topk_teacher": topk_teacher,
            "sample_teacher_draws": sample_teacher_draws, "unpack_bits": unpack_bits,
-           "unpack_monotone": unpack_monotone}
-FLOAT_OPS = ("dense_kd", "sparse_kd", "topk_teacher", "sample_teacher_draws")
+           "unpack_monotone": unpack_monotone, "dense_kd_stats": dense_kd_stats, "dense_kd_shard": dense_kd_shard,
+           "sparse_kd_stats": sparse_kd_stats, "sparse_kd_shard": sparse_kd_shard}
+PARTIAL_OPS = ("dense_kd_stats", "dense_kd_shard", "sparse_kd_stats", "sparse_kd_shard")
+FLOAT_OPS = ("dense_kd", "sparse_kd", "topk_teacher", "sample_teacher_draws") + PARTIAL_OPS
