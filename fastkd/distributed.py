@@ -102,7 +102,7 @@ class VocabShard:
         dist.all_gather(out, own, group=self.group)
         return torch.stack(out).tolist()
 
-    def _raise_everywhere(self, error, headers):
+    def _raise_everywhere(self, error):
         """Every rank calls this when some rank's header says its call was bad."""
         messages = [None] * self.world
         _dist().all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
@@ -112,8 +112,8 @@ class VocabShard:
 
     def fail(self, error):
         """Join the agreement with a bad call of this rank's: raises `error`'s message on every rank."""
-        headers = self._all_gather_header(torch.zeros(len(HEADER), dtype=torch.long, device=self.device()))
-        self._raise_everywhere(error, headers)
+        self._all_gather_header(torch.zeros(len(HEADER), dtype=torch.long, device=self.device()))
+        self._raise_everywhere(error)
 
     def agree(self, rows: int, size: int, options: tuple, grad: bool) -> Layout:
         """The agreement (step 0): the same call on every rank, or a ValueError on every rank."""
@@ -127,7 +127,7 @@ class VocabShard:
                digest, int(grad), 0]
         headers = self._all_gather_header(torch.tensor(own, dtype=torch.long, device=self.device()))
         if not all(h[0] for h in headers):
-            self._raise_everywhere(None, headers)
+            self._raise_everywhere(None)
         layout = self._layout_of(headers)
         self._layout = layout
         return layout
