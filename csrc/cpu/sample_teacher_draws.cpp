@@ -9,22 +9,15 @@ namespace fastkd::cpu {
 namespace {
 
 at::Tensor sample_teacher_draws_cpu(const at::Tensor& logits, const at::Tensor& uniforms, double temperature) {
-  check_teacher_logits("sample_teacher_draws", logits, temperature);
-  const int64_t N = logits.size(0);
-  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == N && uniforms.scalar_type() == at::kDouble,
-              "fastkd::sample_teacher_draws: uniforms must be float64 [", N, ", S], got ",
-              uniforms.scalar_type(), " ", uniforms.sizes());
   SampleArgs a;
-  a.logits = logits.contiguous();
-  a.uniforms = uniforms.contiguous();
+  prepare_sample(a, logits, uniforms, temperature);
+  const int64_t N = logits.size(0);
   const double* u = a.uniforms.const_data_ptr<double>();
   const int64_t S = uniforms.size(1);
   for (int64_t i = 0; i < a.uniforms.numel(); ++i) {  // the kernel's walk trusts both
     TORCH_CHECK(u[i] >= 0 && u[i] < 1, "fastkd::sample_teacher_draws: uniforms must lie in [0, 1), got ", u[i]);
     TORCH_CHECK(i % S == 0 || u[i] >= u[i - 1], "fastkd::sample_teacher_draws: uniforms must ascend along each row");
   }
-  a.draws = at::empty(uniforms.sizes(), logits.options().dtype(at::kLong));
-  a.temperature = temperature;
   if (N > 0 && logits.size(1) > 0 && uniforms.size(1) > 0)
     run_for_isa(&isa_default::sample_teacher_rows, &isa_avx2::sample_teacher_rows,
                 &isa_avx512::sample_teacher_rows, a);
