@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU build of torch (on this kind of machine it is read from local disk, no download).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: all venv build test test-fast demo bench info gpu-check clean
+.PHONY: all venv build test test-fast demo bench info gpu-check gpu-sanitize cuda-check clean
 
 all: test
 
@@ -19,6 +19,9 @@ $(VENV)/.deps: pyproject.toml
 
 venv: $(VENV)/.deps
 
+comma := ,
+space := $(subst ,, )
+
 # Put the checkout on the venv's path once (a .pth file: no second compile of fastkd._C, which an
 # editable pip install would build in a directory of its own), then build in place; ninja
 # recompiles only what changed. `pip install --no-build-isolation .` is the way to install it.
@@ -29,7 +32,8 @@ $(VENV)/.editable: $(VENV)/.deps setup.py
 build: $(VENV)/.editable
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+# With nvcc on the PATH (this machine's and CI's), the CUDA kernels are compiled first (cuda-check).
+test: build $(if $(HAVE_NVCC),cuda-check)
 	$(PY) -m pytest -q tests
 
 # The main job: distil a small language model end to end (docs/demo.md); under 10 minutes on 2 cores.
@@ -42,15 +46,45 @@ bench: build
 info: build
 	$(PY) -m fastkd info
 
+# The CUDA device code (kernels/*.cu) compiled by nvcc alone -- no torch, no GPU -- to objects for
+# sm_80 and sm_90a (and sm_100 where this nvcc has it), every warning an error; kernels/ must
+# include no torch header. Objects in build/cuda-check/, rebuilt when a kernel or header changes.
+NVCC ?= nvcc
+HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
+CUDA_ARCHS := 80 90a $(if $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -x compute_100),100a)
+CUDA_FLAGS := -std=c++17 -O3 -Icsrc -Ikernels -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+	$(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a))
+CUDA_OBJS := $(patsubst kernels/%.cu,build/cuda-check/%.o,$(wildcard kernels/*.cu))
+CUDA_DEPS := $(wildcard kernels/*.h kernels/*.cuh) csrc/kd_math.h csrc/sparse_math.h
+
+cuda-check:
+	@if grep -nE '^\s*#\s*include\s*[<"](torch|ATen|c10|pybind11)/' kernels/*; then \
+		echo "cuda-check: kernels/ must not include torch headers (launchers live in csrc/cuda/)"; exit 1; fi
+	@$(MAKE) --no-print-directory -j2 $(CUDA_OBJS)
+	@echo "cuda-check: $(notdir $(CUDA_OBJS)) compiled for sm_$(subst $(space),$(comma) sm_,$(strip $(CUDA_ARCHS)))"
+
+build/cuda-check/%.o: kernels/%.cu $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(NVCC) $(CUDA_FLAGS) -c $< -o $@
+
 # On a machine with a CUDA GPU and its own torch + triton (no venv: the CPU torch above cannot
-# see it): build in place, run the whole suite (the GPU backends on CUDA tensors), then the GPU
+# see it): build in place with the CUDA kernels for this GPU, run the whole suite (the GPU backends on CUDA tensors), then the GPU
 # benchmark, which writes benchmarks/results/gpu-<device>.md.
 GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device')"
-	$(GPU_PY) setup.py -q build_ext --inplace
+	FASTKD_CUDA=1 TORCH_CUDA_ARCH_LIST=$$($(GPU_PY) -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}.{b}' + ('a' if a >= 9 else ''))") \
+		$(GPU_PY) setup.py -q build_ext --inplace
 	$(GPU_PY) -m pytest -q -p no:cacheprovider tests
 	$(GPU_PY) benchmarks/gpu_bench.py --output benchmarks/results/gpu-$$($(GPU_PY) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))").md
+
+# compute-sanitizer's memcheck and racecheck (shared-memory races) over the CUDA backend's tests,
+# after gpu-check has built it; slow (minutes).
+gpu-sanitize:
+	for tool in memcheck racecheck; do \
+		compute-sanitizer --tool $$tool --error-exitcode 1 --target-processes all \
+			$(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_dispatch.py -k cuda || exit 1; \
+	done
 
 clean:
 	rm -rf build *.egg-info fastkd/*.so csrc/build_info.h .pytest_cache .benchmarks

@@ -23,10 +23,14 @@ DEBUG = os.environ.get("FASTKD_DEBUG", "0") == "1"
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
 cxx_flags += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-uninitialized", "-Wno-maybe-uninitialized", "-DTORCH_EXTENSION_NAME=_C"]
-nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17"]
-sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+# No --use_fast_math: the kernels choose their fast paths (exp2 of prescaled values) themselves and
+# keep IEEE expm1/log1p, on which the cancellation-free forms of kd_math.h rely.
+nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+# csrc/cuda/ holds the ATen launchers of the CUDA kernels in kernels/: built only with CUDA.
+sources = sorted(p for p in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                 if os.path.join("csrc", "cuda") not in p)
 if WITH_CUDA:
-    sources += sorted(glob.glob(os.path.join("kernels", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("kernels", "*.cu")))
     cxx_flags.append("-DFASTKD_WITH_CUDA")
 
 
@@ -60,7 +64,7 @@ Extension = cpp_extension.CUDAExtension if WITH_CUDA else cpp_extension.CppExten
 ext = Extension(
     name="fastkd._C",
     sources=sources,
-    include_dirs=[os.path.join(ROOT, "csrc")],
+    include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if WITH_CUDA else cxx_flags,
     extra_link_args=["-fopenmp"],
 )

@@ -25,10 +25,10 @@ COMPILED = ("cpu", "cuda")  # kernels in fastkd._C, registered under the op's ow
 
 # op -> the backends that implement it.
 OPS = {
-    "dense_kd": ("torch", "cpu", "triton"),
-    "sparse_kd": ("torch", "cpu", "triton"),
-    "topk_teacher": ("torch", "cpu", "triton"),
-    "sample_teacher_draws": ("torch", "cpu", "triton"),
+    "dense_kd": ("torch", "cpu", "triton", "cuda"),
+    "sparse_kd": ("torch", "cpu", "triton", "cuda"),
+    "topk_teacher": ("torch", "cpu", "triton", "cuda"),
+    "sample_teacher_draws": ("torch", "cpu", "triton", "cuda"),
     "dense_kd_stats": ("torch",),
     "dense_kd_shard": ("torch",),
     "sparse_kd_stats": ("torch",),
@@ -40,8 +40,9 @@ OPS = {
 # What `auto` tries, fastest first, per device type. `cuda` leads only once its kernels have
 # passed the GPU suite on real hardware (benchmarks/results/); until then Triton is the GPU path.
 AUTO = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
-AUTO_WHY = {"cuda": "the Triton kernels are the GPU path until the CUDA C++ backend has passed "
-                    "the GPU suite on real hardware"}
+AUTO_WHY = {"cuda": "the Triton kernels are the GPU path until the CUDA C++ backend (kernels/, "
+                    "compiled and linked but never yet run on a GPU) has passed the GPU suite on real "
+                    "hardware; name backend='cuda' to use it"}
 
 # A Python backend's package (fastkd/<package>/<op>.py) and the dispatch keys its functions serve.
 _PYTHON = {"torch": ("reference", ("CompositeExplicitAutograd",)), "triton": ("triton", ("CUDA", "CPU"))}
@@ -78,6 +79,8 @@ def _why_unavailable(name: str) -> str | None:
         if not _ext.cuda_built():
             return ("is not in this build of fastkd._C (build it with FASTKD_CUDA=1 on a machine "
                     "with nvcc)")
+        if not torch.cuda.is_available():
+            return "needs a CUDA device (this build of fastkd._C has the CUDA kernels)"
         return None
     return f"is unknown; expected 'auto' or one of {BACKENDS}"
 

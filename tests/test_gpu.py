@@ -68,3 +68,28 @@ def test_runs_on_the_current_stream(backend):
         got = fastkd.kd_loss(s, t, backend=backend, reduction="none")
     side.synchronize()
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="fastkd._C built without the CUDA kernels")
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("vocab, dtype", [(128256, torch.bfloat16), (32001, torch.float32), (20000, torch.float64)])
+def test_cuda_row_splits_agree(monkeypatch, cluster, vocab, dtype):
+    """Every way kernels/plan.h can split a row -- one block or a cluster of 2-8 (sm_90+), cached in
+    shared memory or re-read (fp64, too big to cache), 16-byte vectors or single columns (an odd
+    V) -- gives the reference's loss and gradient, dense and sparse."""
+    monkeypatch.setenv("FASTKD_CUDA_CLUSTER", cluster)
+    s, t = _pair(24, vocab, dtype, seed=int(cluster))
+    labels = torch.randint(0, vocab, (24,), device="cuda")
+    labels[::4] = -100
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        opts = dict(temperature=1.5, divergence=divergence, labels=labels, hard_weight=0.2)
+        want, want_g = loss_and_grad(fastkd.kd_loss, s, t, backend="torch", **opts)
+        got, got_g = loss_and_grad(fastkd.kd_loss, s, t, backend="cuda", **opts)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(got_g.double(), want_g.double(), rtol=tol, atol=tol * want_g.abs().max().item())
+    teacher = fastkd.topk_teacher(t, k=50, temperature=1.5, backend="torch")
+    want, want_g = loss_and_grad(fastkd.sparse_kd_loss, s, teacher, labels=labels, hard_weight=0.2, backend="torch")
+    got, got_g = loss_and_grad(fastkd.sparse_kd_loss, s, teacher, labels=labels, hard_weight=0.2, backend="cuda")
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got_g.double(), want_g.double(), rtol=tol, atol=tol * want_g.abs().max().item())
