@@ -196,13 +196,7 @@ cudaError_t launch_for(const DenseParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t dense_kd(const DenseParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::Float32: return launch_for<float>(p, stream);
-    case DType::Float64: return launch_for<double>(p, stream);
-    case DType::BFloat16: return launch_for<__nv_bfloat16>(p, stream);
-    case DType::Float16: return launch_for<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return for_dtype(p.dtype, [&](auto t) { return launch_for<decltype(t)>(p, stream); });
 }
 
 }  // namespace fastkd::cuda

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kd_math.h"
 #include "launch.h"
@@ -90,9 +91,20 @@ struct RowSource {
   T* cache[kArrays];       // null, or the slice cache to fill, indexed by j - lo
 };
 
-template <typename T, int kArrays, typename F>
-__device__ __forceinline__ void walk(const RowSource<T, kArrays>& rs, int64_t lo, int64_t hi, bool vec, F&& f) {
+// f(j, x...) for the values x[0..kArrays) of column j.
+template <int kArrays, typename A, typename F>
+__device__ __forceinline__ auto call(F& f, int64_t j, const A (&x)[kArrays]) {
+  if constexpr (kArrays == 1) return f(j, x[0]);
+  else return f(j, x[0], x[1]);
+}
+
+// The one walk: with G = void it only calls f; else it writes out[j] = f(j, x...) in G (16-byte
+// stores where vec).
+template <typename G, typename T, int kArrays, typename F>
+__device__ __forceinline__ void walk_row(const RowSource<T, kArrays>& rs, G* out, int64_t lo, int64_t hi, bool vec,
+                                         F& f) {
   constexpr int V = kVec<T>;
+  constexpr bool kStore = !std::is_void_v<G>;
   int64_t j0 = lo;
   if (vec) {
     const int64_t packs = (hi - lo) / V;
@@ -104,58 +116,56 @@ __device__ __forceinline__ void walk(const RowSource<T, kArrays>& rs, int64_t lo
         x[a] = load_pack(rs.src[a] + j);
         if (rs.cache[a]) *reinterpret_cast<uint4*>(rs.cache[a] + (j - lo)) = x[a].raw;
       }
+      if constexpr (kStore) {
+        static_assert((V * sizeof(G)) % 16 == 0, "a vector of outputs must be whole 16-byte stores");
+        constexpr int kStores = V * sizeof(G) / 16;
+        uint4 o[kStores];
+        G* og = reinterpret_cast<G*>(o);
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        if constexpr (kArrays == 1) f(j + i, x[0][i]);
-        else f(j + i, x[0][i], x[1][i]);
+        for (int i = 0; i < V; ++i) {
+          acc_t<T> v[kArrays];
+#pragma unroll
+          for (int a = 0; a < kArrays; ++a) v[a] = x[a][i];
+          og[i] = from_acc<G>(call<kArrays>(f, j + i, v));
+        }
+#pragma unroll
+        for (int s = 0; s < kStores; ++s) reinterpret_cast<uint4*>(out + j)[s] = o[s];
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          acc_t<T> v[kArrays];
+#pragma unroll
+          for (int a = 0; a < kArrays; ++a) v[a] = x[a][i];
+          call<kArrays>(f, j + i, v);
+        }
       }
     }
     j0 = lo + packs * V;
   }
   for (int64_t j = j0 + threadIdx.x; j < hi; j += blockDim.x) {
-    acc_t<T> x[kArrays];
+    acc_t<T> v[kArrays];
 #pragma unroll
     for (int a = 0; a < kArrays; ++a) {
       const T raw = rs.src[a][j];
       if (rs.cache[a]) rs.cache[a][j - lo] = raw;
-      x[a] = to_acc(raw);
+      v[a] = to_acc(raw);
     }
-    if constexpr (kArrays == 1) f(j, x[0]);
-    else f(j, x[0], x[1]);
+    if constexpr (kStore) out[j] = from_acc<G>(call<kArrays>(f, j, v));
+    else call<kArrays>(f, j, v);
   }
 }
 
-// Like walk, writing out[j] = f(j, x...) in out's type (16-byte stores where vec).
+// f(j, x...) for every column of the slice (filling rs.cache where set).
+template <typename T, int kArrays, typename F>
+__device__ __forceinline__ void walk(const RowSource<T, kArrays>& rs, int64_t lo, int64_t hi, bool vec, F&& f) {
+  walk_row<void>(rs, static_cast<void*>(nullptr), lo, hi, vec, f);
+}
+
+// out[j] = f(j, x...) for every column of the slice.
 template <typename T, int kArrays, typename G, typename F>
 __device__ __forceinline__ void walk_store(const RowSource<T, kArrays>& rs, G* out, int64_t lo, int64_t hi,
                                            bool vec, F&& f) {
-  constexpr int V = kVec<T>;
-  static_assert((V * sizeof(G)) % 16 == 0, "a vector of outputs must be whole 16-byte stores");
-  int64_t j0 = lo;
-  if (vec) {
-    const int64_t packs = (hi - lo) / V;
-    for (int64_t q = threadIdx.x; q < packs; q += blockDim.x) {
-      const int64_t j = lo + q * V;
-      Pack<T> x[kArrays];
-#pragma unroll
-      for (int a = 0; a < kArrays; ++a) x[a] = load_pack(rs.src[a] + j);
-      constexpr int kStores = V * sizeof(G) / 16;
-      uint4 o[kStores];
-      G* og = reinterpret_cast<G*>(o);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        if constexpr (kArrays == 1) og[i] = from_acc<G>(f(j + i, x[0][i]));
-        else og[i] = from_acc<G>(f(j + i, x[0][i], x[1][i]));
-      }
-#pragma unroll
-      for (int s = 0; s < kStores; ++s) reinterpret_cast<uint4*>(out + j)[s] = o[s];
-    }
-    j0 = lo + packs * V;
-  }
-  for (int64_t j = j0 + threadIdx.x; j < hi; j += blockDim.x) {
-    if constexpr (kArrays == 1) out[j] = from_acc<G>(f(j, to_acc(rs.src[0][j])));
-    else out[j] = from_acc<G>(f(j, to_acc(rs.src[0][j]), to_acc(rs.src[1][j])));
-  }
+  walk_row<G>(rs, out, lo, hi, vec, f);
 }
 
 // Fills out[lo:hi) with v.
@@ -296,6 +306,19 @@ struct Add {
 };
 
 // ---- host side: device facts and launches -----------------------------------------------------
+
+// f(T{}) for the logits' element type T of `dtype` (an entry point's dispatch).
+template <typename F>
+cudaError_t for_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+    case DType::Float16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 
 // The facts of the current device, read once per device.
 inline DeviceFacts device_facts() {

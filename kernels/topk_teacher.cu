@@ -186,13 +186,7 @@ cudaError_t launch(const TopkParams& p, cudaStream_t stream) {
 
 cudaError_t topk_teacher(const TopkParams& p, cudaStream_t stream) {
   if (p.k < 1 || p.k > kMaxTopk) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::Float32: return launch<float>(p, stream);
-    case DType::Float64: return launch<double>(p, stream);
-    case DType::BFloat16: return launch<__nv_bfloat16>(p, stream);
-    case DType::Float16: return launch<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return for_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace fastkd::cuda
