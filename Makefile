@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU build of torch (on this kind of machine it is read from local disk, no download).
 TORCH_SPEC ?= torch==2.13.0
+# nvcc, when on the PATH, compiles the CUDA kernels as part of `make test` (cuda-check, below).
+NVCC ?= nvcc
+HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 
 .PHONY: all venv build test test-fast demo bench info gpu-check gpu-sanitize cuda-check clean
 
@@ -49,8 +52,6 @@ info: build
 # The CUDA device code (kernels/*.cu) compiled by nvcc alone -- no torch, no GPU -- to objects for
 # sm_80 and sm_90a (and sm_100 where this nvcc has it), every warning an error; kernels/ must
 # include no torch header. Objects in build/cuda-check/, rebuilt when a kernel or header changes.
-NVCC ?= nvcc
-HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 CUDA_ARCHS := 80 90a $(if $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -x compute_100),100a)
 CUDA_FLAGS := -std=c++17 -O3 -Icsrc -Ikernels -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
 	$(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a))
