@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
 
 template <typename T, Divergence D>
 cudaError_t launch(const DenseParams& p, cudaStream_t stream) {
-  const RowPlan plan = dense_plan(p.vocab, sizeof(T), D == Divergence::ForwardKL, device_facts());
+  const RowPlan plan = dense_plan(p.vocab, sizeof(T), D == Divergence::ForwardKL, facts_for(&dense_kd_kernel<T, D>));
   const DenseLaunch L{p, plan.slice, plan.cache_bytes > 0, kLog2e * p.inv_temperature};
   return launch_rows(&dense_kd_kernel<T, D>, plan, p.n, stream, L);
 }

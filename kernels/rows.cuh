@@ -337,6 +337,28 @@ inline DeviceFacts device_facts() {
   return facts[dev];
 }
 
+// The facts a plan for `kernel` may use: the device's, its compute capability capped at the
+// architecture the kernel was compiled for (an sm_80 build JIT-run on an H100 has no cluster code:
+// its blocks would each take the whole row). Read once per kernel signature and device (one
+// build compiles every kernel of an op for the same architectures).
+template <typename... KArgs>
+DeviceFacts facts_for(void (*kernel)(KArgs...)) {
+  static int built_major[64];
+  static bool known[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  if (!known[dev]) {
+    cudaFuncAttributes attr;
+    built_major[dev] = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess
+                           ? (attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion) / 10
+                           : 0;
+    known[dev] = true;
+  }
+  DeviceFacts facts = device_facts();
+  if (built_major[dev] < facts.sm_major) facts.sm_major = built_major[dev];
+  return facts;
+}
+
 // Launches kernel<<<grid, plan.threads, plan.cache_bytes, stream>>>(args...) as clusters of
 // plan.cluster blocks along x when plan.cluster > 1 (sm_90+), raising the kernel's dynamic
 // shared-memory limit first when the plan needs more than the default 48 KiB.

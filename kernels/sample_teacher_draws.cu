@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kMaxThreads) sample_teacher_draws_kernel(const
 
 template <typename T>
 cudaError_t launch(const SampleParams& p, cudaStream_t stream) {
-  const RowPlan plan = sample_plan(p.vocab, sizeof(T), device_facts());
+  const RowPlan plan = sample_plan(p.vocab, sizeof(T), facts_for(&sample_teacher_draws_kernel<T>));
   const SampleLaunch L{p, plan.cache_bytes > 0};
   return launch_rows(&sample_teacher_draws_kernel<T>, plan, p.n, stream, L);
 }

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaun
 
 template <typename T>
 cudaError_t launch(const SparseParams& p, cudaStream_t stream) {
-  RowPlan plan = sparse_plan(p.vocab, sizeof(T), device_facts());
+  RowPlan plan = sparse_plan(p.vocab, sizeof(T), facts_for(&sparse_kd_kernel<T>));
   const SparseLaunch L{p, plan.slice, plan.cache_bytes > 0, plan.cache_bytes};
   plan.cache_bytes += sparse_bitmap_bytes(plan.slice);  // the dynamic shared memory: cache + bitmap
   return launch_rows(&sparse_kd_kernel<T>, plan, p.n, stream, L);

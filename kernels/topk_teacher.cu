@@ -177,7 +177,7 @@ template <typename T>
 cudaError_t launch(const TopkParams& p, cudaStream_t stream) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   constexpr int kPasses = topk_passes(sizeof(T), kBf16);
-  const RowPlan plan = topk_plan(p.vocab, sizeof(T), kBf16, device_facts());
+  const RowPlan plan = topk_plan(p.vocab, sizeof(T), kBf16, facts_for(&topk_teacher_kernel<T, kPasses>));
   const TopkLaunch L{p, plan.cache_bytes > 0};
   return launch_rows(&topk_teacher_kernel<T, kPasses>, plan, p.n, stream, L);
 }
