@@ -7,7 +7,9 @@ forward KL at T = 2 (median of CUDA-event timings after warm-up), peak memory gr
 inputs (torch.cuda.max_memory_allocated, in units of the gradient's size), the bytes the fused
 kernel must move (two reads of student and teacher and one write of the gradient for dense; two
 reads of the student and one write for sparse) and the fraction of the device's copy bandwidth
-that achieves (measured here: a device-to-device copy, bytes read plus written). Rows: fastkd on
+that achieves (measured here: a device-to-device copy, bytes read plus written), and the same
+fraction counting one read of each input and one write -- the floor of a single-pass kernel, the
+measure of the CUDA backend's targets (docs/backends.md). Rows: fastkd on
 every available GPU backend, the naive loss eager and compiled, Liger's KL and JSD (each with the
 log-softmax it needs) when liger_kernel imports; sparse (k = 64) and topk_teacher against
 torch.topk + logsumexp.
@@ -111,8 +113,9 @@ def main(argv=None) -> int:
              f"measured copy bandwidth {bw / 1e12:.2f} TB/s (device-to-device, read + write). "
              f"Forward KL, T = {TEMPERATURE}, fwd+bwd, median of 10 after 3 warm-up calls. "
              "'x grad' is peak memory growth over the inputs in units of the gradient; "
-             "'% copy BW' is the bytes the fused kernel must move over the time, against the copy bandwidth.",
-             "", "| op | dtype | BT | V | impl | ms | x grad | GB moved | % copy BW |", "|" + "---|" * 9]
+             "'% copy BW' is the bytes a two-pass kernel moves over the time, against the copy bandwidth; "
+             "'% at 1 read' counts one read of each input and one write (the single-pass floor).",
+             "", "| op | dtype | BT | V | impl | ms | x grad | GB moved | % copy BW | % at 1 read |", "|" + "---|" * 10]
     dense = dense_impls()
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
@@ -128,16 +131,16 @@ def main(argv=None) -> int:
                 moved = 5 * s.numel() * es  # dense: 2 reads of s and t, 1 write of grad
                 for impl, fn in dense.items():
                     ms, peak = measure(step(fn, s, t), grad_bytes)
-                    lines.append(_row("dense", dname, bt, vocab, impl, ms, peak, moved, bw))
+                    lines.append(_row("dense", dname, bt, vocab, impl, ms, peak, moved, bw, 3 * s.numel() * es))
                 teacher = fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE)
                 for b in [b for b in fastkd.available_backends() if b in ("triton", "cuda")]:
                     fn = (lambda b: lambda x, _t: fastkd.sparse_kd_loss(x, teacher, backend=b))(b)
                     ms, peak = measure(step(fn, s, t), grad_bytes)
-                    lines.append(_row("sparse k=64", dname, bt, vocab, f"fastkd-{b}", ms, peak, 3 * s.numel() * es, bw))
+                    lines.append(_row("sparse k=64", dname, bt, vocab, f"fastkd-{b}", ms, peak, 3 * s.numel() * es, bw, 2 * s.numel() * es))
                     ms = _try(lambda: time_ms(lambda: fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE, backend=b)))
-                    lines.append(_row("topk_teacher k=64", dname, bt, vocab, f"fastkd-{b}", ms, None, 2 * s.numel() * es, bw))
+                    lines.append(_row("topk_teacher k=64", dname, bt, vocab, f"fastkd-{b}", ms, None, 2 * s.numel() * es, bw, s.numel() * es))
                 ms = _try(lambda: time_ms(lambda: _torch_topk(t)))
-                lines.append(_row("topk_teacher k=64", dname, bt, vocab, "torch.topk+logsumexp", ms, None, 2 * s.numel() * es, bw))
+                lines.append(_row("topk_teacher k=64", dname, bt, vocab, "torch.topk+logsumexp", ms, None, 2 * s.numel() * es, bw, s.numel() * es))
                 print(lines[-1], flush=True)
                 del s, t, teacher
                 torch.cuda.empty_cache()
@@ -214,12 +217,13 @@ def _try(fn):
         return None
 
 
-def _row(op, dtype, bt, vocab, impl, ms, peak, moved, bw):
+def _row(op, dtype, bt, vocab, impl, ms, peak, moved, bw, floor):
+    """floor: the bytes of one read of each input and one write of the output (issue 9's measure)."""
     if ms is None:
-        return f"| {op} | {dtype} | {bt} | {vocab} | {impl} | OOM | - | - | - |"
-    frac = moved / (ms * 1e-3) / bw
+        return f"| {op} | {dtype} | {bt} | {vocab} | {impl} | OOM | - | - | - | - |"
+    frac, frac_floor = moved / (ms * 1e-3) / bw, floor / (ms * 1e-3) / bw
     return (f"| {op} | {dtype} | {bt} | {vocab} | {impl} | {ms:.3f} | "
-            f"{'-' if peak is None else f'{peak:.2f}'} | {moved / 1e9:.2f} | {100 * frac:.0f}% |")
+            f"{'-' if peak is None else f'{peak:.2f}'} | {moved / 1e9:.2f} | {100 * frac:.0f}% | {100 * frac_floor:.0f}% |")
 
 
 if __name__ == "__main__":
