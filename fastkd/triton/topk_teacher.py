@@ -90,7 +90,7 @@ def topk_teacher(logits: torch.Tensor, k: int, temperature: float):
     logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
     tail = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        k_pad = triton.next_power_of_2(k)
+        k_pad = max(2, triton.next_power_of_2(k))  # tl.topk of one element fails in Triton 3.8's interpreter
         cfg = _config.row_config(vocab, logits.dtype, at_least=k_pad)
         _topk_teacher_kernel[(n,)](x, indices, logprobs, tail, vocab, k, x.stride(0), 1.0 / temperature,
                                    K_PAD=k_pad, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
