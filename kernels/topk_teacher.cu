@@ -105,7 +105,10 @@ __global__ void __launch_bounds__(kMaxThreads) topk_teacher_kernel(const TopkLau
     for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0u;
     __syncthreads();
   }
-  const unsigned threshold = prefix, take_equal = need;  // the k-th key; how many equal to it to keep
+  // the k-th key and how many equal to it to keep. Keys compare on the bits the passes decided: a
+  // 16-bit logit's key has no more (its lower bits are 0, or 1 for a negative value, ~bits)
+  constexpr unsigned kDecided = kPasses == 4 ? 0xffffffffu : ~(0xffffffffu >> (8 * kPasses));
+  const unsigned threshold = prefix, take_equal = need;
 
   // the gather: the k entries into shared memory, the tail's sum of exp(a - max) on the way
   const float inv_t = float(p.inv_temperature);
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kMaxThreads) topk_teacher_kernel(const TopkLau
   double tail = 0;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
     const float x = value(j);
-    const unsigned key = order_key(x);
+    const unsigned key = order_key(x) & kDecided;
     const float a = x * inv_t;
     int slot = -1;
     if (key > threshold) {
