@@ -127,3 +127,25 @@ def test_emulated_kernels_make_untrusted_rows_nan(emu, device):
     loss, grad = run(emu, device, "sparse_kd", s, idx, lp, tail, None, "bucket", 2.0, -100, 0.0, True, 1.0, True)
     assert loss[1:4].isnan().all() and grad[1:4].isnan().all()
     assert not loss[[0, 4]].isnan().any() and not grad[[0, 4]].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab, dtype", [(9000, torch.bfloat16), (9001, torch.float32), (4099, torch.float16)])
+def test_emulated_kernels_on_long_rows(emu, device, vocab, dtype):
+    """Rows of thousands of columns: 512 threads a block, many vectors a thread, and (odd V) rows
+    that are not 16-byte aligned, read one column at a time."""
+    g = torch.Generator().manual_seed(vocab)
+    s, t = [(torch.randn(3, vocab, generator=g) * 3).to(dtype) for _ in range(2)]
+    labels = torch.tensor([5, -100, vocab - 1])
+    for div in ("forward_kl", "jsd", "tvd"):
+        args = (s, t, labels, div, 2.0, 0.5, -100, 0.2, True, 1.0, True)
+        _check("dense_kd", run(emu, device, "dense_kd", *args), _op("dense_kd", "torch")(*args), args)
+    teacher = _op("topk_teacher", "torch")(t, 64, 2.0)
+    args = (t, 64, 2.0)
+    _check("topk_teacher", run(emu, device, "topk_teacher", *args), teacher, args)
+    for tail in TAILS:
+        args = (s, *teacher, labels, tail, 2.0, -100, 0.2, False, 0.5, True)
+        _check("sparse_kd", run(emu, device, "sparse_kd", *args), _op("sparse_kd", "torch")(*args), args)
+    u = torch.rand(3, 16, dtype=torch.float64, generator=g).sort(-1).values
+    args = (t, u, 2.0)
+    _check("sample_teacher_draws", run(emu, device, "sample_teacher_draws", *args), _op("sample_teacher_draws", "torch")(*args), args)
