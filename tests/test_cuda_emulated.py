@@ -3,8 +3,10 @@ of the CUDA execution model (tests/cuda_emu/include/cuda_emu.h: a block's thread
 __syncthreads a barrier, warp shuffles exchanges, shared memory shared), against backend "torch" on
 the dispatch table's samples (tests/samples.py) with test_dispatch.py's checks. Each sample runs
 twice: on an emulated device with an A100's shared memory (rows cached on chip, one read) and on
-one with almost none (rows re-read by every pass). What it cannot show: the thread-block-cluster
-path (sm_90), a real GPU's memory model and timing -- `make gpu-check` is for those."""
+one with almost none (rows re-read by every pass); and the row-loss samples once more on an
+emulated sm_90 device with each row split over a thread-block cluster of 2, 4 and 8 blocks that
+reduce through (emulated) distributed shared memory. What it cannot show: a real GPU's memory
+model and timing -- `make gpu-check` is for those."""
 import ctypes
 import pathlib
 import re
@@ -23,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 OPS = ("dense_kd", "sparse_kd", "topk_teacher", "sample_teacher_draws")
 CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-DEVICES = {"cached": 0, "uncached": 1}
+DEVICES = {"cached": 0, "uncached": 1}  # emulated: an A100's shared memory, and almost none
+H100 = 2  # emulated: compute capability 9, an H100's shared memory (plans may use clusters)
 I64, F64, INT, PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
 
 
@@ -48,6 +51,7 @@ def emu(tmp_path_factory):
     lib.emu_sparse_kd.argtypes = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, INT, INT, F64, I64, F64, INT, F64]
     lib.emu_topk_teacher.argtypes = [PTR, PTR, PTR, PTR, I64, I64, I64, INT, F64]
     lib.emu_sample_teacher_draws.argtypes = [PTR, PTR, PTR, I64, I64, I64, INT, F64]
+    lib.emu_clustered_blocks.restype = ctypes.c_ulong
     return lib
 
 
@@ -57,7 +61,7 @@ def _p(t):
 
 def run(lib, device, op, *args):
     """`op` on the emulated CUDA kernels, with the schema's positional arguments (like the launcher)."""
-    lib.emu_set_device(DEVICES[device])
+    lib.emu_set_device(DEVICES.get(device, device))
     if op in ("dense_kd", "sparse_kd"):
         student = args[0].contiguous()
         loss, grad = _math.row_loss_outputs(student, args[-1])
@@ -134,6 +138,17 @@ def test_emulated_kernels_make_untrusted_rows_nan(emu, device):
 def test_emulated_kernels_on_long_rows(emu, device, vocab, dtype):
     """Rows of thousands of columns: 512 threads a block, many vectors a thread, and (odd V) rows
     that are not 16-byte aligned, read one column at a time."""
+    _long_rows(emu, device, vocab, dtype)
+
+
+def test_emulated_h100_splits_a_long_row_over_a_cluster(emu):
+    """On sm_90 the plan itself splits a 30000-column bf16 row over 2 blocks (two blocks an SM)."""
+    before = emu.emu_clustered_blocks()
+    _long_rows(emu, H100, 30000, torch.bfloat16)
+    assert emu.emu_clustered_blocks() - before == 3 * 2 * 3  # dense_kd: 3 rows x 2 blocks, 3 divergences
+
+
+def _long_rows(emu, device, vocab, dtype):
     g = torch.Generator().manual_seed(vocab)
     s, t = [(torch.randn(3, vocab, generator=g) * 3).to(dtype) for _ in range(2)]
     labels = torch.tensor([5, -100, vocab - 1])
@@ -149,3 +164,24 @@ def test_emulated_kernels_on_long_rows(emu, device, vocab, dtype):
     u = torch.rand(3, 16, dtype=torch.float64, generator=g).sort(-1).values
     args = (t, u, 2.0)
     _check("sample_teacher_draws", run(emu, device, "sample_teacher_draws", *args), _op("sample_teacher_draws", "torch")(*args), args)
+
+
+def _cluster_cases():
+    out = []
+    for op in ("dense_kd", "sparse_kd"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, args in SAMPLES[op](dtype):
+                for cluster in ("2", "4", "8"):
+                    out.append(pytest.param(op, cluster, args, id=f"{op}-{str(dtype)[6:]}-{name}-cluster{cluster}"))
+    return out
+
+
+@pytest.mark.parametrize("op, cluster, args", _cluster_cases())
+def test_emulated_clusters_match_the_reference(emu, monkeypatch, op, cluster, args):
+    """sm_90's path: each row split over a cluster of blocks, each caching its slice, the row's
+    statistics and sums combined through distributed shared memory (map_shared_rank)."""
+    monkeypatch.setenv("FASTKD_CUDA_CLUSTER", cluster)
+    before = emu.emu_clustered_blocks()
+    _check(op, run(emu, H100, op, *args), _op(op, "torch")(*args), args)
+    rows = args[0].shape[0] if args[0].numel() else 0
+    assert emu.emu_clustered_blocks() - before == rows * int(cluster)  # the rows ran as clusters
