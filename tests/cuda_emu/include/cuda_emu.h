@@ -136,8 +136,12 @@ inline void run_block(Block& b, unsigned index, const std::function<void()>& bod
     f.ctx.uc_link = &b.scheduler;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  // odd blocks resume their fibers in reverse order: a read of another thread's write that lacks a
+  // barrier between them then sees the stale value in one order or the other (a racecheck of sorts)
+  const bool reverse = index % 2 == 1;
   while (b.finished < n) {
-    for (unsigned t = 0; t < n; ++t) {
+    for (unsigned i = 0; i < n; ++i) {
+      const unsigned t = reverse ? n - 1 - i : i;
       if (b.fibers[t].done) continue;
       b.current = t;
       threadIdx = dim3(t);
