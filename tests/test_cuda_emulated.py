@@ -8,6 +8,7 @@ emulated sm_90 device with each row split over a thread-block cluster of 2, 4 an
 reduce through (emulated) distributed shared memory. What it cannot show: a real GPU's memory
 model and timing -- `make gpu-check` is for those."""
 import ctypes
+import math
 import pathlib
 import re
 import shutil
@@ -51,7 +52,7 @@ def emu(tmp_path_factory):
     lib.emu_sparse_kd.argtypes = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, INT, INT, F64, I64, F64, INT, F64]
     lib.emu_topk_teacher.argtypes = [PTR, PTR, PTR, PTR, I64, I64, I64, INT, F64]
     lib.emu_sample_teacher_draws.argtypes = [PTR, PTR, PTR, I64, I64, I64, INT, F64]
-    lib.emu_clustered_blocks.restype = ctypes.c_ulong
+    lib.emu_clustered_blocks.restype = lib.emu_smem_overruns.restype = ctypes.c_ulong
     return lib
 
 
@@ -59,14 +60,47 @@ def _p(t):
     return None if t is None else t.data_ptr()
 
 
+class Guarded:
+    """Outputs with 64 elements of sentinel on each side: a kernel's write outside its output shows
+    (with the emulator's canary after each block's dynamic shared memory, a memcheck of writes)."""
+
+    GUARD = 64
+
+    def __init__(self):
+        self.buffers = []
+
+    def empty(self, shape, dtype):
+        n = math.prod(shape)
+        buf = torch.full((n + 2 * self.GUARD,), -7 if dtype == torch.long else 1234.5, dtype=dtype)
+        self.buffers.append((buf, buf[0].clone(), n))
+        return buf[self.GUARD:self.GUARD + n].view(shape)
+
+    def check(self):
+        for buf, sentinel, n in self.buffers:
+            assert (buf[:self.GUARD] == sentinel).all() and (buf[self.GUARD + n:] == sentinel).all(), \
+                "a kernel wrote outside its output"
+
+
 def run(lib, device, op, *args):
-    """`op` on the emulated CUDA kernels, with the schema's positional arguments (like the launcher)."""
+    """`op` on the emulated CUDA kernels, with the schema's positional arguments (like the launcher);
+    fails when a kernel wrote outside its outputs or its shared memory."""
     lib.emu_set_device(DEVICES.get(device, device))
+    guard, overruns = Guarded(), lib.emu_smem_overruns()
+    out = _run(lib, guard, op, *args)
+    guard.check()
+    assert lib.emu_smem_overruns() == overruns, "a kernel wrote past its dynamic shared memory"
+    return out
+
+
+def _run(lib, guard, op, *args):
     if op in ("dense_kd", "sparse_kd"):
         student = args[0].contiguous()
         loss, grad = _math.row_loss_outputs(student, args[-1])
         if student.numel() == 0:
             return loss.zero_(), grad
+        loss = guard.empty(loss.shape, loss.dtype)
+        if args[-1]:
+            grad = guard.empty(grad.shape, grad.dtype)
         n, v = student.shape
         g = grad if args[-1] else None
         if op == "dense_kd":
@@ -84,11 +118,11 @@ def run(lib, device, op, *args):
     n, v = x.shape
     if op == "topk_teacher":
         k, temp = args[1:]
-        out = (torch.empty(n, k, dtype=torch.long), torch.empty(n, k), torch.empty(n))
+        out = (guard.empty((n, k), torch.long), guard.empty((n, k), torch.float32), guard.empty((n,), torch.float32))
         assert lib.emu_topk_teacher(_p(x), *map(_p, out), n, v, k, CODES[x.dtype], temp) == 0
         return out
     u, temp = args[1].contiguous(), args[2]
-    draws = torch.empty(u.shape, dtype=torch.long)
+    draws = guard.empty(tuple(u.shape), torch.long)
     assert lib.emu_sample_teacher_draws(_p(x), _p(u), _p(draws), n, v, u.shape[1], CODES[x.dtype], temp) == 0
     return draws
 

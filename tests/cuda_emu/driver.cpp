@@ -27,6 +27,7 @@ extern "C" {
 
 void emu_set_device(int device) { cuda_emu::device = device; }
 unsigned long emu_clustered_blocks() { return cuda_emu::clustered_blocks; }
+unsigned long emu_smem_overruns() { return cuda_emu::smem_overruns; }
 
 int emu_dense_kd(const void* s, const void* t, const int64_t* labels, void* loss, void* grad, int64_t n, int64_t v,
                  int dtype, int divergence, double temperature, double beta, int64_t ignore_index, double hard_weight,

@@ -87,6 +87,9 @@ struct Cluster {
 inline thread_local Block* block = nullptr;
 inline thread_local char tls_anchor;
 inline unsigned long clustered_blocks = 0;  // blocks run as part of a cluster of 2 or more
+inline unsigned long smem_overruns = 0;  // blocks that wrote past their dynamic shared memory
+constexpr unsigned kCanary = 4;          // uint4s of canary after each block's dynamic shared memory
+inline uint4 canary() { return uint4{0x0badf00du, 0xfeedfaceu, 0x0badf00du, 0xfeedfaceu}; }
 inline int device = 0;  // emu_set_device: 0 an A100's shared memory, 1 almost none, 2 an H100's (clusters)
 
 inline void yield() { swapcontext(&block->fibers[block->current].ctx, &block->scheduler); }
@@ -126,7 +129,8 @@ inline void run_block(Block& b, unsigned index, const std::function<void()>& bod
   b.all = FiberBarrier{n, 0, 0};
   b.warps.assign(n / 32, FiberBarrier{32, 0, 0});
   b.shuffle.assign(n / 32, {});
-  std::fill(b.dynamic.begin(), b.dynamic.end(), uint4{0xffc00001u, 0xffc00001u, 0xffc00001u, 0xffc00001u});
+  std::fill(b.dynamic.begin(), b.dynamic.end() - kCanary, uint4{0xffc00001u, 0xffc00001u, 0xffc00001u, 0xffc00001u});
+  std::fill(b.dynamic.end() - kCanary, b.dynamic.end(), canary());
   blockIdx = dim3(index);
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = b.fibers[t];
@@ -148,6 +152,9 @@ inline void run_block(Block& b, unsigned index, const std::function<void()>& bod
       swapcontext(&b.scheduler, &b.fibers[t].ctx);
     }
   }
+  const uint4 want = canary();
+  for (auto it = b.dynamic.end() - kCanary; it != b.dynamic.end(); ++it)
+    if (std::memcmp(&*it, &want, sizeof(uint4)) != 0) { ++smem_overruns; break; }
 }
 }  // namespace cuda_emu
 
@@ -280,7 +287,7 @@ inline cudaError_t run_grid(const cudaLaunchConfig_t& c, const std::function<voi
       blocks.push_back(std::make_unique<Block>());
       blocks.back()->rank = r;
       blocks.back()->cluster = size > 1 ? &cluster : nullptr;
-      blocks.back()->dynamic.resize((c.dynamicSmemBytes + 15) / 16 + 1);
+      blocks.back()->dynamic.resize((c.dynamicSmemBytes + 15) / 16 + kCanary);
       cluster.blocks.push_back(blocks.back().get());
     }
     std::barrier<> started(size);  // every block's anchor is known before any maps another's
