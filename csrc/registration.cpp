@@ -17,9 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cuda_plan",
       [](const std::string& op, int64_t vocab, const std::string& dtype, int sm_major, int64_t smem_block_optin,
          int64_t smem_per_sm, bool forward_kl) {
-        const int bytes = dtype == "float64" ? 8 : dtype == "float32" ? 4 : 2;
         TORCH_CHECK(dtype == "float64" || dtype == "float32" || dtype == "bfloat16" || dtype == "float16",
                     "cuda_plan: unknown dtype ", dtype);
+        const int bytes = dtype == "float64" ? 8 : dtype == "float32" ? 4 : 2;
         const fastkd::cuda::DeviceFacts dev{sm_major, smem_block_optin, smem_per_sm};
         fastkd::cuda::RowPlan plan;
         if (op == "dense_kd") plan = fastkd::cuda::dense_plan(vocab, bytes, forward_kl, dev);

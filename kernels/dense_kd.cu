@@ -42,12 +42,11 @@ struct AddSums {
   }
 };
 
-// What a launch passes besides DenseParams: the plan's slice and cache, the scale in log2 units.
+// What a launch passes besides DenseParams: the plan's slice, and whether it is cached.
 struct DenseLaunch {
   DenseParams p;
   int64_t slice;
   bool cached;
-  double scale2;  // log2(e) / T
 };
 
 template <typename T, Divergence D>
@@ -73,22 +72,14 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
   const bool vec = aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g));
   const bool lead = cp.rank == 0 && threadIdx.x == 0;  // writes the row's loss
 
-  int64_t label = -1;
-  bool bad_label = false;
-  if (p.labels) {
-    label = p.labels[row];
-    if (label == p.ignore_index) {  // an ignored row: loss 0, gradient 0
-      if (lead) loss[row] = A(0);
-      if (g) fill_row(g, lo, hi, A(0));
-      return;  // (every block of the cluster returns here, before any cluster barrier)
-    }
-    bad_label = label < 0 || label >= V;  // no host check on CUDA: the row is NaN instead
-  }
+  int64_t label;
+  bool bad_label;
+  if (!kept_row<A>(p, row, lo, hi, lead, g, &label, &bad_label)) return;
 
   // 1. the one read of the inputs: online statistics, the slice cached on the way
   T* cs = L.cached ? reinterpret_cast<T*>(cache_raw) : nullptr;
   T* ct = L.cached ? cs + L.slice : nullptr;
-  const A sc = A(L.scale2);
+  const A sc = A(kLog2e * p.inv_temperature);
   DenseStats<A> st{MaxSum<A>::empty(), MaxSum<A>::empty(), MaxSum<A>::empty(), A(0)};
   walk(RowSource<T, 2>{{s, t}, {cs, ct}}, lo, hi, vec, [&](int64_t, A x, A y) {
     const A a2 = x * sc, b2 = y * sc;
@@ -111,7 +102,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
   const A dl = !kd_on ? A(0) : (st.far == A(0) ? Ops::log1p(st.a.r / st.a.s) : (lse_b - lse_a) * A(kLn2));
   const Mix<A> mix{A(p.beta), A(1.0 - p.beta), A(p.beta > 0 ? log(p.beta) : -INFINITY),
                    A(p.beta < 1 ? log1p(-p.beta) : -INFINITY)};
-  const A w_kd = A(p.w.kd_grad_weight), w_hard = A(p.w.hard_grad_weight);
+  const A w_kd = A(p.w.kd_grad_weight);
   const RowSource<T, 2> again{{L.cached ? cs - lo : s, L.cached ? ct - lo : t}, {nullptr, nullptr}};
 
   // The KD terms of one column: q (returned) and term, u (0 without a teacher distribution).
@@ -123,9 +114,6 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
     if (!kd_on) term = u = A(0);
     return q;
   };
-  auto hard_grad = [&](int64_t j, A x) {
-    return p.hard ? w_hard * (exp2_(x * A(kLog2e) - lse_1) - (j == label ? A(1) : A(0))) : A(0);
-  };
 
   // 2. the divergence sums (and forward KL's gradient)
   Sums<A> sums{A(0), A(0)};
@@ -136,7 +124,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
         const A q = terms(x, y, term, u);
         sums.d += term;
         sums.u += u;
-        return (kd_on ? w_kd * (u + q) : A(0)) + hard_grad(j, x);  // u - q U with U = -1
+        return (kd_on ? w_kd * (u + q) : A(0)) + hard_label_grad(p, j, x, label, lse_1);  // u - q U with U = -1
       });
     } else {
       walk(again, lo, hi, vec, [&](int64_t, A x, A y) {
@@ -166,7 +154,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
       walk_store(again, g, lo, hi, vec, [&](int64_t j, A x, A y) {
         A term, u;
         const A q = terms(x, y, term, u);
-        return (kd_on ? w_kd * (u - q * big_u) : A(0)) + hard_grad(j, x);
+        return (kd_on ? w_kd * (u - q * big_u) : A(0)) + hard_label_grad(p, j, x, label, lse_1);
       });
     }
   }
@@ -176,7 +164,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
 template <typename T, Divergence D>
 cudaError_t launch(const DenseParams& p, cudaStream_t stream) {
   const RowPlan plan = dense_plan(p.vocab, sizeof(T), D == Divergence::ForwardKL, facts_for(&dense_kd_kernel<T, D>));
-  const DenseLaunch L{p, plan.slice, plan.cache_bytes > 0, kLog2e * p.inv_temperature};
+  const DenseLaunch L{p, plan.slice, plan.cache_bytes > 0};
   return launch_rows(&dense_kd_kernel<T, D>, plan, p.n, stream, L);
 }
 

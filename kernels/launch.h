@@ -37,6 +37,14 @@ struct RowLossParams {
   bool hard;             // hard_weight > 0 (labels given)
 };
 
+// The fields of p that follow from the loss's options: the weights, 1 / T, whether hard labels count.
+inline void set_row_loss_options(RowLossParams& p, double temperature, double hard_weight, bool scale_by_t2,
+                                 double grad_scale) {
+  p.w = row_weights(temperature, hard_weight, scale_by_t2, grad_scale);
+  p.inv_temperature = 1.0 / temperature;
+  p.hard = hard_weight > 0;
+}
+
 // dense_kd: teacher [n, vocab] of the student's dtype, row stride stride_t.
 struct DenseParams : RowLossParams {
   const void* teacher;

@@ -1,7 +1,7 @@
 // fastkd/kernels/plan.h -- how the CUDA row kernels split a row over the GPU, chosen on the host.
 //
 // Plain C++ (no CUDA or torch header): kernels/*.cu call it at launch, and fastkd._C exposes it
-// to Python (fastkd._C.cuda_row_plan) on every build, so docs/backends.md's table of choices per
+// to Python (fastkd._C.cuda_plan) on every build, so docs/backends.md's table of choices per
 // (V, dtype, arch) is printed from this very function and tested against it on machines without
 // a GPU.
 //
@@ -36,8 +36,8 @@ struct DeviceFacts {
 
 constexpr int kMaxThreads = 512;  // the kernels' __launch_bounds__
 constexpr int kMaxCluster = 8;    // the portable cluster size
-// Shared memory every row kernel keeps besides the cache: reduction scratch and, for sparse_kd,
-// the id bitmap of the row's slice and the ids themselves (see extra_bytes).
+// Static shared memory every row kernel keeps besides the cache (reduction scratch); an op's own
+// extra (sparse_kd's id bitmap, topk_teacher's kept entries) comes on top, row_plan's `extra`.
 constexpr int64_t kReserveBytes = 4096;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -92,10 +92,9 @@ inline RowPlan dense_plan(int64_t vocab, int elem_bytes, bool forward_kl, const 
   return row_plan(vocab, 2 * elem_bytes, 16 / elem_bytes, 0, forward_kl ? 2 : 3, true, dev);
 }
 inline int64_t sparse_bitmap_bytes(int64_t slice) { return round_up(slice, 32) / 8; }
+// (the extra is the bitmap of a whole row: an upper bound on any slice's)
 inline RowPlan sparse_plan(int64_t vocab, int elem_bytes, const DeviceFacts& dev) {
-  // the bitmap of each column costs 1/8 byte: counted per column
-  RowPlan plan = row_plan(vocab, elem_bytes, 16 / elem_bytes, sparse_bitmap_bytes(vocab), 2, true, dev);
-  return plan;
+  return row_plan(vocab, elem_bytes, 16 / elem_bytes, sparse_bitmap_bytes(vocab), 2, true, dev);
 }
 // topk_teacher's radix passes of 8 bits over its 32-bit keys: a bf16 key has 16 significant bits,
 // an fp16 one 19, fp32 and fp64 (selected as fp32) 32.

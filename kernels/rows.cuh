@@ -116,28 +116,20 @@ __device__ __forceinline__ void walk_row(const RowSource<T, kArrays>& rs, G* out
         x[a] = load_pack(rs.src[a] + j);
         if (rs.cache[a]) *reinterpret_cast<uint4*>(rs.cache[a] + (j - lo)) = x[a].raw;
       }
+      constexpr int kStores = kStore ? V * sizeof(std::conditional_t<kStore, G, char>) / 16 : 1;
+      [[maybe_unused]] uint4 o[kStores];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        acc_t<T> v[kArrays];
+#pragma unroll
+        for (int a = 0; a < kArrays; ++a) v[a] = x[a][i];
+        if constexpr (kStore) reinterpret_cast<G*>(o)[i] = from_acc<G>(call<kArrays>(f, j + i, v));
+        else call<kArrays>(f, j + i, v);
+      }
       if constexpr (kStore) {
         static_assert((V * sizeof(G)) % 16 == 0, "a vector of outputs must be whole 16-byte stores");
-        constexpr int kStores = V * sizeof(G) / 16;
-        uint4 o[kStores];
-        G* og = reinterpret_cast<G*>(o);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          acc_t<T> v[kArrays];
-#pragma unroll
-          for (int a = 0; a < kArrays; ++a) v[a] = x[a][i];
-          og[i] = from_acc<G>(call<kArrays>(f, j + i, v));
-        }
 #pragma unroll
         for (int s = 0; s < kStores; ++s) reinterpret_cast<uint4*>(out + j)[s] = o[s];
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          acc_t<T> v[kArrays];
-#pragma unroll
-          for (int a = 0; a < kArrays; ++a) v[a] = x[a][i];
-          call<kArrays>(f, j + i, v);
-        }
       }
     }
     j0 = lo + packs * V;
@@ -173,6 +165,32 @@ template <typename G, typename A>
 __device__ __forceinline__ void fill_row(G* out, int64_t lo, int64_t hi, A v) {
   const G g = from_acc<G>(v);
   for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) out[j] = g;
+}
+
+// A row-loss kernel's (dense_kd, sparse_kd) row: *label (-1 without labels) and *bad_label, a kept
+// label outside [0, V) (no host check on CUDA: the row is NaN instead). Returns false for an
+// ignored row, whose loss (the lead thread's) and gradient slice it zeroes; every block of a
+// cluster returns alike, before any cluster barrier.
+template <typename A, typename G>
+__device__ __forceinline__ bool kept_row(const RowLossParams& p, int64_t row, int64_t lo, int64_t hi, bool lead,
+                                         G* g, int64_t* label, bool* bad_label) {
+  *label = p.labels ? p.labels[row] : -1;
+  *bad_label = false;
+  if (!p.labels) return true;
+  if (*label == p.ignore_index) {
+    if (lead) static_cast<A*>(p.loss)[row] = A(0);
+    if (g) fill_row(g, lo, hi, A(0));
+    return false;
+  }
+  *bad_label = *label < 0 || *label >= p.vocab;
+  return true;
+}
+
+// The hard-label term's gradient at column j: w_hard (softmax(s)_j - [j == label]) at temperature
+// 1, lse_1 = log2 sum exp(s); 0 without hard labels.
+template <typename A>
+__device__ __forceinline__ A hard_label_grad(const RowLossParams& p, int64_t j, A x, int64_t label, A lse_1) {
+  return p.hard ? A(p.w.hard_grad_weight) * (exp2_(x * A(kLog2e) - lse_1) - (j == label ? A(1) : A(0))) : A(0);
 }
 
 // ---- online max / sum of exp2 -----------------------------------------------------------------
@@ -319,13 +337,17 @@ cudaError_t for_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// The current device's index, for the per-device caches below (at most 64 devices).
+inline int current_device() {
+  int dev = 0;
+  return cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64 ? dev : 0;
+}
 
 // The facts of the current device, read once per device.
 inline DeviceFacts device_facts() {
   static DeviceFacts facts[64];
   static bool known[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  const int dev = current_device();
   if (!known[dev]) {
     int major = 0, optin = 0, per_sm = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -345,8 +367,7 @@ template <typename... KArgs>
 DeviceFacts facts_for(void (*kernel)(KArgs...)) {
   static int built_major[64];
   static bool known[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  const int dev = current_device();
   if (!known[dev]) {
     cudaFuncAttributes attr;
     built_major[dev] = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess

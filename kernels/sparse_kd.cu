@@ -35,8 +35,7 @@ struct CombineSparse {
 struct SparseLaunch {
   SparseParams p;
   int64_t slice;
-  bool cached;
-  int64_t cache_bytes;  // the bitmap follows the cache in dynamic shared memory
+  int64_t cache_bytes;  // of the cached slice (0: not cached); the bitmap follows it
 };
 
 __device__ __forceinline__ bool in_bitmap(const unsigned* bits, int64_t i) { return (bits[i >> 5] >> (i & 31)) & 1u; }
@@ -62,20 +61,12 @@ __global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaun
   A* loss = static_cast<A*>(p.loss);
   const bool vec = aligned16(s) && (g == nullptr || aligned16(g));
   const bool lead = cp.rank == 0 && threadIdx.x == 0;
-  T* cache = L.cached ? reinterpret_cast<T*>(smem_raw) : nullptr;
+  T* cache = L.cache_bytes > 0 ? reinterpret_cast<T*>(smem_raw) : nullptr;
   unsigned* bits = reinterpret_cast<unsigned*>(reinterpret_cast<char*>(smem_raw) + L.cache_bytes);
 
-  int64_t label = -1;
-  bool bad_label = false;
-  if (p.labels) {
-    label = p.labels[row];
-    if (label == p.ignore_index) {  // an ignored row: loss 0, gradient 0 (every block returns)
-      if (lead) loss[row] = A(0);
-      if (g) fill_row(g, lo, hi, A(0));
-      return;
-    }
-    bad_label = label < 0 || label >= V;
-  }
+  int64_t label;
+  bool bad_label;
+  if (!kept_row<A>(p, row, lo, hi, lead, g, &label, &bad_label)) return;
   const A sc = A(kLog2e * p.inv_temperature);
   const int64_t words = (hi - lo + 31) / 32;
   for (int64_t w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
@@ -119,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaun
   const TailCoef co = tail_coefficients(p.tail, r);
 
   // 2. the loss: the terms of this slice's entries (a_i from the cache or global memory)
-  const T* src = L.cached ? cache - lo : s;
+  const T* src = L.cache_bytes > 0 ? cache - lo : s;
   double kd = 0;
   if (live) {
     for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
@@ -144,16 +135,13 @@ __global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaun
     } else if (!live) {
       fill_row(g, lo, hi, A(0));
     } else {
-      const A w_kd = A(p.w.kd_grad_weight), w_hard = A(p.w.hard_grad_weight);
+      const A w_kd = A(p.w.kd_grad_weight);
       const A all2 = A(r.lse_all * kLog2e), tail2 = A(r.lse_tail * kLog2e), in2 = A(co.in_norm * kLog2e);
       const A out_scale = A(co.out_scale), tail_scale = A(co.tail_scale), in_scale = A(co.in_scale);
-      auto hard_grad = [&](int64_t j, A x) {
-        return p.hard ? w_hard * (exp2_(x * A(kLog2e) - lse_1) - (j == label ? A(1) : A(0))) : A(0);
-      };
       auto below = [](A a2, A norm2) { return a2 == neg_inf<A>() ? A(0) : exp2_(a2 - norm2); };  // exp(a - norm)
       walk_store(RowSource<T, 1>{{src}, {nullptr}}, g, lo, hi, vec, [&](int64_t j, A x) {
         const A a2 = x * sc;
-        return w_kd * (out_scale * below(a2, all2) - tail_scale * below(a2, tail2)) + hard_grad(j, x);
+        return w_kd * (out_scale * below(a2, all2) - tail_scale * below(a2, tail2)) + hard_label_grad(p, j, x, label, lse_1);
       });
       __syncthreads();  // the writes above precede the entries' writes below
       for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
@@ -161,7 +149,7 @@ __global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaun
         if (!(lps[c] > -INFINITY) || id < lo || id >= hi) continue;
         const A x = to_acc(src[id]);
         const A target = A(exp(double(lps[c]) - co.shift));
-        g[id] = from_acc<G>(w_kd * (in_scale * below(x * sc, in2) - target) + hard_grad(id, x));
+        g[id] = from_acc<G>(w_kd * (in_scale * below(x * sc, in2) - target) + hard_label_grad(p, id, x, label, lse_1));
       }
     }
   }
@@ -171,7 +159,7 @@ __global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaun
 template <typename T>
 cudaError_t launch(const SparseParams& p, cudaStream_t stream) {
   RowPlan plan = sparse_plan(p.vocab, sizeof(T), facts_for(&sparse_kd_kernel<T>));
-  const SparseLaunch L{p, plan.slice, plan.cache_bytes > 0, plan.cache_bytes};
+  const SparseLaunch L{p, plan.slice, plan.cache_bytes};
   plan.cache_bytes += sparse_bitmap_bytes(plan.slice);  // the dynamic shared memory: cache + bitmap
   return launch_rows(&sparse_kd_kernel<T>, plan, p.n, stream, L);
 }

@@ -33,10 +33,8 @@ inline void fill_row_loss(RowLossParams& p, const RowLossArgs& a) {
   p.n = a.student.size(0);
   p.vocab = a.student.size(1);
   p.ignore_index = a.ignore_index;
-  p.w = row_weights(a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale);
-  p.inv_temperature = 1.0 / a.temperature;
   p.dtype = dtype_of(a.student.scalar_type());
-  p.hard = a.hard_weight > 0;
+  set_row_loss_options(p, a.temperature, a.hard_weight, a.scale_by_t2, a.grad_scale);
 }
 
 inline void check_launch(cudaError_t e, const char* op) {

@@ -16,10 +16,8 @@ void fill(RowLossParams& p, const void* s, const int64_t* labels, void* loss, vo
   p.n = n;
   p.vocab = v;
   p.ignore_index = ignore_index;
-  p.w = row_weights(temperature, hard_weight, scale_by_t2 != 0, grad_scale);
-  p.inv_temperature = 1.0 / temperature;
   p.dtype = DType(dtype);
-  p.hard = hard_weight > 0;
+  set_row_loss_options(p, temperature, hard_weight, scale_by_t2 != 0, grad_scale);
 }
 }  // namespace
 
