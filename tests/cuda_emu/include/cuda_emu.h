@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <barrier>
 #include <climits>
 #include <cmath>
@@ -117,8 +116,7 @@ inline void fiber_entry() {
 // Runs `body` as blockDim.x fibers of block `index` on this OS thread.
 inline void run_block(Block& b, unsigned index, const std::function<void()>& body) {
   const unsigned n = blockDim.x;
-  block = &b;
-  b.anchor = &tls_anchor;
+  block = &b;  // (b.anchor is set by run_grid before any block starts)
   b.body = &body;
   b.fibers.assign(n, Fiber{});
   if (b.stack_fibers < n) {
