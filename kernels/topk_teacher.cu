@@ -46,7 +46,6 @@ __global__ void __launch_bounds__(kMaxThreads) topk_teacher_kernel(const TopkLau
   const int64_t row = blockIdx.x, V = p.vocab, K = p.k;
   const T* x_row = static_cast<const T*>(p.logits) + row * p.stride;
   float* cache = L.cached ? reinterpret_cast<float*>(smem_raw) : nullptr;
-  const bool vec = aligned16(x_row);
   for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0u;
   if (threadIdx.x == 0) { prefix = 0u; need = unsigned(K); above = 0u; equal = 0u; }
   __syncthreads();
@@ -54,26 +53,13 @@ __global__ void __launch_bounds__(kMaxThreads) topk_teacher_kernel(const TopkLau
   // pass 1 (the read from global memory): the row's maximum and the top byte's histogram
   float mx = -INFINITY;
   bool nan_seen = false;
-  {
-    int64_t j0 = 0;
-    auto visit = [&](int64_t j, float x) {
-      if (cache) cache[j] = x;
-      mx = x > mx ? x : mx;
-      nan_seen |= x != x;
-      atomicAdd(&hist[order_key(x) >> 24], 1u);
-    };
-    if (vec) {
-      constexpr int W = kVec<T>;
-      const int64_t packs = V / W;
-      for (int64_t q = threadIdx.x; q < packs; q += blockDim.x) {
-        const Pack<T> v = load_pack(x_row + q * W);
-#pragma unroll
-        for (int i = 0; i < W; ++i) visit(q * W + i, float(v[i]));
-      }
-      j0 = packs * W;
-    }
-    for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x) visit(j, float(to_acc(x_row[j])));
-  }
+  walk(RowSource<T, 1>{{x_row}, {nullptr}}, 0, V, aligned16(x_row), [&](int64_t j, acc_t<T> value) {
+    const float x = float(value);
+    if (cache) cache[j] = x;
+    mx = x > mx ? x : mx;
+    nan_seen |= x != x;
+    atomicAdd(&hist[order_key(x) >> 24], 1u);
+  });
   const float row_max = block_reduce(mx, [](float a, float b) { return a > b ? a : b; }, scratch_max);
   const float* src_f = cache;  // later passes: the cache, or the row again
   auto value = [&](int64_t j) { return src_f ? src_f[j] : float(to_acc(x_row[j])); };
