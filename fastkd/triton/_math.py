@@ -6,17 +6,19 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
-FORWARD_KL: tl.constexpr = 0
-REVERSE_KL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-SKEW_FORWARD_KL: tl.constexpr = 3
-SKEW_REVERSE_KL: tl.constexpr = 4
-TVD: tl.constexpr = 5
-BUCKET: tl.constexpr = 0
-RENORM_TEACHER: tl.constexpr = 1
-RENORM_BOTH: tl.constexpr = 2
+# Globals a @triton.jit function reads must be tl.constexpr *instances*: an annotation
+# (`X: tl.constexpr = 1.0`) leaves a plain float, which the compiler refuses (the interpreter does not).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_FORWARD_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+BUCKET = tl.constexpr(0)
+RENORM_TEACHER = tl.constexpr(1)
+RENORM_BOTH = tl.constexpr(2)
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
 TAIL_CODES = {"bucket": 0, "renorm_teacher": 1, "renorm_both": 2}
 

@@ -131,7 +131,15 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                 tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
 
 
-_tuned = _config.autotuned(_dense_kd_kernel)
+MIXED = (DIVERGENCE_CODES["jsd"], DIVERGENCE_CODES["skew_forward_kl"], DIVERGENCE_CODES["skew_reverse_kl"])
+
+
+def _kind(divergence_code: int) -> str:
+    """The launch-shape row of _config.MAX_BLOCK: the divergences through a mixture take more registers."""
+    return "dense_kd_mixed" if divergence_code in MIXED else "dense_kd"
+
+
+_tuned = _config.autotuned(_dense_kd_kernel, lambda args: _kind(args["DIVERGENCE"]), key=("V", "DIVERGENCE"))
 
 
 def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
@@ -157,5 +165,6 @@ def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_ind
                 HARD=hard_weight > 0, COMPUTE_GRAD=compute_grad,
                 ACC=tl.float64 if acc == torch.float64 else tl.float32,
                 DEGREE=17 if acc == torch.float64 else 10)
-    _config.launch(_dense_kd_kernel, _tuned, (n,), args, vocab, student.dtype)
+    kind = _kind(args["DIVERGENCE"])
+    _config.launch(_dense_kd_kernel, (n,), args, _config.row_config(kind, vocab, student.dtype), _tuned, kind)
     return loss, grad

@@ -3,15 +3,17 @@
 Inverse CDF, as on every backend: pass 1 finds the row's maximum m, pass 2 sums e = exp(a - m)
 (Z, in fp64), pass 3 walks the running fp64 sum block by block and gives each of the row's
 ascending uniforms u the first id whose running sum exceeds u Z (u Z beyond the total, lost to
-rounding, takes the last id with e > 0). A row with no finite logit draws -1.
+rounding, takes the last id with e > 0) -- a binary search within the block that holds it, so the
+work and the registers do not grow with the number of draws. A row with no finite logit draws -1.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import _op_checks
 from . import _config
-from ._math import LOG2E
 
 
 @triton.jit
@@ -42,10 +44,18 @@ def _sample_teacher_kernel(X, U, OUT, V, S, stride_x, scale2, S_PAD: tl.constexp
             mask = offs < V
             a2 = tl.load(x_row + offs, mask=mask, other=ninf).to(tl.float32) * scale2
             e = tl.exp2(a2 - m).to(tl.float64)
-            cum = tl.where(mask, run + tl.cumsum(e, 0), float("inf"))
+            cum = run + tl.cumsum(e, 0)  # non-decreasing; flat past V (e = 0 there)
             end = run + tl.sum(e, 0)
-            below = tl.sum((cum[:, None] <= target[None, :]).to(tl.int64), 0)  # ids before the draw
-            draws = tl.where((draws == -2) & (target < end), start + below, draws)
+            here = (draws == -2) & (target < end)  # the draws this block places
+            if tl.sum(here.to(tl.int32), 0) > 0:
+                # each target's id: #{j : cum_j <= target}, by a binary search over the block
+                pos = tl.zeros((S_PAD,), tl.int32)
+                for i in tl.static_range(13):  # the bits of a position, BLOCK <= 8192
+                    bit = 4096 >> i
+                    if bit < BLOCK:
+                        probe = tl.gather(cum, pos + (bit - 1), 0)
+                        pos = tl.where(probe <= target, pos + bit, pos)
+                draws = tl.where(here, start + pos, draws)
             last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), 0).to(tl.int64))
             run = end
         draws = tl.where(draws == -2, last, draws)
@@ -62,9 +72,7 @@ def sample_teacher_draws(logits: torch.Tensor, uniforms: torch.Tensor, temperatu
     if n and s:
         if vocab == 0:
             return draws.fill_(-1)
-        cfg = _config.row_config(vocab, logits.dtype)
-        block = min(cfg["BLOCK"], 1024)  # the [BLOCK, S] comparison of pass 3 stays small
-        _sample_teacher_kernel[(n,)](x, uniforms.contiguous(), draws, vocab, s, x.stride(0),
-                                     LOG2E / temperature, S_PAD=triton.next_power_of_2(s), BLOCK=block,
-                                     num_warps=cfg["num_warps"])
+        args = dict(X=x, U=uniforms.contiguous(), OUT=draws, V=vocab, S=s, stride_x=x.stride(0),
+                    scale2=math.log2(math.e) / temperature, S_PAD=triton.next_power_of_2(s))
+        _config.launch(_sample_teacher_kernel, (n,), args, _config.row_config("sample_teacher_draws", vocab, logits.dtype))
     return draws

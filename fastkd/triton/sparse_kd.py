@@ -59,7 +59,7 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
     s_1 = tl.zeros((), ACC)
     if keep:
         ptr = 0
-        last = -1
+        last = tl.full((), -1, tl.int64)  # ids are int64: a loop-carried value keeps its type
         nxt = tl.load(id_row, mask=K > 0, other=V)
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -124,7 +124,7 @@ def _sparse_kd_kernel(S, IDX, LP, TAIL, L, LOSS, G, V, K, stride_s, stride_g, in
             tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
 
 
-_tuned = _config.autotuned(_sparse_kd_kernel)
+_tuned = _config.autotuned(_sparse_kd_kernel, lambda args: "sparse_kd")
 
 
 def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
@@ -153,5 +153,6 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
                 ignore_index=ignore_index, TAIL_MODE=TAIL_CODES[tail], HAS_LABELS=labels is not None,
                 HARD=hard_weight > 0, COMPUTE_GRAD=compute_grad,
                 ACC=tl.float64 if acc == torch.float64 else tl.float32, K_PAD=triton.next_power_of_2(max(k, 1)))
-    _config.launch(_sparse_kd_kernel, _tuned, (n,), args, vocab, student.dtype)
+    _config.launch(_sparse_kd_kernel, (n,), args, _config.row_config("sparse_kd", vocab, student.dtype), _tuned,
+                   "sparse_kd")
     return loss, grad
