@@ -50,7 +50,7 @@ struct DenseLaunch {
 };
 
 template <typename T, Divergence D>
-__global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch L) {
+__global__ void __launch_bounds__(max_threads(sizeof(T)), kMinBlocksPerSm) dense_kd_kernel(const DenseLaunch L) {
   using A = acc_t<T>;
   using G = grad_t<T>;
   using Ops = ScalarOps<A>;
@@ -75,6 +75,10 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
   int64_t label;
   bool bad_label;
   if (!kept_row<A>(p, row, lo, hi, lead, g, &label, &bad_label)) return;
+  // The hard-label term's cross-entropy, known after pass 1 and written with the loss at the end:
+  // kept in shared memory by the one thread that needs it. In a register, ptxas spilled it (or the
+  // row's address it is read through) to local memory across the passes (bf16, sm_90a / sm_100a).
+  __shared__ A ce_of_row;
 
   // 1. the one read of the inputs: online statistics, the slice cached on the way
   T* cs = L.cached ? reinterpret_cast<T*>(cache_raw) : nullptr;
@@ -97,6 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
   const A lse_a = st.a.log2_total(), lse_b = st.b.log2_total(), lse_1 = st.one.log2_total();
   const bool poison = st.a.poisoned() || st.b.poisoned() || st.one.poisoned() || bad_label;
   const bool live = !poison && st.a.m != neg_inf<A>();  // a student distribution
+  if (lead) ce_of_row = p.hard && live ? lse_1 * A(kLn2) - to_acc(s[label]) : A(0);
   const bool kd_on = live && st.b.m != neg_inf<A>();    // ... and a teacher distribution
   // lse(b) - lse(a) in nats: log1p(R) for a close row (kd_math.h), else the difference
   const A dl = !kd_on ? A(0) : (st.far == A(0) ? Ops::log1p(st.a.r / st.a.s) : (lse_b - lse_a) * A(kLn2));
@@ -139,8 +144,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_kd_kernel(const DenseLaunch
   sums = cluster_reduce(sums, AddSums<A>{}, &slot_sums, &row_sums);
   if (lead) {
     const A kd = sums.d < A(0) ? A(0) : sums.d;  // a divergence is >= 0; rounding may dip below
-    const A ce = p.hard && live ? lse_1 * A(kLn2) - to_acc(s[label]) : A(0);
-    loss[row] = poison ? A(NAN) : (live ? A(p.w.kd_loss_weight) * kd + A(p.w.hard_weight) * ce : A(0));
+    loss[row] = poison ? A(NAN) : (live ? A(p.w.kd_loss_weight) * kd + A(p.w.hard_weight) * ce_of_row : A(0));
   }
 
   // 3. the gradient of the divergences whose U is only known now

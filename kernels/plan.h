@@ -34,7 +34,16 @@ struct DeviceFacts {
   int64_t smem_per_sm;      // cudaDevAttrMaxSharedMemoryPerMultiprocessor
 };
 
-constexpr int kMaxThreads = 512;  // the kernels' __launch_bounds__
+// A block's threads, at most, by the logits' element size, and the blocks an SM must hold: the
+// kernels' __launch_bounds__(max_threads(sizeof(T)), kMinBlocksPerSm), which caps a thread's
+// registers at 64 (fp64: 128) so two blocks of the largest size always fit. Without the second
+// bound ptxas chose 32 registers and spilled (sample_teacher_draws, 16/32-bit) or 82-84 and fit one
+// 512-thread fp64 block; `make cuda-check` reports each kernel's registers and spills
+// (docs/cuda-resources.md) and fails on a spill.
+constexpr int kMaxThreads = 512;
+constexpr int kMaxThreadsFp64 = 256;
+constexpr int kMinBlocksPerSm = 2;
+constexpr int max_threads(int elem_bytes) { return elem_bytes == 8 ? kMaxThreadsFp64 : kMaxThreads; }
 constexpr int kMaxCluster = 8;    // the portable cluster size
 // Static shared memory every row kernel keeps besides the cache (reduction scratch); an op's own
 // extra (sparse_kd's id bitmap, topk_teacher's kept entries) comes on top, row_plan's `extra`.
@@ -77,7 +86,7 @@ inline RowPlan row_plan(int64_t vocab, int64_t bytes_per_col, int vec, int64_t e
   plan.reads = cached ? 1 : reread;
   // enough threads for about two 16-byte loads each per slice, a whole number of warps
   int threads = 128;
-  while (threads < kMaxThreads && threads * vec * 2 < plan.slice) threads *= 2;
+  while (threads < max_threads(16 / vec) && threads * vec * 2 < plan.slice) threads *= 2;
   plan.threads = threads;
   return plan;
 }

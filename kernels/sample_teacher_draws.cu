@@ -60,7 +60,7 @@ __device__ __forceinline__ double block_scan(double v, double base, double* lo, 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) sample_teacher_draws_kernel(const SampleLaunch L) {
+__global__ void __launch_bounds__(max_threads(sizeof(T)), kMinBlocksPerSm) sample_teacher_draws_kernel(const SampleLaunch L) {
   __shared__ float scratch_max[33];
   __shared__ double scratch_sum[33];
   __shared__ long long scratch_last[33];

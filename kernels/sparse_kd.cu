@@ -41,7 +41,7 @@ struct SparseLaunch {
 __device__ __forceinline__ bool in_bitmap(const unsigned* bits, int64_t i) { return (bits[i >> 5] >> (i & 31)) & 1u; }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) sparse_kd_kernel(const SparseLaunch L) {
+__global__ void __launch_bounds__(max_threads(sizeof(T)), kMinBlocksPerSm) sparse_kd_kernel(const SparseLaunch L) {
   using A = acc_t<T>;
   using G = grad_t<T>;
   __shared__ SparseStats<A> scratch_stats[33];

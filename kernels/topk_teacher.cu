@@ -33,7 +33,7 @@ struct TopkLaunch {
 };
 
 template <typename T, int kPasses>
-__global__ void __launch_bounds__(kMaxThreads) topk_teacher_kernel(const TopkLaunch L) {
+__global__ void __launch_bounds__(max_threads(sizeof(T)), kMinBlocksPerSm) topk_teacher_kernel(const TopkLaunch L) {
   __shared__ unsigned hist[256];
   __shared__ unsigned prefix, need, above, equal;
   __shared__ float sel_val[kMaxTopk];
