@@ -5,11 +5,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU build of torch (on this kind of machine it is read from local disk, no download).
 TORCH_SPEC ?= torch==2.13.0
+# Triton, pinned: docs/kernel-resources.md records what this version's compiler makes of every
+# kernel (make triton-check). TRITON_OLD is the GPU machines' version (torch 2.11), which
+# triton-check also compiles with, from a side directory (no interpreter runs there).
+TRITON_SPEC ?= triton==3.9.0
+TRITON_OLD ?= 3.6.0
+TRITON_OLD_DIR := build/triton-$(TRITON_OLD)
 # nvcc, when on the PATH, compiles the CUDA kernels as part of `make test` (cuda-check, below).
 NVCC ?= nvcc
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 
-.PHONY: all venv build test test-fast demo bench info gpu-check gpu-sanitize cuda-check clean
+.PHONY: all venv build test test-fast demo bench info gpu-check gpu-report gpu-sanitize cuda-check triton-check triton-check-subset clean
 
 all: test
 
@@ -17,7 +23,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate triton matplotlib pytest hypothesis pytest-benchmark expecttest
+	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate "$(TRITON_SPEC)" matplotlib pytest hypothesis pytest-benchmark expecttest
 	touch $@
 
 venv: $(VENV)/.deps
@@ -35,9 +41,26 @@ $(VENV)/.editable: $(VENV)/.deps setup.py
 build: $(VENV)/.editable
 	$(PY) setup.py -q build_ext --inplace
 
-# With nvcc on the PATH (this machine's and CI's), the CUDA kernels are compiled first (cuda-check).
-test: build $(if $(HAVE_NVCC),cuda-check)
+# With nvcc on the PATH (this machine's and CI's), the CUDA kernels are compiled first (cuda-check);
+# then every Triton kernel through Triton's real compiler (the covering subset, both versions).
+test: build $(if $(HAVE_NVCC),cuda-check) triton-check-subset
 	$(PY) -m pytest -q tests
+
+# Triton's compiler, ahead of time, no GPU needed (tools/triton_check.py): every kernel in every
+# configuration its launchers choose, for sm_90 and sm_80, with the pinned Triton and TRITON_OLD;
+# fails on a compile error or a budget missed, and rewrites docs/kernel-resources.md's table. Run
+# it whenever fastkd/triton/ changes (about 40 minutes on 2 cores).
+$(TRITON_OLD_DIR)/.installed:
+	$(PIP) install -q --no-deps --target $(TRITON_OLD_DIR) "triton==$(TRITON_OLD)"
+	touch $@
+
+triton-check: build $(TRITON_OLD_DIR)/.installed
+	$(PY) tools/triton_check.py --archs 90,80 --triton $(TRITON_OLD)=$(TRITON_OLD_DIR) --write-docs
+
+# What make test compiles: every kernel x dtype x code-path constexpr at the largest block its
+# launcher picks, sm_90, both Triton versions, checked against docs/kernel-resources.md (~2 min).
+triton-check-subset: build $(TRITON_OLD_DIR)/.installed
+	$(PY) tools/triton_check.py --subset --archs 90 --triton $(TRITON_OLD)=$(TRITON_OLD_DIR) --check-docs
 
 # The main job: distil a small language model end to end (docs/demo.md); under 10 minutes on 2 cores.
 demo: build
@@ -58,15 +81,19 @@ CUDA_FLAGS := -std=c++17 -O3 -Icsrc -Ikernels -Werror all-warnings -Xcompiler -W
 CUDA_OBJS := $(patsubst kernels/%.cu,build/cuda-check/%.o,$(wildcard kernels/*.cu))
 CUDA_DEPS := $(wildcard kernels/*.h kernels/*.cuh) csrc/kd_math.h csrc/sparse_math.h
 
+# ptxas reports each instantiation's registers and spills (build/cuda-check/<op>.log); no spill, and
+# registers for the plan's two blocks an SM, or cuda-check fails (tools/cuda_resources.py, whose
+# table docs/kernel-resources.md holds: `python3 tools/cuda_resources.py --write` to refresh it).
 cuda-check:
 	@if grep -nE '^\s*#\s*include\s*[<"](torch|ATen|c10|pybind11)/' kernels/*; then \
 		echo "cuda-check: kernels/ must not include torch headers (launchers live in csrc/cuda/)"; exit 1; fi
 	@$(MAKE) --no-print-directory -j2 $(CUDA_OBJS)
 	@echo "cuda-check: $(notdir $(CUDA_OBJS)) compiled for sm_$(subst $(space),$(comma) sm_,$(strip $(CUDA_ARCHS)))"
+	$(PYTHON) tools/cuda_resources.py --check $(CUDA_OBJS:.o=.log)
 
 build/cuda-check/%.o: kernels/%.cu $(CUDA_DEPS)
 	@mkdir -p $(@D)
-	$(NVCC) $(CUDA_FLAGS) -c $< -o $@
+	$(NVCC) $(CUDA_FLAGS) -Xptxas -v -c $< -o $@ 2> $(@:.o=.log) || { cat $(@:.o=.log); rm -f $@; exit 1; }
 
 # On a machine with a CUDA GPU and its own torch + triton (no venv: the CPU torch above cannot
 # see it): build in place with the CUDA kernels for this GPU, run the whole suite (the GPU backends on CUDA tensors), then the GPU
@@ -78,6 +105,13 @@ gpu-check:
 		$(GPU_PY) setup.py -q build_ext --inplace
 	$(GPU_PY) -m pytest -q -p no:cacheprovider tests
 	$(GPU_PY) benchmarks/gpu_bench.py --output benchmarks/results/gpu-$$($(GPU_PY) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))").md
+
+# On a GPU machine with nothing but its own python3 (torch, triton, nvcc; no network): one report that
+# always finishes within 8 minutes (every step time-boxed) and writes $(OUT)/summary.txt; without a
+# GPU it ends at once, saying so (tools/gpu_report.sh).
+OUT ?= gpu-report
+gpu-report:
+	OUT=$(OUT) GPU_PY=$(GPU_PY) bash tools/gpu_report.sh
 
 # compute-sanitizer's memcheck and racecheck (shared-memory races) over the CUDA backend's tests,
 # after gpu-check has built it; slow (minutes).
