@@ -15,13 +15,15 @@ log-softmax it needs) when liger_kernel imports; sparse (k = 64) and topk_teache
 torch.topk + logsumexp.
 """
 import argparse
+import pathlib
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-import fastkd
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout built in place
+import fastkd  # noqa: E402
 
 TEMPERATURE = 2.0
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -56,9 +58,9 @@ def naive(s, t):
     return F.kl_div(lq, lp, log_target=True, reduction="batchmean") * TEMPERATURE**2
 
 
-def dense_impls():
+def dense_impls(backends):
     impls = {f"fastkd-{b}": (lambda b: lambda s, t: fastkd.kd_loss(s, t, temperature=TEMPERATURE, backend=b))(b)
-             for b in fastkd.available_backends() if b in ("triton", "cuda")}
+             for b in backends}
     impls["eager"] = naive
     impls["compiled"] = torch.compile(naive, dynamic=False)
     try:
@@ -83,6 +85,8 @@ def step(loss_fn, s, t):
 
 
 def measure(run, grad_bytes):
+    """(median ms, peak memory growth / grad_bytes) of run(); (None, None) when it runs out of
+    memory, ("error", message) when it raises anything else (the other rows still run)."""
     try:
         ms = time_ms(run)
         torch.cuda.synchronize()
@@ -94,6 +98,9 @@ def measure(run, grad_bytes):
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, None
+    except Exception as e:  # noqa: BLE001 -- a broken implementation is a row, not the end of the run
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return "error", f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def main(argv=None) -> int:
@@ -103,9 +110,18 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", default="32000,128256,256000")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--skip-fused-linear", action="store_true")
+    parser.add_argument("--backends", default=None,
+                        help="fastkd's GPU backends to time (default: every available one of triton, cuda)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_bench.py needs a CUDA device")
+    gpu_backends = [b for b in fastkd.available_backends() if b in ("triton", "cuda")]
+    if args.backends is not None:
+        wanted = [b for b in args.backends.split(",") if b]
+        unknown = [b for b in wanted if b not in gpu_backends]
+        if unknown:
+            raise SystemExit(f"--backends: {unknown} not among the available GPU backends {gpu_backends}")
+        gpu_backends = wanted
     bw = copy_bandwidth()
     name = torch.cuda.get_device_name()
     lines = [f"# GPU benchmark: {name}", "",
@@ -116,7 +132,7 @@ def main(argv=None) -> int:
              "'% copy BW' is the bytes a two-pass kernel moves over the time, against the copy bandwidth; "
              "'% at 1 read' counts one read of each input and one write (the single-pass floor).",
              "", "| op | dtype | BT | V | impl | ms | x grad | GB moved | % copy BW | % at 1 read |", "|" + "---|" * 10]
-    dense = dense_impls()
+    dense = dense_impls(gpu_backends)
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         for bt in map(int, args.bt.split(",")):
@@ -132,8 +148,8 @@ def main(argv=None) -> int:
                 for impl, fn in dense.items():
                     ms, peak = measure(step(fn, s, t), grad_bytes)
                     lines.append(_row("dense", dname, bt, vocab, impl, ms, peak, moved, bw, 3 * s.numel() * es))
-                teacher = fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE)
-                for b in [b for b in fastkd.available_backends() if b in ("triton", "cuda")]:
+                teacher = fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE, backend="torch")
+                for b in gpu_backends:
                     fn = (lambda b: lambda x, _t: fastkd.sparse_kd_loss(x, teacher, backend=b))(b)
                     ms, peak = measure(step(fn, s, t), grad_bytes)
                     lines.append(_row("sparse k=64", dname, bt, vocab, f"fastkd-{b}", ms, peak, 3 * s.numel() * es, bw, 2 * s.numel() * es))
@@ -173,6 +189,7 @@ def fused_linear_rows(bw, bt=8192, hidden=4096, vocab=128256, dtype=torch.bfloat
         _ = z.T @ h
 
     ms_gemm = _try(lambda: time_ms(gemms))
+    ms_gemm = None if ms_gemm == "error" else ms_gemm
     impls = {
         "fastkd fused": lambda x, y: fastkd.fused_linear_kd_loss(x, y, teacher_hidden=th, teacher_weight=tw,
                                                                   temperature=TEMPERATURE),
@@ -194,6 +211,9 @@ def fused_linear_rows(bw, bt=8192, hidden=4096, vocab=128256, dtype=torch.bfloat
             fn(x, y).backward()
 
         ms, peak = measure(run, x.numel() * x.element_size() + y.numel() * y.element_size())
+        if ms == "error":
+            out.append(f"| {name} | error: {peak} | - | - |")
+            continue
         tflops = "-" if ms is None else f"{flops / (ms * 1e-3) / 1e12:.0f}"
         out.append(f"| {name} | {'OOM' if ms is None else f'{ms:.2f}'} | {'-' if peak is None else f'{peak:.2f}'} | {tflops} |")
     head = [f"\n## Fused linear KD, BT = {bt}, H = {hidden}, V = {vocab}, {str(dtype)[6:]}\n",
@@ -215,12 +235,17 @@ def _try(fn):
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
+    except Exception as e:  # noqa: BLE001 -- as in measure()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return "error"
 
 
 def _row(op, dtype, bt, vocab, impl, ms, peak, moved, bw, floor):
     """floor: the bytes of one read of each input and one write of the output (issue 9's measure)."""
     if ms is None:
         return f"| {op} | {dtype} | {bt} | {vocab} | {impl} | OOM | - | - | - | - |"
+    if ms == "error":
+        return f"| {op} | {dtype} | {bt} | {vocab} | {impl} | error | {peak or '-'} | - | - | - |"
     frac, frac_floor = moved / (ms * 1e-3) / bw, floor / (ms * 1e-3) / bw
     return (f"| {op} | {dtype} | {bt} | {vocab} | {impl} | {ms:.3f} | "
             f"{'-' if peak is None else f'{peak:.2f}'} | {moved / 1e9:.2f} | {100 * frac:.0f}% | {100 * frac_floor:.0f}% |")

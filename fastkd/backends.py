@@ -74,6 +74,8 @@ def _why_unavailable(name: str) -> str | None:
         if not (torch.cuda.is_available() or interpreting()):
             return ("needs a CUDA device (or TRITON_INTERPRET=1, which runs its kernels on CPU "
                     "tensors in Triton's interpreter)")
+        if interpreting():
+            return _interpreter_problem()
         return None
     if name == "cuda":
         if not _ext.cuda_built():
@@ -83,6 +85,24 @@ def _why_unavailable(name: str) -> str | None:
             return "needs a CUDA device (this build of fastkd._C has the CUDA kernels)"
         return None
     return f"is unknown; expected 'auto' or one of {BACKENDS}"
+
+
+def _version(package: str) -> tuple:
+    import importlib.metadata
+
+    try:
+        return tuple(int(x) for x in importlib.metadata.version(package).split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return ()
+
+
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run here, or None: Triton 3.6's fails every kernel with
+    NumPy >= 2.4 ("only 0-dimensional arrays can be converted to Python scalars")."""
+    if () < _version("triton") < (3, 7) and _version("numpy") >= (2, 4):
+        return ("runs in Triton's interpreter (TRITON_INTERPRET=1), whose Triton "
+                f"{'.'.join(map(str, _version('triton')))} fails with NumPy >= 2.4: pip install 'numpy<2.4'")
+    return None
 
 
 def available_backends() -> list[str]:

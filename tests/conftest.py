@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -20,6 +21,46 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# FASTKD_TEST_TIMEOUT=S: a test running longer than S seconds fails with a TimeoutError instead of
+# stalling the run (make gpu-report sets it; pytest-timeout is not everywhere). SIGALRM reaches
+# Python between bytecodes, so a test stuck inside one native call is caught only by the caller's
+# outer time limit.
+_TEST_TIMEOUT = int(os.environ.get("FASTKD_TEST_TIMEOUT", "0") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if _TEST_TIMEOUT <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran over FASTKD_TEST_TIMEOUT={_TEST_TIMEOUT} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(_TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def device_of(backend: str) -> str:
+    """Where a test runs `backend`: CUDA tensors for the GPU backends when a GPU is visible (then the
+    interpreter, which runs Triton on CPU tensors, is off), else CPU tensors."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def on(device, *xs):
+    """Each of xs (a tensor, a SparseTeacher or None) on `device`."""
+    def move(x):
+        if isinstance(x, fastkd.SparseTeacher):
+            return fastkd.SparseTeacher(*(f.to(device) for f in x[:3]), x.temperature, x.kind)
+        return None if x is None else x.to(device)
+    return tuple(move(x) for x in xs)
 
 
 def logits(shape, dtype=torch.float32, scale=3.0, seed=0):

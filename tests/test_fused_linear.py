@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastkd
-from conftest import loss_and_grad
+from conftest import device_of, loss_and_grad, on
 
 BACKENDS = [b for b in fastkd.available_backends() if b in ("torch", "cpu", "triton")]
 G = torch.Generator().manual_seed(0)
@@ -50,12 +50,14 @@ def test_dense_teacher_matches_materialised(backend, divergence, reduction, soft
                 reduction=reduction, vocab_size=vocab)
     want, want_g = _grads(lambda h, w, b: _materialised(h, w, b, th, tw, tb, softcap, vocab or 30, None, **{
         k: v for k, v in opts.items() if k != "vocab_size"}), h, w, b)
+    dev = device_of(backend)
+    th, tw, tb, opts["labels"] = on(dev, th, tw, tb, labels)
     got, got_g = _grads(lambda h, w, b: fastkd.fused_linear_kd_loss(
         h, w, student_bias=b, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, softcap=softcap,
-        chunk_size=3, backend=backend, **opts), h, w, b)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        chunk_size=3, backend=backend, **opts), *on(dev, h, w, b))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-12)
     for x, y in zip(got_g, want_g):
-        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-8, atol=1e-11)
     if vocab:
         assert (got_g[1][vocab:] == 0).all()
 
@@ -70,11 +72,13 @@ def test_sparse_teacher_matches_materialised(backend, tail, reduction):
     labels[1, 2] = -100
     opts = dict(tail=tail, labels=labels, hard_weight=0.1, reduction=reduction)
     want, want_g = _grads(lambda h, w, b: _materialised(h, w, b, None, None, None, 3.0, 40, teacher, **opts), h, w, b)
+    dev = device_of(backend)
+    teacher, opts["labels"] = on(dev, teacher, labels)
     got, got_g = _grads(lambda h, w, b: fastkd.fused_linear_kd_loss(
-        h, w, student_bias=b, teacher=teacher, softcap=3.0, chunk_size=5, backend=backend, **opts), h, w, b)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        h, w, student_bias=b, teacher=teacher, softcap=3.0, chunk_size=5, backend=backend, **opts), *on(dev, h, w, b))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-12)
     for x, y in zip(got_g, want_g):
-        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-8, atol=1e-11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -125,7 +129,7 @@ def test_bad_input():
 def test_vocab_size_on_every_loss(backend):
     """Heads padded to different sizes over one tokenizer: the loss over the first V columns,
     zero gradient past them; without vocab_size the mismatch is an error naming both sizes."""
-    s, t = _rand(3, 24, dtype=torch.float32), _rand(3, 26, dtype=torch.float32)
+    s, t = on(device_of(backend), _rand(3, 24, dtype=torch.float32), _rand(3, 26, dtype=torch.float32))
     with pytest.raises(ValueError, match="student_logits has V=24, teacher_logits has V=26.*vocab_size"):
         fastkd.kd_loss(s, t, backend=backend)
     got, g = loss_and_grad(fastkd.kd_loss, s, t, vocab_size=20, temperature=2.0, backend=backend)

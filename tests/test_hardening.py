@@ -18,6 +18,7 @@ import fastkd
 from fastkd import backends
 from fastkd.cache import CacheError, CacheWriter, TeacherCache
 from fastkd.cache import _bits, _store
+from conftest import device_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHERS = os.path.join(ROOT, "tests", "cache_teacher.py")
@@ -268,11 +269,11 @@ def test_bench_refuses_unknown_implementations():
 def test_teacher_rows_with_nan_or_inf_are_nan(backend, bad):
     """sample_teacher made a NaN row a confident one-hot (cpu) or an empty row (torch); topk gave
     NaN (cpu) or positive log-probs (torch) for +inf. Now such a row is NaN, on every backend."""
-    t = torch.randn(3, 30)
+    t = torch.randn(3, 30, device=device_of(backend))
     t[1, 4] = bad
     for teacher in (fastkd.topk_teacher(t, k=4, backend=backend), fastkd.sample_teacher(t, 6, backend=backend)):
         assert teacher.logprobs[1].isnan().any() and not teacher.logprobs[[0, 2]].isnan().any()
-        loss = fastkd.sparse_kd_loss(torch.randn(3, 30), teacher, reduction="none")
+        loss = fastkd.sparse_kd_loss(torch.randn(3, 30, device=t.device), teacher, reduction="none")
         assert loss[1].isnan() and torch.isfinite(loss[[0, 2]]).all()
 
 

@@ -7,14 +7,17 @@ import torch.nn.functional as F
 
 import fastkd
 import oracle
+from conftest import device_of
 
 BACKENDS = [b for b in fastkd.available_backends() if b in ("torch", "cpu", "triton")]
 NAN = float("nan")
 
 
-def _pair(n, vocab, scale=3.0, seed=0, dtype=torch.float32):
+def _pair(n, vocab, scale=3.0, seed=0, dtype=torch.float32, backend="torch"):
+    """Student and teacher logits [n, vocab] on the device `backend` runs on here."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale).to(dtype) for _ in range(2)]
+    return [(torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale).to(dtype).to(device_of(backend))
+            for _ in range(2)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -25,7 +28,7 @@ def test_loss_scaling_matches_the_fp32_recipe(backend, dtype, reduction, log2_sc
     """(loss * S).backward() with GradScaler's scales: the low-precision gradient equals the
     naive recipe's (fp32 math, one cast at the end) to within its rounding -- no inf/NaN from
     S = 2^16 overflowing fp16, no entries flushed to 0 by a 1/N folded in before S."""
-    s, t = _pair(64, 1000, dtype=dtype)
+    s, t = _pair(64, 1000, dtype=dtype, backend=backend)
     scale = 2.0 ** log2_scale
     x = s.float().requires_grad_(True)
     kl = F.kl_div(F.log_softmax(x / 2, -1), F.log_softmax(t.float() / 2, -1), log_target=True, reduction="sum")
@@ -52,11 +55,11 @@ def test_loss_scaling_matches_the_fp32_recipe(backend, dtype, reduction, log2_sc
 def test_nan_is_never_hidden(backend, divergence, where):
     """A kept row that reads a NaN (or +inf) has loss NaN and an all-NaN gradient row; "mean" counts
     it, so the mean is NaN; an ignored row is not read."""
-    s, t = _pair(4, 50)
+    s, t = _pair(4, 50, backend=backend)
     bad = {"student": (s, NAN), "teacher": (t, NAN), "student+inf": (s, float("inf"))}[where]
     bad[0][1, 7] = bad[1]
     bad[0][3, 2] = bad[1]
-    labels = torch.tensor([1, 2, 3, -100])
+    labels = torch.tensor([1, 2, 3, -100], device=s.device)
     x = s.clone().requires_grad_(True)
     rows = fastkd.kd_loss(x, t, divergence=divergence, labels=labels, reduction="none", backend=backend)
     rows.sum().backward()
@@ -69,7 +72,7 @@ def test_nan_is_never_hidden(backend, divergence, where):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["student", "logprobs", "tail"])
 def test_nan_is_never_hidden_sparse(backend, where):
-    s, t = _pair(3, 40)
+    s, t = _pair(3, 40, backend=backend)
     teacher = fastkd.topk_teacher(t, k=5, temperature=2.0, backend="torch")
     if where == "student":
         s[1, 3] = NAN
@@ -91,7 +94,7 @@ def test_nan_is_never_hidden_sparse(backend, where):
 def test_accuracy_near_convergence(backend, divergence):
     """Student ~ teacher (logit noise 0.01, T = 4): every divergence within 1e-3 relative of float64
     math on the same fp32 inputs (jsd was 8% off, the skew KLs 38-48%, by cancellation)."""
-    t, noise = _pair(32, 4000)
+    t, noise = _pair(32, 4000, backend=backend)
     t = t.float()
     s = (t.double() + noise.double() / 300).float()  # noise 0.01
     want = oracle.kd_loss(s.double(), t.double(), temperature=4.0, divergence=divergence, beta=0.5)
@@ -104,7 +107,7 @@ def test_accuracy_near_convergence(backend, divergence):
 @pytest.mark.parametrize("divergence", fastkd.DIVERGENCES)
 def test_accuracy_at_large_temperatures(backend, temperature, divergence):
     """1% relative accuracy for T up to 1e4 (forward KL was 2.30 against 0.51 at T = 1e4)."""
-    s, t = _pair(16, 2000, scale=1.0)
+    s, t = _pair(16, 2000, scale=1.0, backend=backend)
     s, t = s.float(), t.float()
     want = oracle.kd_loss(s.double(), t.double(), temperature=temperature, divergence=divergence, beta=0.5)
     got = fastkd.kd_loss(s, t, temperature=temperature, divergence=divergence, beta=0.5, backend=backend)
@@ -115,8 +118,8 @@ def test_accuracy_at_large_temperatures(backend, temperature, divergence):
 @pytest.mark.parametrize("temperature", [1.0, 1e4, 1e6])
 @pytest.mark.parametrize("divergence", fastkd.DIVERGENCES)
 def test_never_negative(backend, temperature, divergence):
-    s, _ = _pair(8, 3000)
-    nearly = s + 1e-6 * torch.randn(s.shape, generator=torch.Generator().manual_seed(1))
+    s, _ = _pair(8, 3000, backend=backend)
+    nearly = s + 1e-6 * torch.randn(s.shape, generator=torch.Generator().manual_seed(1)).to(s.device)
     for t in (s.clone(), nearly):
         got = fastkd.kd_loss(s, t, temperature=temperature, divergence=divergence, reduction="none", backend=backend)
         assert (got >= 0).all()
@@ -126,7 +129,7 @@ def test_never_negative(backend, temperature, divergence):
 def test_double_backward_and_torch_func_say_so(backend):
     """A gradient penalty needs the gradient's own graph, which a fused loss does not build: a
     clear error, never a silently detached gradient."""
-    s, t = _pair(3, 20)
+    s, t = _pair(3, 20, backend=backend)
     x = s.clone().requires_grad_(True)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(fastkd.kd_loss(x, t, backend=backend), x, create_graph=True)
