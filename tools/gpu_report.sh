@@ -13,10 +13,10 @@
 # Knobs: FASTKD_REPORT_BUDGET, GPU_PY (python3), FASTKD_ARCH (the device's, e.g. 9.0a),
 # FASTKD_REPORT_SKIP (comma list of step-name prefixes: smoke,build,tests,bench,memcheck).
 set -u
-cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-report}
 mkdir -p "$OUT" || exit 3
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd) || exit 3
+cd "$(dirname "$0")/.." || exit 3
 PY=${GPU_PY:-python3}
 BUDGET=${FASTKD_REPORT_BUDGET:-450}
 T0=$(date +%s)
@@ -62,7 +62,8 @@ run_step() {
   local avail=$(( $(left) - RESERVE ))
   [ "$limit" -gt "$avail" ] && limit=$avail
   if [ "$limit" -lt 10 ]; then note "-- $name: no time left"; FAILED=1; return 201; fi
-  local s=$(date +%s)
+  local s
+  s=$(date +%s)
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   local took=$(( $(date +%s) - s ))
