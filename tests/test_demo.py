@@ -60,3 +60,13 @@ def test_ctrl_c_leaves_no_half_written_results(tmp_path):
     assert p.returncode == 130 and "no results written" in err
     assert not (out / "results.json").exists() and not (out / "loss_curves.png").exists()
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_a_second_run_into_one_out_with_another_seed(tmp_path):
+    """The cache of the first run (another corpus split) made the second exit 1 after training its
+    teacher, with a message about an --input the user never gave: the demo's scratch is its own."""
+    out = tmp_path / "demo"
+    for seed in (0, 1):
+        r = _demo(*TINY, "--methods", "topk_bucket", "--seed", seed, "--out", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((out / "results.json").read_text())["config"]["seeds"][0] == seed

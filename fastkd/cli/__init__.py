@@ -1,23 +1,34 @@
-"""Command line: `python -m fastkd info | bench | cache | demo`, one module per subcommand; each
-has HELP, add_arguments(parser) and run(args) -> exit status."""
+"""fastkd's command line: `python -m fastkd COMMAND`, one module here per command (each has HELP,
+add_arguments(parser) and run(args) -> exit status)."""
 import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "bench", "cache", "demo")
+COMMANDS = ("info", "bench", "cache", "demo")  # each a module here: HELP, add_arguments(parser), run(args)
+
+
+class UsageError(Exception):
+    """A mistake on the command line, named by its flag: one line and exit status 2, as argparse's own."""
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastkd", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastkd", description="fastkd: fused knowledge-distillation losses for large-vocabulary "
+        "language models -- the tools around them.", epilog="`python -m fastkd COMMAND --help` lists a command's options.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
+    subparsers = {}
     for name in COMMANDS:
         module = importlib.import_module(f"fastkd.cli.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(fn=module.run)
+        subparsers[name] = p
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        subparsers[args.cmd].error(str(e))  # prints the usage line and the error, exits 2
 
 
 if __name__ == "__main__":

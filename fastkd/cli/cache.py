@@ -20,6 +20,7 @@ import torch
 from ..cache import CacheError, CacheWriter, TeacherCache
 from ..cache.writer import SHARD_TOKENS
 from ..sparse_teacher import sample_teacher, topk_teacher
+from . import UsageError
 
 
 HELP = "run a teacher over tokens and write its sparse rows to a cache"
@@ -52,18 +53,18 @@ def _is_hf_dir(spec: str) -> bool:
 def _load_callable(spec: str):
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"--teacher {spec!r}: expected an HF model directory or module:callable / file.py:callable")
+        raise UsageError(f"--teacher {spec!r}: expected an HF model directory or module:callable / file.py:callable")
     if module_name.endswith(".py"):
         loaded = importlib.util.spec_from_file_location("fastkd_cache_teacher", module_name)
         if loaded is None or not os.path.isfile(module_name):
-            raise SystemExit(f"--teacher: no such file {module_name!r}")
+            raise UsageError(f"--teacher: no such file {module_name!r}")
         module = importlib.util.module_from_spec(loaded)
         loaded.loader.exec_module(module)
     else:
         module = importlib.import_module(module_name)
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise SystemExit(f"--teacher: {module_name!r} has no callable {attr!r}")
+        raise UsageError(f"--teacher: {module_name!r} has no callable {attr!r}")
     return fn
 
 
@@ -95,24 +96,24 @@ def load_tokens(args) -> torch.Tensor:
     if fmt == "auto":
         fmt = "npy" if args.input.endswith(".npy") else "text"
     if not os.path.isfile(args.input):
-        raise SystemExit(f"--input {args.input!r}: no such file")
+        raise UsageError(f"--input {args.input!r}: no such file")
     if fmt == "npy":
         try:
             ids = np.load(args.input, allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise SystemExit(f"--input {args.input!r}: not a .npy array of token ids ({e})") from None
+            raise UsageError(f"--input {args.input!r}: not a .npy array of token ids ({e})") from None
     elif fmt == "ids":
         try:
             with open(args.input, encoding="utf-8") as f:
                 ids = np.array(f.read().split(), dtype=np.int64)
         except UnicodeDecodeError as e:
-            raise SystemExit(f"--input {args.input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(f"--input {args.input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except (ValueError, OverflowError) as e:
-            raise SystemExit(f"--input {args.input!r}: not whitespace-separated integer ids ({e})") from None
+            raise UsageError(f"--input {args.input!r}: not whitespace-separated integer ids ({e})") from None
     else:
         source = args.tokenizer or (args.teacher if _is_hf_dir(args.teacher) else None)
         if source is None:
-            raise SystemExit("--input is text: give --tokenizer DIR (an HF tokenizer), or token ids "
+            raise UsageError("--input is text: give --tokenizer DIR (an HF tokenizer), or token ids "
                              "(.npy, or --input-format ids)")
         transformers = _need_transformers("tokenising text input")
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -121,36 +122,36 @@ def load_tokens(args) -> torch.Tensor:
             with open(args.input, encoding="utf-8") as f:
                 ids = np.array(tokenizer(f.read())["input_ids"], dtype=np.int64)
         except UnicodeDecodeError as e:
-            raise SystemExit(f"--input {args.input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(f"--input {args.input!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise SystemExit(f"--input: expected a 1-D array of integer token ids, got {ids.dtype} {ids.shape}")
+        raise UsageError(f"--input: expected a 1-D array of integer token ids, got {ids.dtype} {ids.shape}")
     return torch.from_numpy(ids.astype(np.int64))
 
 
 def run(args) -> int:
     for name in ("seq_len", "batch_size", "shard_tokens", "k", "num_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_samples is not None and args.num_samples > 255:
-        raise SystemExit(f"--num-samples must be at most 255, got {args.num_samples}")
+        raise UsageError(f"--num-samples must be at most 255, got {args.num_samples}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise SystemExit(f"--output {args.output!r} is a file, not a cache directory")
+        raise UsageError(f"--output {args.output!r} is a file, not a cache directory")
     tokens = load_tokens(args)
     teacher, default_name = load_teacher(args.teacher, args.device)
     if tokens.numel() == 0:
-        raise SystemExit(f"--input {args.input!r} holds no tokens")
+        raise UsageError(f"--input {args.input!r} holds no tokens")
     with torch.no_grad():
         probe = _logits(teacher, tokens[:1].view(1, 1).to(args.device))
     if not isinstance(probe, torch.Tensor) or probe.dim() != 3 or not probe.is_floating_point():
-        raise SystemExit(f"--teacher must return float logits [B, L, V] for ids [B, L]; got "
+        raise UsageError(f"--teacher must return float logits [B, L, V] for ids [B, L]; got "
                          f"{getattr(probe, 'shape', type(probe).__name__)}")
     vocab = probe.shape[-1]
     if vocab == 0:
-        raise SystemExit("--teacher returned logits with V = 0 entries per token")
+        raise UsageError("--teacher returned logits with V = 0 entries per token")
     if args.k is not None and args.k > vocab:
-        raise SystemExit(f"--k {args.k} exceeds the teacher's vocabulary V = {vocab}")
+        raise UsageError(f"--k {args.k} exceeds the teacher's vocabulary V = {vocab}")
     if tokens.min() < 0 or tokens.max() >= vocab:
-        raise SystemExit(f"--input: token ids must lie in [0, {vocab}) (the teacher's vocabulary), "
+        raise UsageError(f"--input: token ids must lie in [0, {vocab}) (the teacher's vocabulary), "
                          f"got [{int(tokens.min())}, {int(tokens.max())}]")
     try:
         writer = CacheWriter(args.output, vocab_size=vocab, kind="topk" if args.k else "sampled", k=args.k,
@@ -158,7 +159,7 @@ def run(args) -> int:
                              teacher=args.teacher_name or default_name, seq_len=args.seq_len,
                              shard_tokens=args.shard_tokens)
     except (CacheError, ValueError) as e:
-        raise SystemExit(f"--output {args.output!r}: {e}") from None
+        raise UsageError(f"--output {args.output!r}: {e}") from None
     start = writer.num_tokens
     try:
         _check_resume(args, writer, tokens)

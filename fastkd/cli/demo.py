@@ -21,12 +21,15 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import sysconfig
 import time
 
 import torch
 import torch.nn.functional as F
+
+from . import UsageError
 
 HELP = "distil a small language model end to end on this machine, every method, and report"
 METHODS = ("hard_labels", "dense_kd", "topk_bucket", "topk_renorm_teacher", "topk_renorm_both", "sampled_kd")
@@ -191,6 +194,7 @@ def write_cache(args, work, train_tokens, kind):
 
     np.save(os.path.join(work, "train_ids.npy"), train_tokens.numpy())
     out = os.path.join(work, f"cache-{kind}")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's (another --seed or corpus): the demo's own scratch
     opts = ["--k", "64"] if kind == "topk" else ["--num-samples", "12"]
     parser = argparse.ArgumentParser()
     cache_cli.add_arguments(parser)
@@ -348,16 +352,18 @@ def _run(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise SystemExit(f"--methods: unknown {','.join(unknown) or '(none given)'}; choose from {','.join(METHODS)}")
+        raise UsageError(f"--methods: unknown {','.join(unknown) or '(none given)'}; choose from {','.join(METHODS)}")
     for name in ("vocab", "seq_len", "batch_size"):
         if getattr(args, name) < 2:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}")
     if not args.temperature > 0:
-        raise SystemExit(f"--temperature must be positive, got {args.temperature}")
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
     if not 0 <= args.hard_weight <= 1:
-        raise SystemExit(f"--hard-weight must lie in [0, 1], got {args.hard_weight}")
+        raise UsageError(f"--hard-weight must lie in [0, 1], got {args.hard_weight}")
     if args.device != "cpu":
-        raise SystemExit("--device: this version of the demo runs on the CPU")
+        raise UsageError("--device: this version of the demo runs on the CPU")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file; give a directory (created if missing)")
     budget = args.teacher_seconds if args.teacher_seconds is not None else (40.0 if args.quick else 150.0)
     per_student = args.student_tokens or (120_000 if args.quick else 400_000)
     torch.manual_seed(args.seed)

@@ -3,7 +3,7 @@ import platform
 
 import torch
 
-HELP = "what was built, and which backends are available"
+HELP = "what was built here, which backends run, and what backend=\"auto\" picks"
 
 
 # The shared memory of the GPUs docs/backends.md plans for (CUDA programming guide, compute
