@@ -18,6 +18,13 @@ def check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
 
 
+def check_vocab(name: str, x: torch.Tensor) -> None:
+    """Logits [..., V] with V >= 1: a distribution needs at least one entry."""
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} {tuple(x.shape)} has V=0 entries in its last (vocabulary) dimension: "
+                         "there is no distribution to distil")
+
+
 def check_not_transformed(x: torch.Tensor) -> None:
     """The fused losses cannot run under torch.func transforms (grad, vmap, jacrev, ...): their
     gradient is computed in the forward pass, with no graph of its own. Say so, instead of the
@@ -44,6 +51,7 @@ def check_pair(student, teacher, student_name="student_logits", teacher_name="te
     check_not_transformed(student)
     check_logits(teacher_name, teacher)
     check_same_vocab(student_name, student.shape[-1], teacher_name, teacher.shape[-1])
+    check_vocab(student_name, student)
     if student.shape != teacher.shape:
         raise ValueError(
             f"{student_name} {tuple(student.shape)} and {teacher_name} {tuple(teacher.shape)} "

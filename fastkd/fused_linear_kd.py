@@ -99,16 +99,21 @@ class _Chunked:
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, loop, reduction, labels, ignore_index, lead):
-        ctx.loop, ctx.lead = loop, lead
+        ctx.loop, ctx.lead, ctx.reduction = loop, lead, reduction
         ctx.grad_flags = need = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         eager = reduction != "none" and any(need)
         rows, grad_h, grad_w, grad_b = loop.run(eager, need=need)
+        # the row weight of the reduction: 1 ("sum"), 1 / kept rows ("mean"), the upstream gradient ("none")
+        ctx.kept = 1 if reduction != "mean" else kept_rows(labels, ignore_index, rows.shape[0])
+        ctx.rows = rows.shape[0]
+        ctx.grads = None
         if eager:
-            kept = 1 if reduction == "sum" else kept_rows(labels, ignore_index, rows.shape[0])
+            kept = ctx.kept
             ctx.grads = [None if g is None else g / (kept.to(g.dtype) if torch.is_tensor(kept) else kept)
                          for g in (grad_h, grad_w, grad_b)]
-        else:
-            ctx.grads = None
+        # saved so that autograd refuses a backward after an in-place change of any of them (the
+        # chunk loop reads them again when backward recomputes)
+        ctx.save_for_backward(h, weight, bias)
         ctx.weight_dtype = (weight.dtype, None if bias is None else bias.dtype)
         ctx.hidden_dtype = h.dtype
         return reduce_rows(rows, labels, ignore_index, reduction, lead)
@@ -118,11 +123,19 @@ class _FusedLinearKD(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise NotImplementedError("fastkd's fused linear loss does not support double backward "
                                       "(create_graph=True): its gradient has no graph of its own")
-        if ctx.grads is None:  # reduction="none": per-row factors, so run the chunks again
-            _, *grads = ctx.loop.run(True, row_scale=grad_out.reshape(-1), need=ctx.grad_flags)
+        if ctx.grads is None:
+            # reduction="none" (per-row factors), or a second backward of a retained graph (the
+            # forward's gradients were handed out and freed): run the chunks again
+            ctx.saved_tensors  # noqa: B018 -- raises if h, weight or bias changed in place since forward
+            if ctx.reduction == "none":
+                scale = grad_out.reshape(-1)
+            else:
+                kept = ctx.kept.to(grad_out.dtype) if torch.is_tensor(ctx.kept) else ctx.kept
+                scale = (grad_out / kept).reshape(1).expand(ctx.rows)
+            _, *grads = ctx.loop.run(True, row_scale=scale, need=ctx.grad_flags)
         else:
             grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
-            ctx.grads = None
+            ctx.grads = None  # freed: a loss kept for logging does not hold [V, H] of gradient
         grad_h, grad_w, grad_b = grads
         grad_h = None if grad_h is None else grad_h.to(ctx.hidden_dtype)
         grad_w = None if grad_w is None else grad_w.to(ctx.weight_dtype[0])
@@ -189,6 +202,15 @@ def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teac
     if dense == (teacher_weight is None) or dense != (teacher_hidden is not None):
         raise ValueError("give the teacher either as teacher_hidden + teacher_weight (+ teacher_bias), "
                          "or as teacher=SparseTeacher, not both and not neither")
+    if student_weight.shape[0] == 0:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} has no rows: an LM head needs V >= 1")
+    if dense:
+        _validate.check_logits("teacher_weight", teacher_weight)
+        if teacher_weight.dim() != 2:
+            raise ValueError(f"teacher_weight must be [V, H_t] (the teacher's LM head), got {tuple(teacher_weight.shape)}")
+        if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
+            raise ValueError(f"teacher_bias must be [{teacher_weight.shape[0]}] (teacher_weight's V), "
+                             f"got {tuple(teacher_bias.shape)}")
     lead, hid = student_hidden.shape[:-1], student_hidden.shape[-1]
     h = student_hidden.reshape(-1, hid)
     n = h.shape[0]
@@ -205,7 +227,9 @@ def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teac
     flat_labels = _validate.check_labels(labels, probe, ignore_index, hard_weight, check_range=not sharded)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+    # autocast casts fp32 (never fp64) operands of a matmul to its dtype
+    autocast = torch.is_autocast_enabled(device.type) and torch.float64 not in (h.dtype, student_weight.dtype)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else h.dtype
     size = torch.empty((), dtype=dtype).element_size()
     # (sharded: the same chunk on every rank, from the agreed total, not from each rank's free memory)
     chunk = chunk_size or (auto_chunk_rows(n, vocab, size, device) if not sharded else

@@ -91,6 +91,7 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
     _validate.check_logits("student_logits", student_logits)
     _validate.check_not_transformed(student_logits)
     student_logits, _ = _validate.vocab_columns(vocab_size, student_logits)
+    _validate.check_vocab("student_logits", student_logits)
     idx, lp, tail_lp = _check_teacher(teacher, student_logits)
     t_temp = _validate.check_temperature(teacher.temperature)
     tail = resolve_tail(tail, teacher, divergence, temperature)

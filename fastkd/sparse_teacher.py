@@ -33,6 +33,7 @@ class SparseTeacher(NamedTuple):
 
 def _tempered(teacher_logits, temperature):
     _validate.check_logits("teacher_logits", teacher_logits)
+    _validate.check_vocab("teacher_logits", teacher_logits)
     temperature = _validate.check_temperature(temperature)
     vocab = teacher_logits.shape[-1]
     return teacher_logits.reshape(-1, vocab), temperature, vocab

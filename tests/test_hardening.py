@@ -391,3 +391,105 @@ def test_cli_bad_inputs_are_one_line_messages(tmp_path):
     _clean_failure(_cli("--teacher", t, "--input", tmp_path / "ok.npy", "--output", tmp_path / "afile", "--k", 4, *base), "is a file")
     _clean_failure(_cli("--teacher", f"{TEACHERS}:no_vocab", "--input", tmp_path / "ok.npy", "--output", tmp_path / "c", "--k", 4, *base), "V = 0")
     _clean_failure(_cli("--teacher", t, "--input", tmp_path / "ok.npy", "--output", tmp_path / "c", "--k", 0, *base), "--k must be positive")
+
+
+# --- fused linear and the CLIs, part 3 (issue 21) -------------------------------------------------
+
+def _head(n=6, hidden=8, vocab=20, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=dtype) for shape in ((n, hidden), (vocab, hidden), (n, hidden),
+                                                                          (vocab, hidden))]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_fused_linear_second_backward_of_a_retained_graph(reduction, chunk_size):
+    """backward(retain_graph=True) then backward() again: the gradient doubles, as with any
+    PyTorch loss (it was the mean gradient plus the sum-reduced one, or a crash with chunks)."""
+    h, w, th, tw = _head()
+    labels = torch.tensor([1, 2, -100, 4, 5, 6])
+    x, y = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = fastkd.fused_linear_kd_loss(x, y, teacher_hidden=th, teacher_weight=tw, labels=labels, temperature=2.0,
+                                       reduction=reduction, chunk_size=chunk_size)
+    loss.backward(retain_graph=True)
+    once = (x.grad.clone(), y.grad.clone())
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once[0])
+    torch.testing.assert_close(y.grad, 2 * once[1])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_fused_linear_refuses_a_weight_changed_in_place_before_backward(reduction):
+    """reduction "none" runs the chunks again in backward: a head changed in place since forward
+    gave the gradient at the new weight, silently; now autograd's in-place check says so."""
+    h, w, th, tw = _head()
+    x, y = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = fastkd.fused_linear_kd_loss(x, y, teacher_hidden=th, teacher_weight=tw, reduction=reduction)
+    with torch.no_grad():
+        y.mul_(3)
+    if reduction == "none":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.sum().backward()
+    else:  # the gradient was computed in forward, at the weight forward saw
+        loss.backward()
+
+
+def test_fused_linear_fp64_is_not_cast_by_autocast():
+    h, w, th, tw = _head()
+    plain = fastkd.fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw, temperature=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = fastkd.fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw, temperature=2.0)
+    assert cast.dtype == torch.float64 and torch.equal(cast, plain)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(teacher_bias=torch.zeros(1, dtype=torch.float64)), r"teacher_bias must be \[20\]"),
+    (dict(teacher_bias=torch.zeros(23, dtype=torch.float64)), r"teacher_bias must be \[20\]"),
+    (dict(teacher_weight=torch.zeros(8, dtype=torch.float64)), r"teacher_weight must be \[V, H_t\]"),
+    (dict(student_weight=torch.zeros(0, 8, dtype=torch.float64)), "student_weight .* has no rows"),
+])
+def test_fused_linear_names_a_misshapen_head(bad, match):
+    h, w, th, tw = _head()
+    args = dict(student_weight=w, teacher_hidden=th, teacher_weight=tw) | bad
+    with pytest.raises(ValueError, match=match):
+        fastkd.fused_linear_kd_loss(h, **args)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: fastkd.kd_loss(torch.randn(3, 0), torch.randn(3, 0)),
+    lambda: fastkd.topk_teacher(torch.randn(3, 0), k=1),
+    lambda: fastkd.sample_teacher(torch.randn(3, 0), 4),
+    lambda: fastkd.sparse_kd_loss(torch.randn(3, 0), fastkd.SparseTeacher(
+        torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1), torch.zeros(3), 1.0, "topk")),
+])
+def test_an_empty_vocabulary_is_a_value_error_naming_v(call):
+    with pytest.raises(ValueError, match="V=0"):
+        call()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--shapes", "1024"], "--shapes"), (["--shapes", "0x10"], "--shapes"), (["--shapes", "10x0"], "--shapes"),
+    (["--shapes", "10x"], "--shapes"), (["--shapes", "32x32,"], "--shapes"), (["--repeats", "0"], "--repeats"),
+    (["--temperature", "0"], "--temperature"), (["--output", "."], "--output"), (["--impls", "bogus"], "--impls"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device")]))
+def test_bench_cli_mistakes_end_in_one_line_and_status_2(argv, flag):
+    r = subprocess.run([sys.executable, "-m", "fastkd", "bench", *argv, "--no-progress"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert flag in r.stderr.strip().splitlines()[-1]
+
+
+def test_demo_out_must_be_a_directory(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--out", str(f)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--out" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cli_help_speaks_to_users():
+    r = subprocess.run([sys.executable, "-m", "fastkd", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0
+    for command in ("info", "bench", "cache", "demo"):
+        assert command in r.stdout
+    assert "add_arguments" not in r.stdout and "one module per subcommand" not in r.stdout
