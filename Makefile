@@ -38,8 +38,10 @@ $(VENV)/.editable: $(VENV)/.deps setup.py
 	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'fastkd-checkout.pth'), 'w').write(os.getcwd() + '\n')"
 	touch $@
 
+# (objects in build/inplace, apart from build/temp.* of `pip install .` in the same checkout,
+# which compiles against another torch path: sharing them recompiled everything each time)
 build: $(VENV)/.editable
-	$(PY) setup.py -q build_ext --inplace
+	$(PY) setup.py -q build_ext --inplace --build-temp build/inplace
 
 # With nvcc on the PATH (this machine's and CI's), the CUDA kernels are compiled first (cuda-check);
 # then every Triton kernel through Triton's real compiler (the covering subset, both versions).

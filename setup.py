@@ -9,18 +9,22 @@ import os
 import platform
 import sys
 
-try:
-    import torch
-except ImportError:
-    sys.exit("fastkd: building needs torch installed first: `pip install torch`, then "
-             "`pip install --no-build-isolation .` (pip's default isolated build cannot see it)")
 import setuptools
 from setuptools import setup
-from torch.utils import cpp_extension
 
 if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's `license = "Apache-2.0"` (SPDX)
     sys.exit(f"fastkd: building needs setuptools >= 77 (found {setuptools.__version__}), which reads the "
              "SPDX license string of pyproject.toml: pip install 'setuptools>=77'")
+try:
+    import torch
+except ImportError:
+    # An sdist (and the metadata pip asks for first) is the sources alone: no torch, no compiler.
+    if {"sdist", "egg_info", "dist_info"} & set(sys.argv[1:]):
+        setup()
+        sys.exit(0)
+    sys.exit("fastkd: building needs torch installed first: `pip install torch`, then "
+             "`pip install --no-build-isolation .` (pip's default isolated build cannot see it)")
+from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WITH_CUDA = os.environ.get("FASTKD_CUDA", "0") == "1" or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
