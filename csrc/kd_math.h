@@ -177,6 +177,17 @@ FASTKD_HD V expm1_near(V x) {
   return x * r;
 }
 
+// The U of a row's gradient u_j - q_j U. U is infinite only when the divergence is +inf through a
+// log p_j = -inf that q_j > 0 meets (reverse KL, skew reverse KL at beta = 0: the teacher masks an
+// id the student gives mass): the loss is then +inf, exactly, and the gradient does not exist
+// (it was -inf on every id and NaN on the masked one). The rule (docs/math.md): such a row's
+// gradient is NaN on every id, as a NaN input's is -- never a partly finite row. Forward KL's
+// gradient (U = -1) stays finite even when its loss is +inf.
+template <typename A>
+FASTKD_HD A gradient_u(A u_sum) {
+  return (u_sum - u_sum == A(0)) ? u_sum : A(NAN);  // finite, else NaN
+}
+
 // Per-row scalars shared by every backend: how the KD divergence and the hard-label CE combine.
 //   row loss          = kd_loss_weight * D + hard_weight * CE
 //   d loss / d s_j    = kd_grad_weight * (u_j - q_j U) + hard_weight * (softmax(s)_j - [j == label])

@@ -57,6 +57,12 @@ def elem(divergence: str, p, q, lp, lq, d, beta: float):
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
 
+def gradient_u(u_sum: torch.Tensor) -> torch.Tensor:
+    """kd_math.h's gradient_u: a row's U, NaN where it is not finite (the divergence is +inf through
+    a masked teacher id the student gives mass: the gradient row is NaN, docs/math.md)."""
+    return torch.where(u_sum.isfinite(), u_sum, torch.full_like(u_sum, float("nan")))
+
+
 CLOSE_ROW = 1.0  # kd_math.h's kCloseRow
 
 

@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(max_threads(sizeof(T)), kMinBlocksPerSm) dense
     } else if (!live) {
       fill_row(g, lo, hi, A(0));
     } else if (D != Divergence::ForwardKL) {
-      const A big_u = sums.u;
+      const A big_u = gradient_u(sums.u);
       walk_store(again, g, lo, hi, vec, [&](int64_t j, A x, A y) {
         A term, u;
         const A q = terms(x, y, term, u);

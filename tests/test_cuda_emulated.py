@@ -219,3 +219,19 @@ def test_emulated_clusters_match_the_reference(emu, monkeypatch, op, cluster, ar
     _check(op, run(emu, H100, op, *args), _op(op, "torch")(*args), args)
     rows = args[0].shape[0] if args[0].numel() else 0
     assert emu.emu_clustered_blocks() - before == rows * int(cluster)  # the rows ran as clusters
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_emulated_kernels_nan_gradient_under_a_teacher_mask(emu, device):
+    """docs/math.md's rule in the CUDA kernels: reverse KL where the teacher masks an id the student
+    gives mass is +inf with an all-NaN gradient row; the other rows match the reference."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 70, generator=g), torch.randn(3, 70, generator=g)
+    t[0, 5] = float("-inf")
+    args = (s, t, torch.tensor([1, 2, 3]), "reverse_kl", 2.0, 0.5, -100, 0.3, True, 1.0, True)
+    loss, grad = run(emu, device, "dense_kd", *args)
+    assert loss[0] == float("inf") and grad[0].isnan().all()
+    want, want_g = _op("dense_kd", "torch")(*args)
+    assert want[0] == float("inf") and want_g[0].isnan().all()
+    torch.testing.assert_close(loss[1:], want[1:], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad[1:], want_g[1:], rtol=1e-5, atol=1e-6)

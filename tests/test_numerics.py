@@ -138,3 +138,25 @@ def test_double_backward_and_torch_func_say_so(backend):
     teacher = fastkd.topk_teacher(t, k=4, temperature=1.0)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(fastkd.sparse_kd_loss(x, teacher, backend=backend), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard_weight", [0.0, 0.3])
+def test_a_teacher_mask_under_student_mass(backend, hard_weight):
+    """docs/math.md: reverse KL (and skew reverse KL at beta = 0) where the teacher masks an id the
+    student gives mass is +inf with an all-NaN gradient row (it was -inf on every id, NaN on the
+    masked one); the other rows are untouched. Forward KL the other way round: +inf, finite q - p."""
+    s, t = _pair(3, 40, backend=backend)
+    t[0, 5] = float("-inf")
+    labels = torch.tensor([1, 2, 3], device=s.device)
+    for divergence, beta in (("reverse_kl", 0.5), ("skew_reverse_kl", 0.0)):
+        x = s.clone().requires_grad_(True)
+        rows = fastkd.kd_loss(x, t, divergence=divergence, beta=beta, labels=labels, hard_weight=hard_weight,
+                              reduction="none", backend=backend)
+        rows.sum().backward()
+        assert rows[0] == float("inf") and x.grad[0].isnan().all(), divergence
+        assert torch.isfinite(rows[1:]).all() and torch.isfinite(x.grad[1:]).all(), divergence
+    x = t.clone().requires_grad_(True)  # the student masks what the teacher (here s) gives mass
+    rows = fastkd.kd_loss(x, s, reduction="none", backend=backend)
+    rows.sum().backward()
+    assert rows[0] == float("inf") and torch.isfinite(x.grad).all()

@@ -114,7 +114,7 @@ void dense_rows(const DenseArgs& a) {
           u_sum += reduce_sum(uv);
         }
         div = static_cast<acc_t>(std::max(div_sum, 0.0));  // a divergence is >= 0; rounding may dip below
-        U = static_cast<acc_t>(u_sum);
+        U = gradient_u(static_cast<acc_t>(u_sum));
       } else {  // no finite teacher logit: no KD term for this row
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) (Vec::loadu(Q + j) * iSa).store(Q + j);
         std::fill(P, P + p.Vp, acc_t(0));

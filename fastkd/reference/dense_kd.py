@@ -21,7 +21,7 @@ def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, c
     loss = w.kd_loss * torch.where(kd_ok, term, zero).sum(-1, dtype=torch.float64).clamp_min(0).to(acc)
     grad = None
     if compute_grad:
-        big_u = u.sum(-1, keepdim=True, dtype=torch.float64).to(acc)
+        big_u = _math.gradient_u(u.sum(-1, keepdim=True, dtype=torch.float64).to(acc))
         grad = torch.where(kd_ok, w.kd_grad * (u - q * big_u), zero)
     return finish_rows(s, s_ok, labels, ignore_index, w, loss, grad, poisoned=not_a_number(t))
 

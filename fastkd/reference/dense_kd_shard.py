@@ -45,7 +45,7 @@ def _shard_chunk(s, t, labels, rs, divergence, temperature, beta, ignore_index, 
     parts = torch.where(kept, torch.where(poisoned, nan, parts), 0.0)
     grad = None
     if compute_grad:
-        grad = torch.where(kd_on, w.kd_grad * (u - q * big_u.to(acc)), zero)
+        grad = torch.where(kd_on, w.kd_grad * (u - q * _math.gradient_u(big_u).to(acc)), zero)
         if w.hard > 0:
             q1, _ = _probs(s.to(acc), torch.where(live, m_1, 0.0), torch.where(live, log_s_1, 0.0))
             grad = grad + torch.where(live, w.hard_grad * q1, zero)

@@ -180,6 +180,13 @@ def hard_label_grad(x, offs, label, lse_1):
 
 
 @triton.jit
+def gradient_u(u_sum):
+    """kd_math.h's gradient_u: a row's U, NaN where it is not finite (the divergence is +inf through a
+    masked teacher id the student gives mass: the gradient row is NaN, docs/math.md)."""
+    return tl.where(u_sum - u_sum == 0.0, u_sum, float("nan"))
+
+
+@triton.jit
 def log2_total(m, s):
     """log2 of the sum that (m, s) hold: m + log2(s), -inf for an empty one."""
     return tl.where(m == float("-inf"), m, m + tl.log2(s))

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .. import _math as host_math, _op_checks
 from . import _config
-from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, hard_label_grad, log1p, log2_total, online_update,
-                    online_update_weighted)
+from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, gradient_u, hard_label_grad, log1p,
+                    log2_total, online_update, online_update_weighted)
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
                         g += hard_grad_w * hard_label_grad(x, offs, label, lse_1)
                     tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
     big_d = tl.sum(d_acc, 0)
-    big_u = tl.sum(u_acc, 0)
+    big_u = gradient_u(tl.sum(u_acc, 0))
     big_d = tl.where(big_d < 0, 0.0, big_d)  # a divergence is >= 0; rounding may dip below
     tl.store(LOSS + row, tl.where(poison, float("nan"), tl.where(live, kd_loss_w * big_d + hard_w * ce, 0.0)))
     # 3. the gradient, for the divergences whose U is only known now
