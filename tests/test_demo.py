@@ -14,7 +14,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--max-files", "12", "--vocab", "300", "--teacher-seconds", "1", "--student-tokens", "1024",
+TINY = ["--max-files", "12", "--vocab", "300", "--teacher-tokens", "2048", "--student-tokens", "1024",
         "--seq-len", "32", "--batch-size", "4", "--no-progress"]
 
 
@@ -37,6 +37,21 @@ def test_tiny_demo_end_to_end(tmp_path):
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "| dense_kd, naive loss" in r.stdout and "validation files" in r.stdout
+    assert report["config"]["teacher_tokens"] >= 2048 and not report["config"]["teacher_cut_short"]
+    assert "WARNING" not in r.stderr
+
+
+def test_the_teacher_trains_to_a_token_budget_and_a_cut_says_so(tmp_path):
+    """The teacher trained for a wall-clock budget: a slow machine silently got a far weaker one
+    (ppl 158 instead of 13). Now it trains to --teacher-tokens, and the --teacher-seconds guard,
+    when it stops training first, says so loudly and in results.json."""
+    out = tmp_path / "demo"
+    args = [a for a in TINY if a not in ("--teacher-tokens", "2048")]
+    r = _demo(*args, "--methods", "hard_labels", "--teacher-tokens", 100_000_000, "--teacher-seconds", 2, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["teacher_cut_short"] and config["teacher_tokens"] < 100_000_000
+    assert "WARNING: the teacher's training was cut short by --teacher-seconds 2" in r.stderr
 
 
 @pytest.mark.parametrize("flags, needle", [(["--methods", "bogus"], "--methods: unknown bogus"),
@@ -49,7 +64,7 @@ def test_bad_flags(tmp_path, flags, needle):
 
 def test_ctrl_c_leaves_no_half_written_results(tmp_path):
     out = tmp_path / "demo"
-    p = subprocess.Popen([sys.executable, "-m", "fastkd", "demo", *TINY[:4], "--teacher-seconds", "60",
+    p = subprocess.Popen([sys.executable, "-m", "fastkd", "demo", *TINY[:4], "--teacher-tokens", "100000000",
                           *TINY[6:], "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "work").exists() and time.time() < deadline:

@@ -39,7 +39,11 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="demo-out", help="output directory (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes on 2 cores")
     p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
-    p.add_argument("--teacher-seconds", type=float, default=None, help="teacher training budget (default: 150; quick: 40)")
+    p.add_argument("--teacher-tokens", type=int, default=None,
+                   help="teacher training tokens: the same teacher on every machine (default: 983040; quick: 245760)")
+    p.add_argument("--teacher-seconds", type=float, default=None,
+                   help="a guard: the teacher's training stops here even if tokens remain, and the demo says so "
+                        "loudly (default: 900; quick: 300)")
     p.add_argument("--student-tokens", type=int, default=None, help="training tokens per student (default: 400000; quick: 120000)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default: %(default)s)")
     p.add_argument("--hard-weight", type=float, default=0.0, help="CE weight mixed into the KD methods")
@@ -143,12 +147,18 @@ def _bar(total, desc, disable):
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=disable, file=sys.stderr, leave=False)
 
 
-def train_teacher(model, train, val, args, budget):
+def train_teacher(model, train, val, args, tokens, guard_seconds):
+    """Cross-entropy training for `tokens` tokens (rounds of 20 steps; fewer when the validation loss
+    stops improving), or until `guard_seconds` pass -> (tokens seen, seconds, cut short by the guard)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     stream = batches(train, args.seq_len, args.batch_size, args.seed + 1)
     best, best_state, since, seen, t0 = math.inf, None, 0, 0, time.perf_counter()
-    bar = _bar(None, "teacher", args.no_progress)
-    while time.perf_counter() - t0 < budget:
+    cut = False
+    bar = _bar(tokens, "teacher", args.no_progress)
+    while seen < tokens:
+        if time.perf_counter() - t0 > guard_seconds:
+            cut = True
+            break
         for _ in range(20):
             b = next(stream)
             loss = F.cross_entropy(model(b[:, :-1]).reshape(-1, model.config["vocab"]), b[:, 1:].reshape(-1))
@@ -169,7 +179,7 @@ def train_teacher(model, train, val, args, budget):
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    return seen, time.perf_counter() - t0
+    return seen, time.perf_counter() - t0, cut
 
 
 _TEACHER = None
@@ -364,7 +374,10 @@ def _run(args) -> int:
         raise UsageError("--device: this version of the demo runs on the CPU")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file; give a directory (created if missing)")
-    budget = args.teacher_seconds if args.teacher_seconds is not None else (40.0 if args.quick else 150.0)
+    teacher_tokens = args.teacher_tokens or (245_760 if args.quick else 983_040)
+    guard = args.teacher_seconds if args.teacher_seconds is not None else (300.0 if args.quick else 900.0)
+    if teacher_tokens < 1 or not guard > 0:
+        raise UsageError("--teacher-tokens and --teacher-seconds must be positive")
     per_student = args.student_tokens or (120_000 if args.quick else 400_000)
     torch.manual_seed(args.seed)
     began = time.perf_counter()
@@ -383,11 +396,15 @@ def _run(args) -> int:
     big = dict(vocab=vocab, d=128 if args.quick else 192, layers=2 if args.quick else 3, heads=4, seq_len=args.seq_len)
     small = dict(vocab=vocab, d=64 if args.quick else 96, layers=1 if args.quick else 2, heads=4, seq_len=args.seq_len)
     teacher = TinyLM(**big)
-    seen, took = train_teacher(teacher, train, val, args, budget)
+    seen, took, cut = train_teacher(teacher, train, val, args, teacher_tokens, guard)
     teacher.eval().requires_grad_(False)
     t_ce, t_ece, _ = evaluate(teacher, val, args.seq_len)
     print(f"teacher: d={big['d']}, {big['layers']} layers, {sum(p.numel() for p in teacher.parameters()):,} "
           f"parameters; {seen:,} tokens in {took:.0f} s; validation loss {t_ce:.3f} (ppl {math.exp(t_ce):.1f})")
+    if cut:
+        print(f"\nWARNING: the teacher's training was cut short by --teacher-seconds {guard:g}: {seen:,} of "
+              f"{teacher_tokens:,} tokens. Every KD number below is against this weaker teacher and will not "
+              "match docs/demo.md; on a slower or busy machine, raise --teacher-seconds.\n", file=sys.stderr)
 
     caches = {}
     cached_tokens = train[:min(train.numel(), per_student + 8 * args.seq_len)]
@@ -410,6 +427,7 @@ def _run(args) -> int:
         print(f"  {method:20s} val loss {r['val_loss']:.3f}  ({r['tokens_per_s']:.0f} tokens/s)", file=sys.stderr)
     naive = naive_step_time(init, teacher, train_for_students, args)
     config = dict(vars(args), vocab_size=vocab, teacher=big, student=small, teacher_val_loss=t_ce,
+                  teacher_tokens=seen, teacher_tokens_asked=teacher_tokens, teacher_cut_short=cut,
                   teacher_ece=t_ece, temperature=args.temperature, hard_weight=args.hard_weight,
                   tokens_per_student=per_student, seeds=[args.seed, args.seed + 1, args.seed + 2, args.seed + 3])
     report = {"methods": {k: {key: v for key, v in r.items()} for k, r in results.items()},
