@@ -42,6 +42,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
                                    vocab_size=vocab_size, backend=backend)
     student_logits, teacher_logits = _validate.vocab_columns(vocab_size, student_logits, teacher_logits)
     _validate.check_pair(student_logits, teacher_logits)
+    _validate.check_vocab("student_logits", student_logits)  # (a vocab-parallel rank may hold V_r = 0)
     temperature = _validate.check_temperature(temperature)
     beta = _validate.check_divergence(divergence, beta)
     _validate.check_reduction(reduction)

@@ -18,9 +18,8 @@ memory (CUDA: torch.cuda.mem_get_info), or 256 MiB on the CPU, between 1 and N r
 import torch
 
 from . import _validate, backends
-from ._math import grad_dtype
+from ._math import TAILS, grad_dtype
 from ._reduce import kept_rows, reduce_rows
-from ._sparse_math import TAILS
 
 CPU_CHUNK_BYTES = 256 << 20
 UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before a sharded call's total is known
@@ -202,7 +201,7 @@ def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teac
     if dense == (teacher_weight is None) or dense != (teacher_hidden is not None):
         raise ValueError("give the teacher either as teacher_hidden + teacher_weight (+ teacher_bias), "
                          "or as teacher=SparseTeacher, not both and not neither")
-    if student_weight.shape[0] == 0:
+    if student_weight.shape[0] == 0 and shard is None:  # (a vocab-parallel rank may hold no rows)
         raise ValueError(f"student_weight {tuple(student_weight.shape)} has no rows: an LM head needs V >= 1")
     if dense:
         _validate.check_logits("teacher_weight", teacher_weight)
