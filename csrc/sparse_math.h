@@ -1,6 +1,6 @@
 // fastkd/csrc/sparse_math.h -- the per-row math of the sparse-teacher loss, written once.
 //
-// Every backend (C++ CPU, CUDA) includes this header; fastkd/_sparse_math.py is its PyTorch twin
+// Every backend (C++ CPU, CUDA) includes this header; fastkd/_math.py is its PyTorch twin
 // and fastkd/triton/_math.py its Triton twin, kept line-for-line alike. Forward KL of the student
 // a = s / T against a teacher known on the ids I (entries with a finite log-prob lp_i), with
 // p_i = exp(lp_i), P = sum_I p, r_p = exp(tail_lp) the teacher's mass outside I (DESIGN.md 2):

@@ -1,4 +1,5 @@
-"""The per-element math of every dense divergence, in PyTorch: the twin of csrc/kd_math.h.
+"""The math of every loss, in PyTorch: the twin of csrc/kd_math.h (the dense divergences, per
+element) and csrc/sparse_math.h (the sparse teacher's tails, per row), and the names of both.
 
 Per row, with p = softmax(t/T) (teacher) and q = softmax(s/T) (student), each divergence gives
 two per-element tensors:
@@ -7,14 +8,19 @@ two per-element tensors:
     u    : the q-weighted score, dD/d(s/T) = u - q * u.sum(-1, keepdim=True)
 
 Terms follow 0 * log 0 = 0, so masked (-inf) entries never make NaN. Keep this file and
-kd_math.h line-for-line alike.
+kd_math.h / sparse_math.h line-for-line alike.
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+# The one home of these names (kd_math.h's kDivergenceNames and sparse_math.h's enums mirror them;
+# the Triton kernels' constexpr codes are their positions here).
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+TAILS = ("bucket", "renorm_teacher", "renorm_both")
+NEG_INF = float("-inf")
 
 
 def _unless_zero(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,80 @@ def lse_shift(a, b, q, la, lb):
     rounding, else lb - la."""
     r, far = close_row_sum(a, b, q)
     return torch.where(far, lb - la, torch.log1p(r))
+
+
+def max_sum(x: torch.Tensor):
+    """(m, total, e): the row maximum m and total = sum exp(x - m) ([.., 1] float64), with
+    e = exp(x - m) in x's dtype; m = -inf, total = 0, e = 0 for a row with no finite entry, and
+    total NaN for a row holding a NaN or +inf. The partial log-sum-exp of a vocabulary slice."""
+    if x.shape[-1] == 0:
+        m = x.new_full((*x.shape[:-1], 1), NEG_INF, dtype=torch.float64)
+        return m, torch.zeros_like(m), x
+    m = x.amax(-1, keepdim=True)
+    safe = torch.where(m > NEG_INF, m, torch.zeros_like(m))
+    e = (x - safe).exp()
+    return m.double(), e.sum(-1, keepdim=True, dtype=torch.float64), e
+
+
+def log_normaliser(x: torch.Tensor) -> torch.Tensor:
+    """float64 logsumexp over the last dim ([.., 1]) at the row's own maximum; -inf for a row with
+    no finite entry."""
+    m, total, _ = max_sum(x)
+    return torch.where(m > NEG_INF, m, 0.0) + total.log()
+
+
+def not_a_number(x: torch.Tensor) -> torch.Tensor:
+    """[n] mask of the rows of x that hold a NaN or +inf (docs/math.md: such a row is NaN)."""
+    m = x.amax(-1)
+    return m.isnan() | (m == float("inf"))
+
+
+# ---- the sparse teacher (csrc/sparse_math.h) ------------------------------------------------
+# Forward KL of the student a = s / T against a teacher known on the ids I, every student quantity
+# a log-sum-exp with its own maximum (lse_all over the row, lse_in over I, lse_tail outside I).
+# With t_i = exp(lp_i - shift) the teacher's target on I:
+# 
+#     loss        = sum_I t_i ((lp_i - shift) - (a_i - norm)) + extra
+#     dloss/da_j  = in_scale exp(a_j - in_norm) - t_j                               j in I
+#                 = out_scale exp(a_j - lse_all) - tail_scale exp(a_j - lse_tail)   j not in I
+# 
+# Every argument and field is a float64 tensor of per-row values (any shape). Keep this file and
+# sparse_math.h line-for-line alike.
+
+class TailCoef(NamedTuple):
+    shift: torch.Tensor
+    norm: torch.Tensor
+    extra: torch.Tensor
+    in_scale: torch.Tensor
+    in_norm: torch.Tensor
+    out_scale: torch.Tensor
+    tail_scale: torch.Tensor
+
+
+def tail_coefficients(tail: str, lse_all, lse_in, lse_tail, log_p, tail_lp) -> TailCoef:
+    """sparse_math.h's tail_coefficients, for every row at once."""
+    zero = torch.zeros_like(lse_all)
+    if tail == "bucket":
+        r_p = tail_lp.exp()
+        scale = log_p.exp() + r_p  # the teacher's whole stored mass, P + r_p
+        # r_p (log r_p - log r_q); a tail of no student mass is +inf (the exact value)
+        extra = torch.where(r_p > 0, r_p * (tail_lp - (lse_tail - lse_all)), zero)
+        return TailCoef(zero, lse_all, extra, scale, lse_all, scale, r_p)
+    active = log_p > float("-inf")  # no teacher entry: no KD term
+    one = torch.where(active, 1.0, zero)
+    shift = torch.where(active, log_p, zero)  # t = p / P
+    if tail == "renorm_teacher":
+        return TailCoef(shift, lse_all, zero, one, lse_all, one, zero)
+    if tail == "renorm_both":  # q^ over I, nothing outside I
+        norm = torch.where(active, lse_in, lse_all)
+        return TailCoef(shift, norm, zero, one, norm, zero, zero)
+    raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
+
+
+def sparse_term(lp, a, c: TailCoef):
+    """The loss term of each id of I ([n, k]; c's fields [n, 1]), 0 for a padding entry."""
+    lt = lp - c.shift
+    return torch.where(lp > float("-inf"), lt.exp() * (lt - (a - c.norm)), 0.0)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from ._math import DIVERGENCES
+
 LOGPROB_SLACK = 1e-3  # log-probs above this are not log-probs (raw logits?)
 
 

@@ -28,9 +28,9 @@ from numbers import Integral
 
 import torch
 
-from . import _math, _sparse_math, _validate, backends
+from . import _math, _validate, backends
 from ._reduce import reduce_rows, row_weight
-from .reference._rows import NEG_INF, log_normaliser
+from ._math import NEG_INF, log_normaliser
 
 UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before the total is known
 HEADER = ("ok", "rows", "size", "start", "total", "options", "grad", "spare")
@@ -333,12 +333,12 @@ def sparse_rows(shard, layout, student, indices, logprobs, tail_logmass, labels,
     lse_all = torch.logaddexp(lse_in, lse_tail)
     live = lse_all > NEG_INF
     col = lambda x: x.unsqueeze(-1)  # noqa: E731
-    c = _sparse_math.tail_coefficients(tail, col(lse_all), col(lse_in), col(lse_tail),
+    c = _math.tail_coefficients(tail, col(lse_all), col(lse_in), col(lse_tail),
                                        log_normaliser(torch.where(known, logprobs.double(), NEG_INF)),
                                        col(tail_logmass.double()))
     here = known & (local_ids >= 0) & (local_ids < layout.size)
     a_i = _gathered(student, torch.where(here, local_ids, 0)).to(_math.acc_dtype(student.dtype)) * (1.0 / temperature)
-    share = torch.where(here, _sparse_math.sparse_term(logprobs.double(), a_i.double(), c), 0.0).sum(-1)
+    share = torch.where(here, _math.sparse_term(logprobs.double(), a_i.double(), c), 0.0).sum(-1)
     shares = torch.stack([share, _label_logit(student, local)], -1)
     shard.all_reduce(shares, "sum")
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)

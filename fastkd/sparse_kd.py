@@ -7,7 +7,7 @@ import torch
 
 from . import _op_checks, _validate, backends
 from ._reduce import reduce_rows, row_weight
-from ._sparse_math import TAILS
+from ._math import TAILS
 from .sparse_teacher import KINDS, SparseTeacher
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate, backends
-from .reference._rows import not_a_number
+from ._math import not_a_number
 
 KINDS = ("topk", "sampled")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastkd import _math
-from fastkd._sparse_math import TAILS
+from fastkd._math import TAILS
 from samples import DTYPES, SAMPLES
 from test_dispatch import _check, _op
 

@@ -96,7 +96,7 @@ def sweep():
     import torch
 
     from fastkd import _math
-    from fastkd._sparse_math import TAILS
+    from fastkd._math import TAILS
     from fastkd.triton import _config
     from fastkd.triton.dense_kd import dense_kd
     from fastkd.triton.sample_teacher_draws import sample_teacher_draws

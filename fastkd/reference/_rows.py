@@ -7,9 +7,9 @@ chunk of temporaries (about CHUNK_ELEMENTS elements each) besides the outputs it
 import torch
 
 from .. import _math
+from .._math import NEG_INF, log_normaliser, max_sum, not_a_number  # noqa: F401  (the backend's row helpers)
 
 CHUNK_ELEMENTS = 1 << 20  # elements per fp32 temporary: 4 MiB
-NEG_INF = float("-inf")
 
 
 def chunk_rows(vocab: int) -> int:
@@ -32,32 +32,6 @@ def softmax_parts(x: torch.Tensor):
     e = (x - m).exp()
     total = e.sum(-1, keepdim=True, dtype=torch.float64)
     return e * (1.0 / total).to(x.dtype), m.double() + total.log()
-
-
-def max_sum(x: torch.Tensor):
-    """(m, total, e): the row maximum m and total = sum exp(x - m) ([.., 1] float64), with
-    e = exp(x - m) in x's dtype; m = -inf, total = 0, e = 0 for a row with no finite entry, and
-    total NaN for a row holding a NaN or +inf. The partial log-sum-exp of a vocabulary slice."""
-    if x.shape[-1] == 0:
-        m = x.new_full((*x.shape[:-1], 1), NEG_INF, dtype=torch.float64)
-        return m, torch.zeros_like(m), x
-    m = x.amax(-1, keepdim=True)
-    safe = torch.where(m > NEG_INF, m, torch.zeros_like(m))
-    e = (x - safe).exp()
-    return m.double(), e.sum(-1, keepdim=True, dtype=torch.float64), e
-
-
-def log_normaliser(x: torch.Tensor) -> torch.Tensor:
-    """float64 logsumexp over the last dim ([.., 1]) at the row's own maximum; -inf for a row with
-    no finite entry."""
-    m, total, _ = max_sum(x)
-    return torch.where(m > NEG_INF, m, 0.0) + total.log()
-
-
-def not_a_number(x: torch.Tensor) -> torch.Tensor:
-    """[n] mask of the rows of x that hold a NaN or +inf (docs/math.md: such a row is NaN)."""
-    m = x.amax(-1)
-    return m.isnan() | (m == float("inf"))
 
 
 def finish_rows(s, s_ok, labels, ignore_index, w, loss, grad, poisoned=None):

@@ -1,12 +1,12 @@
 """Backend "torch" of the op sparse_kd (fastkd/_schemas.py): forward KL against a teacher known on
-k ids per row, I (the entries with a finite logprob). The per-row math is fastkd/_sparse_math.py
+k ids per row, I (the entries with a finite logprob). The per-row math is fastkd/_math.py
 (the twin of csrc/sparse_math.h): every student quantity is a log-sum-exp at its own maximum --
 over the row, over I, over the ids outside I -- so a row whose exact loss is finite gets a finite
 loss and gradient however far below the row's maximum its parts lie. Row sums in float64.
 """
 import torch
 
-from .. import _math, _op_checks, _sparse_math
+from .. import _math, _op_checks
 from ._rows import NEG_INF, chunked_rows, finish_rows, finite_rows, log_normaliser
 
 
@@ -23,10 +23,10 @@ def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, 
     a_i = a.gather(-1, idx).double()
     lse_in = log_normaliser(torch.where(known, a_i, NEG_INF))
     lse_tail = log_normaliser(torch.where(in_i, NEG_INF, a))
-    c = _sparse_math.tail_coefficients(
+    c = _math.tail_coefficients(
         tail, torch.logaddexp(lse_in, lse_tail), lse_in, lse_tail,
         log_normaliser(torch.where(known, lp.double(), NEG_INF)), tail_lp.double().unsqueeze(-1))
-    kd = (_sparse_math.sparse_term(lp.double(), a_i, c).sum(-1) + c.extra.squeeze(-1)).clamp_min(0)
+    kd = (_math.sparse_term(lp.double(), a_i, c).sum(-1) + c.extra.squeeze(-1)).clamp_min(0)
     grad = None
     if compute_grad:
         lse_all = torch.logaddexp(lse_in, lse_tail)
@@ -44,7 +44,7 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
     """student [N, V], indices/logprobs [N, k], tail_logmass [N] -> (loss [N], grad [N, V])."""
     _op_checks.row_loss("sparse_kd", student, labels, temperature, ignore_index, hard_weight)
     _op_checks.sparse(student, indices, logprobs, tail_logmass)
-    if tail not in _sparse_math.TAILS:
+    if tail not in _math.TAILS:
         raise RuntimeError(f"fastkd::sparse_kd: unknown tail '{tail}'")
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     return chunked_rows(student, labels, compute_grad, lambda rows, lab: _sparse_chunk(

@@ -1,6 +1,6 @@
 """Backend "torch" of the op sparse_kd_shard (fastkd/_schemas.py): one rank's slice of the
 gradient of the vocab-parallel sparse loss (fastkd.distributed), given the whole row's tail
-coefficients (_math.SPARSE_ROW); the math of fastkd/_sparse_math.py:
+coefficients (_math.SPARSE_ROW); the math of fastkd/_math.py:
 
     w_kd dloss/da_j = in_scale exp(a_j - in_norm) - t_j                              j in I
                     = out_scale exp(a_j - lse_all) - tail_scale exp(a_j - lse_tail)  j not in I

@@ -1,10 +1,12 @@
 """The per-element and per-row math of every loss, in Triton: the twin of csrc/kd_math.h (dense
 divergences) and csrc/sparse_math.h (sparse tails), kept line-for-line alike with them and with
-fastkd/_math.py and fastkd/_sparse_math.py. Every kernel of this backend calls these."""
+fastkd/_math.py. Every kernel of this backend calls these."""
 import os
 
 import triton
 import triton.language as tl
+
+from .._math import DIVERGENCES, TAILS
 
 # Globals a @triton.jit function reads must be tl.constexpr *instances*: an annotation
 # (`X: tl.constexpr = 1.0`) leaves a plain float, which the compiler refuses (the interpreter does not).
@@ -19,8 +21,10 @@ TVD = tl.constexpr(5)
 BUCKET = tl.constexpr(0)
 RENORM_TEACHER = tl.constexpr(1)
 RENORM_BOTH = tl.constexpr(2)
-DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
-TAIL_CODES = {"bucket": 0, "renorm_teacher": 1, "renorm_both": 2}
+DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}  # the constexprs' values
+TAIL_CODES = {name: code for code, name in enumerate(TAILS)}
+assert (DIVERGENCE_CODES["forward_kl"], DIVERGENCE_CODES["jsd"], DIVERGENCE_CODES["tvd"], TAIL_CODES["renorm_both"]) == \
+    (FORWARD_KL.value, JSD.value, TVD.value, RENORM_BOTH.value)
 
 
 @triton.jit

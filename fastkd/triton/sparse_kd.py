@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import _math as host_math, _op_checks
-from .._sparse_math import TAILS
+from .._math import TAILS
 from . import _config
 from ._math import LN2, LOG2E, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
 
