@@ -1,12 +1,9 @@
-"""Argument checks shared by the public losses: each error names the argument and its value."""
-import math
-from numbers import Real
-
+"""Checks of the tensors the public losses are given (the options are _options.py's): each error
+names the argument and its value."""
 import torch
 
-from ._math import DIVERGENCES
-
-REDUCTIONS = ("mean", "sum", "none")
+from ._op_checks import sparse_values
+from ._options import KINDS, SparseTeacher, check_vocab_size
 
 
 def check_logits(name: str, x) -> None:
@@ -68,10 +65,8 @@ def check_pair(student, teacher, student_name="student_logits", teacher_name="te
 def vocab_in_use(vocab_size, *sizes: int) -> int | None:
     """The columns the loss runs over (DESIGN 1, padded LM heads): None (all, sizes must agree)
     or vocab_size, at most every given size."""
-    if vocab_size is None:
+    if check_vocab_size(vocab_size) is None:
         return None
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
     if any(vocab_size > v for v in sizes):
         raise ValueError(f"vocab_size={vocab_size} exceeds a vocabulary dimension of {min(sizes)}")
     return vocab_size
@@ -87,38 +82,10 @@ def vocab_columns(vocab_size, student, teacher=None):
     return cut(student), cut(teacher)
 
 
-def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
-    return float(temperature)
-
-
-def check_divergence(divergence, beta) -> float:
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence={divergence!r}; expected one of {DIVERGENCES}")
-    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
-    if divergence == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta}")
-    if divergence.startswith("skew_") and not 0 <= beta < 1:
-        raise ValueError(f"beta must lie in [0, 1) for divergence={divergence!r}, got {beta}")
-    return float(beta)
-
-
-def check_reduction(reduction) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction={reduction!r}; expected one of {REDUCTIONS}")
-
-
-def check_labels(labels, logits: torch.Tensor, ignore_index, hard_weight, check_range=True) -> torch.Tensor | None:
-    """Labels flattened to [N] int64 (or None); checks shape, dtype, device and, where that needs
-    no device sync (CPU tensors, eager mode) and check_range, the range of every kept label."""
-    if isinstance(hard_weight, bool) or not isinstance(hard_weight, Real) or not 0 <= hard_weight <= 1:
-        raise ValueError(f"hard_weight must lie in [0, 1], got {hard_weight!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+def check_labels(labels, logits: torch.Tensor, options, check_range=True) -> torch.Tensor | None:
+    """Labels flattened to [N] int64 (or None): shape, dtype, device and, where that needs no device
+    sync (CPU tensors, eager mode) and check_range, the range of every kept label."""
+    hard_weight, ignore_index = options.hard_weight, options.ignore_index
     if labels is None:
         if hard_weight > 0:
             raise ValueError(f"hard_weight={hard_weight} needs labels (the hard-label term is CE against them)")
@@ -138,8 +105,41 @@ def check_labels(labels, logits: torch.Tensor, ignore_index, hard_weight, check_
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"got {int(flat[i])} at flat position {i}"
-            )
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"got {int(flat[i])} at flat position {i}")
     return flat
+
+
+def check_sparse_teacher(teacher, student, vocab=None):
+    """The teacher's (indices [N, k] int64, logprobs [N, k] fp32, tail_logmass [N] fp32), checked
+    against the student's leading shape and a vocabulary of `vocab` ids (None: the student's)."""
+    if not isinstance(teacher, SparseTeacher):
+        raise TypeError(f"teacher must be a fastkd.SparseTeacher (from topk_teacher or "
+                        f"sample_teacher), got {type(teacher).__name__}")
+    if teacher.kind not in KINDS:
+        raise ValueError(f"teacher.kind must be one of {KINDS}, got {teacher.kind!r}")
+    lead = tuple(student.shape[:-1])
+    vocab = student.shape[-1] if vocab is None else vocab
+    idx, lp, tail = teacher.indices, teacher.logprobs, teacher.tail_logmass
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"teacher.indices must be an integer tensor, got {idx.dtype}")
+    if idx.dim() < 1 or tuple(idx.shape[:-1]) != lead or lp.shape != idx.shape:
+        raise ValueError(f"teacher.indices {tuple(idx.shape)} and teacher.logprobs {tuple(lp.shape)} "
+                         f"must both be [..., k] with the student's leading shape {lead}")
+    if tuple(tail.shape) != lead:
+        raise ValueError(f"teacher.tail_logmass must have the student's leading shape {lead}, got {tuple(tail.shape)}")
+    k = idx.shape[-1]
+    if k > vocab:
+        raise ValueError(f"the teacher keeps k={k} ids per row but the student's vocabulary has V={vocab}")
+    for name, x in (("indices", idx), ("logprobs", lp), ("tail_logmass", tail)):
+        if x.device != student.device:
+            raise ValueError(f"teacher.{name} is on {x.device} but student_logits is on {student.device}")
+    if k < 1:
+        raise ValueError("teacher: a sparse teacher needs k >= 1 entries per row")
+    idx = idx.reshape(-1, k).long()
+    lp = lp.reshape(-1, k).float()
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel():
+        why = sparse_values(idx, lp, tail.reshape(-1).float(), vocab, prefix="teacher.")
+        if why:
+            raise ValueError(why)
+    return idx, lp, tail.reshape(-1).float()

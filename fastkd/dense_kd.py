@@ -6,6 +6,7 @@ leading shape, checks the arguments, picks the backend and reduces the per-row l
 import torch
 
 from . import _validate, backends
+from ._options import loss_options
 from ._reduce import reduce_rows, row_weight
 
 
@@ -33,31 +34,35 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
     `student_logits` (in its dtype) is computed in this call and kept; backward only scales it.
     See docs/math.md for the exact definitions.
     """
+    def options():
+        return loss_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
+                            ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                            vocab_size=vocab_size, backend=backend)
+
+    return dense_loss(student_logits, teacher_logits, labels, options, vocab_shard)
+
+
+def dense_loss(student_logits, teacher_logits, labels, options, vocab_shard=None):
+    """kd_loss with its options: `options()` builds the checked LossOptions (run inside the
+    vocab-parallel agreement, so a bad option on one rank is raised on every rank)."""
     if vocab_shard is not None:
         from . import distributed
 
-        return distributed.kd_loss(vocab_shard, student_logits, teacher_logits, temperature=temperature,
-                                   divergence=divergence, beta=beta, reduction=reduction, labels=labels,
-                                   ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
-                                   vocab_size=vocab_size, backend=backend)
-    student_logits, teacher_logits = _validate.vocab_columns(vocab_size, student_logits, teacher_logits)
+        return distributed.kd_loss(vocab_shard, student_logits, teacher_logits, labels, options)
+    o = options()
+    student_logits, teacher_logits = _validate.vocab_columns(o.vocab_size, student_logits, teacher_logits)
     _validate.check_pair(student_logits, teacher_logits)
     _validate.check_vocab("student_logits", student_logits)  # (a vocab-parallel rank may hold V_r = 0)
-    temperature = _validate.check_temperature(temperature)
-    beta = _validate.check_divergence(divergence, beta)
-    _validate.check_reduction(reduction)
-    flat_labels = _validate.check_labels(labels, student_logits, ignore_index, hard_weight)
-    if not isinstance(scale_by_t2, bool):
-        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-    op = backends.kernel("dense_kd", backend, student_logits.device)
+    flat_labels = _validate.check_labels(labels, student_logits, o)
+    op = backends.kernel("dense_kd", o.backend, student_logits.device)
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     flat = student_logits.reshape(-1, vocab)
-    weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)
-    rows, _ = op(flat, teacher_logits.reshape(-1, vocab).detach(), flat_labels, divergence, temperature,
-                 beta, ignore_index, float(hard_weight), scale_by_t2, weight, compute_grad)
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
+    weight = row_weight(flat_labels, o.ignore_index, o.reduction, flat.shape[0], flat.device)
+    rows, _ = op(flat, teacher_logits.reshape(-1, vocab).detach(), flat_labels, o.divergence, o.temperature,
+                 o.beta, o.ignore_index, o.hard_weight, o.scale_by_t2, weight, compute_grad)
+    return reduce_rows(rows, flat_labels, o.ignore_index, o.reduction, lead)
 
 
 class KDLoss(torch.nn.Module):
@@ -70,17 +75,15 @@ class KDLoss(torch.nn.Module):
                  ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None, vocab_shard=None,
                  backend="auto"):
         super().__init__()
-        self.options = dict(temperature=temperature, divergence=divergence, beta=beta,
-                            reduction=reduction, ignore_index=ignore_index, hard_weight=hard_weight,
-                            scale_by_t2=scale_by_t2, vocab_size=vocab_size, vocab_shard=vocab_shard,
-                            backend=backend)
-        # Fail at construction, not at the first batch.
-        _validate.check_temperature(temperature)
-        _validate.check_divergence(divergence, beta)
-        _validate.check_reduction(reduction)
+        # checked once, at construction (not at the first batch), and kept
+        self.options = loss_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
+                                    ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                                    vocab_size=vocab_size, backend=backend)
+        self.vocab_shard = vocab_shard
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        return kd_loss(student_logits, teacher_logits, labels=labels, **self.options)
+        return dense_loss(student_logits, teacher_logits, labels, lambda: self.options, self.vocab_shard)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        shard = "" if self.vocab_shard is None else f", vocab_shard={self.vocab_shard!r}"
+        return self.options.describe(exclude=("tail",)) + shard

@@ -29,6 +29,7 @@ from numbers import Integral
 import torch
 
 from . import _math, _validate, backends
+from ._options import with_teacher
 from ._reduce import reduce_rows, row_weight
 from ._math import NEG_INF, log_normaliser
 
@@ -358,7 +359,7 @@ def sparse_rows(shard, layout, student, indices, logprobs, tail_logmass, labels,
     return loss, grad
 
 
-def _refused(shard, check):
+def refused(shard, check):
     """Run the local checks `check()`; a bad argument on this rank is raised on every rank."""
     try:
         return check()
@@ -366,13 +367,13 @@ def _refused(shard, check):
         shard.fail(error)
 
 
-def _check_shard(vocab_shard):
+def check_shard(vocab_shard):
     if not isinstance(vocab_shard, VocabShard):
         raise TypeError(f"vocab_shard must be a fastkd.distributed.VocabShard, got {type(vocab_shard).__name__}")
     return vocab_shard
 
 
-def _used_columns(layout: Layout, vocab_size):
+def used_columns(layout: Layout, vocab_size):
     """(columns of this slice the loss runs over, the vocabulary in use): vocab_size (a padded head:
     DESIGN 1) cuts the slices where it falls; it must not exceed the total."""
     if vocab_size is None:
@@ -391,93 +392,71 @@ def _run_rows(rows_fn, shard, layout, flat, *args, reduction, flat_labels, ignor
     return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
 
 
-def _row_checks(student, labels, ignore_index, hard_weight, scale_by_t2, reduction, vocab_size, op, backend):
+def _row_checks(student, labels, o, op):
     """The checks kd_loss and sparse_kd_loss share on a slice -> labels [N] (ranges: later, globally)."""
-    _validate.check_reduction(reduction)
-    flat_labels = _validate.check_labels(labels, student, ignore_index, hard_weight, check_range=False)
-    if not isinstance(scale_by_t2, bool):
-        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-    _validate.vocab_in_use(vocab_size, UNBOUNDED)
-    backends.resolve(op, backend, student.device)
+    flat_labels = _validate.check_labels(labels, student, o, check_range=False)
+    backends.resolve(op, o.backend, student.device)
     return flat_labels
 
 
-def _sharded_rows(shard, rows_fn, student_logits, options, vocab_size, teacher_args, row_args, *, reduction,
-                  flat_labels, ignore_index, backend):
+def _sharded_rows(shard, rows_fn, student_logits, o, teacher_args, row_args, flat_labels, agreed=()):
     """Agree, cut the slice to the columns in use, run rows_fn through the kept-gradient autograd
     and reduce. teacher_args(n, vocab, used): the teacher's arguments for the cut slice."""
     vocab = student_logits.shape[-1]
     n = math.prod(student_logits.shape[:-1])
     flat = student_logits.reshape(n, vocab)
-    layout = shard.agree(n, vocab, options + (str(student_logits.dtype),),
+    layout = shard.agree(n, vocab, o.key() + (flat_labels is None, str(student_logits.dtype)) + agreed,
                          torch.is_grad_enabled() and flat.requires_grad)
-    used, total = _used_columns(layout, vocab_size)
+    used, total = used_columns(layout, o.vocab_size)
     layout = Layout(layout.start, used, total, layout.world)
     return _run_rows(rows_fn, shard, layout, flat[:, :used], *teacher_args(n, vocab, used), flat_labels, *row_args,
-                     reduction=reduction, flat_labels=flat_labels, ignore_index=ignore_index,
-                     lead=student_logits.shape[:-1], backend=backend)
+                     reduction=o.reduction, flat_labels=flat_labels, ignore_index=o.ignore_index,
+                     lead=student_logits.shape[:-1], backend=o.backend)
 
 
-def kd_loss(vocab_shard, student_logits, teacher_logits, *, temperature, divergence, beta, reduction, labels,
-            ignore_index, hard_weight, scale_by_t2, vocab_size, backend):
-    """fastkd.kd_loss(..., vocab_shard=...): this rank's slices [..., V_r] of both logits."""
-    shard = _check_shard(vocab_shard)
+def kd_loss(vocab_shard, student_logits, teacher_logits, labels, options):
+    """fastkd.kd_loss(..., vocab_shard=...): this rank's slices [..., V_r] of both logits; options()
+    builds the checked LossOptions."""
+    shard = check_shard(vocab_shard)
 
     def check():
+        o = options()
         _validate.check_pair(student_logits, teacher_logits)
-        t, b = _validate.check_temperature(temperature), _validate.check_divergence(divergence, beta)
-        return t, b, _row_checks(student_logits, labels, ignore_index, hard_weight, scale_by_t2, reduction,
-                                 vocab_size, "dense_kd_shard", backend)
+        return o, _row_checks(student_logits, labels, o, "dense_kd_shard")
 
-    t, b, flat_labels = _refused(shard, check)
-    options = ("dense", divergence, t, b, reduction, flat_labels is None, ignore_index, float(hard_weight),
-               scale_by_t2, vocab_size)
-    return _sharded_rows(shard, dense_rows, student_logits, options, vocab_size,
+    o, flat_labels = refused(shard, check)
+    return _sharded_rows(shard, dense_rows, student_logits, o,
                          lambda n, vocab, used: (teacher_logits.reshape(n, vocab)[:, :used].detach(),),
-                         (divergence, t, b, ignore_index, float(hard_weight), scale_by_t2), reduction=reduction,
-                         flat_labels=flat_labels, ignore_index=ignore_index, backend=backend)
+                         (o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight, o.scale_by_t2),
+                         flat_labels)
 
 
-def sparse_kd_loss(vocab_shard, student_logits, teacher, *, tail, reduction, labels, ignore_index, hard_weight,
-                   scale_by_t2, temperature, divergence, vocab_size, backend):
+def sparse_kd_loss(vocab_shard, student_logits, teacher, labels, options):
     """fastkd.sparse_kd_loss(..., vocab_shard=...): this rank's slice [..., V_r] of the student's
     logits, a SparseTeacher [..., k] with global ids (the same on every rank)."""
-    from .sparse_kd import _check_teacher, resolve_tail
-
-    shard = _check_shard(vocab_shard)
+    shard = check_shard(vocab_shard)
 
     def check():
+        o = options()
         _validate.check_logits("student_logits", student_logits)
         _validate.check_not_transformed(student_logits)
-        rows = _check_teacher(teacher, student_logits, vocab=UNBOUNDED)  # ids: against the total, in step 1
-        t = _validate.check_temperature(teacher.temperature)
-        mode = resolve_tail(tail, teacher, divergence, temperature)
-        return rows, t, mode, _row_checks(student_logits, labels, ignore_index, hard_weight, scale_by_t2, reduction,
-                                          vocab_size, "sparse_kd_shard", backend)
+        rows = _validate.check_sparse_teacher(teacher, student_logits, vocab=UNBOUNDED)  # ids: against the total
+        o = with_teacher(o, teacher)
+        return rows, o, _row_checks(student_logits, labels, o, "sparse_kd_shard")
 
-    rows, t, mode, flat_labels = _refused(shard, check)
-    options = ("sparse", mode, t, rows[0].shape[-1], reduction, flat_labels is None, ignore_index,
-               float(hard_weight), scale_by_t2, vocab_size)
-    return _sharded_rows(shard, sparse_rows, student_logits, options, vocab_size, lambda n, vocab, used: rows,
-                         (mode, t, ignore_index, float(hard_weight), scale_by_t2), reduction=reduction,
-                         flat_labels=flat_labels, ignore_index=ignore_index, backend=backend)
+    rows, o, flat_labels = refused(shard, check)
+    return _sharded_rows(shard, sparse_rows, student_logits, o, lambda n, vocab, used: rows,
+                         (o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2), flat_labels,
+                         agreed=("sparse", rows[0].shape[-1]))
 
 
-def fused_linear_setup(vocab_shard, setup, args):
-    """fastkd.fused_linear_kd_loss(..., vocab_shard=...): `setup` (fused_linear_kd._setup) runs its
-    checks on this rank, then, once the ranks agree, builds the chunk loop over this rank's slice
-    of the head's rows. -> (h, lead, loop, labels) as setup returns them."""
-    shard = _check_shard(vocab_shard)
-    _refused(shard, lambda: setup(**args, layout=None, shard=shard))
-    h, w = args["student_hidden"], args["student_weight"]
-    lead = h.shape[:-1]
-    dense = args["teacher"] is None
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                           for x in (h, w, args["student_bias"]))
-    options = ("fused", dense, h.shape[-1], h.requires_grad, str(h.dtype), str(w.dtype)) + tuple(
-        repr(args[k]) for k in ("divergence", "beta", "tail", "reduction", "ignore_index", "hard_weight",
-                                "scale_by_t2", "vocab_size", "softcap", "chunk_size")) + (
-        args["labels"] is None, args["temperature"] if dense else args["teacher"].temperature)
-    layout = shard.agree(math.prod(lead), w.shape[0], options, grad)
-    used, total = _used_columns(layout, args["vocab_size"])
-    return setup(**args, layout=Layout(layout.start, used, total, layout.world), shard=shard)
+def fused_row_op(shard, layout, dense, o):
+    """The row op of a vocab-parallel fused linear call: z [n, V_r] (this rank's rows of the head's
+    logits), the teacher's rows, labels -> dense_rows / sparse_rows over the ranks."""
+    if dense:
+        return lambda z, t, lab, grad_scale, grad: dense_rows(
+            shard, layout, z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight,
+            o.scale_by_t2, grad_scale, grad, o.backend)
+    return lambda z, t, lab, grad_scale, grad: sparse_rows(
+        shard, layout, z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale,
+        grad, o.backend)

@@ -15,10 +15,13 @@ teacher logits and the op's gradient, fp32 when upcast -- take about 1/8 of the 
 memory (CUDA: torch.cuda.mem_get_info), or 256 MiB on the CPU, between 1 and N rows; see
 `auto_chunk_rows`.
 """
+from typing import NamedTuple
+
 import torch
 
 from . import _validate, backends
-from ._math import TAILS, grad_dtype
+from ._math import grad_dtype
+from ._options import loss_options, with_teacher
 from ._reduce import kept_rows, reduce_rows
 
 CPU_CHUNK_BYTES = 256 << 20
@@ -47,11 +50,22 @@ def _logits(h, weight, bias, softcap):
 class _Chunked:
     """The chunk loop, shared by forward (reduction mean/sum) and backward (reduction none)."""
 
-    def __init__(self, h, weight, bias, teacher_fn, row_op, labels, softcap, chunk, vocab, compute_dtype, shard=None):
-        self.h, self.weight, self.bias = h, weight, bias
-        self.teacher_fn, self.row_op, self.labels = teacher_fn, row_op, labels
-        self.softcap, self.chunk, self.vocab, self.dtype = softcap, chunk, vocab, compute_dtype
+    def __init__(self, c, row_op, vocab, chunk, shard=None):
+        """c: the call's Checked tensors; row_op(z, teacher rows, labels, grad_scale, compute_grad) ->
+        (loss [n], grad [n, V]); vocab: the head rows in use; chunk: rows per chunk."""
+        self.h, self.weight, self.bias, self.labels = c.h, c.weight, c.bias, c.labels
+        self.dense, self.teacher_rows, self.row_op = c.dense, c.teacher_rows, row_op
+        self.softcap, self.chunk, self.vocab, self.dtype = c.softcap, chunk, vocab, c.dtype
         self.shard = shard  # a VocabShard: the head holds one slice of the vocabulary, grad_h is summed
+
+    def teacher(self, a, b, logits_dtype):
+        """The teacher's rows a:b for the row op: dense, its logits (under no_grad); sparse, its entries."""
+        if not self.dense:
+            return tuple(x[a:b] for x in self.teacher_rows)
+        th, tw, tb = self.teacher_rows
+        with torch.no_grad():
+            return _logits(th[a:b].to(logits_dtype), tw[:self.vocab].to(logits_dtype),
+                           None if tb is None else tb[:self.vocab].to(logits_dtype), self.softcap)
 
     def run(self, compute_grad: bool, row_scale=None, need=(True, True, True)):
         """-> (loss rows [N] fp32, grad_h, grad_w (fp32, [V_full, H]), grad_b (fp32)); grads are
@@ -74,7 +88,7 @@ class _Chunked:
             hc = h[a:a + self.chunk].to(dtype)
             z = _logits(hc, w_used, b_used, self.softcap)
             lab = None if self.labels is None else self.labels[a:a + self.chunk]
-            loss, g = self.row_op(z, self.teacher_fn(a, a + hc.shape[0], z.dtype), lab, compute_grad)
+            loss, g = self.row_op(z, self.teacher(a, a + hc.shape[0], z.dtype), lab, 1.0, compute_grad)
             rows[a:a + hc.shape[0]] = loss
             if not compute_grad:
                 continue
@@ -144,7 +158,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
 def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, teacher_hidden=None,
                          teacher_weight=None, teacher_bias=None, teacher=None, softcap=None, chunk_size=None,
-                         temperature=1.0, divergence="forward_kl", beta=0.5, tail="bucket", reduction="mean",
+                         temperature=None, divergence="forward_kl", beta=0.5, tail="bucket", reduction="mean",
                          labels=None, ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None,
                          vocab_shard=None, backend="auto"):
     """KD loss of the student's LM head on its hidden states, without the [N, V] logits.
@@ -153,6 +167,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     student_bias [V_s] or None. The teacher is either dense -- teacher_hidden [..., H_t],
     teacher_weight [V_t, H_t], teacher_bias [V_t] or None, used under no_grad -- or `teacher`, a
     SparseTeacher [..., k] (forward KL with `tail`, at the teacher's temperature).
+    temperature: T > 0 for a dense teacher (None: 1); a sparse teacher's is its own (None, or the
+        same value; another is an error, as in fastkd.sparse_kd_loss).
     softcap: Gemma-style soft-capping of both sides' logits, c tanh(z / c), before temperature.
     vocab_size: run over the first V rows of each head (padded heads); later rows get zero gradient.
     chunk_size: rows per chunk (None: see auto_chunk_rows). Other options as in fastkd.kd_loss.
@@ -162,29 +178,95 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     Under autocast the logits are computed in the autocast dtype. Returns the loss (fp32);
     gradients reach student_hidden, student_weight and student_bias.
     """
-    args = dict(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
-                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-                teacher=teacher, softcap=softcap, chunk_size=chunk_size, temperature=temperature,
-                divergence=divergence, beta=beta, tail=tail, reduction=reduction, labels=labels,
-                ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
-                vocab_size=vocab_size, backend=backend)
-    if vocab_shard is None:
-        setup = _setup(**args, layout=None)
-    else:
-        from . import distributed
+    def options():
+        sparse = teacher is not None
+        return loss_options(temperature=1.0 if temperature is None and not sparse else temperature,
+                            divergence=divergence, beta=beta, tail=tail, reduction=reduction,
+                            ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                            vocab_size=vocab_size, backend=backend, sparse=sparse)
 
-        setup = distributed.fused_linear_setup(vocab_shard, _setup, args)
-    h, lead, loop, flat_labels = setup
-    with torch.autocast(h.device.type, enabled=False):
-        return _FusedLinearKD.apply(h, student_weight, student_bias, loop, reduction, flat_labels, ignore_index, lead)
+    heads = Heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher, softcap, chunk_size)
+    return fused_linear_loss(heads, labels, options, vocab_shard)
 
 
-def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher,
-           softcap, chunk_size, temperature, divergence, beta, tail, reduction, labels, ignore_index, hard_weight,
-           scale_by_t2, vocab_size, backend, layout, shard=None):
-    """Check the arguments and build the chunk loop -> (h [N, H], lead shape, _Chunked, labels [N]).
-    layout: None, or a vocab-parallel call's fastkd.distributed.Layout -- then None checks only
-    what needs no other rank (the first pass of fastkd.distributed.fused_linear_setup)."""
+class Heads(NamedTuple):
+    """The tensors of a fused linear call, as given (fused_linear_kd_loss's arguments)."""
+
+    student_hidden: torch.Tensor
+    student_weight: torch.Tensor
+    student_bias: torch.Tensor | None
+    teacher_hidden: torch.Tensor | None
+    teacher_weight: torch.Tensor | None
+    teacher_bias: torch.Tensor | None
+    teacher: object  # a SparseTeacher, or None for a dense teacher
+    softcap: float | None
+    chunk_size: int | None
+
+
+def fused_linear_loss(heads: Heads, labels, options, vocab_shard=None):
+    """fused_linear_kd_loss with its options (options() builds the checked LossOptions)."""
+    if vocab_shard is not None:
+        return _sharded(vocab_shard, heads, labels, options)
+    o = options()
+    c = check_heads(heads, labels, o)
+    if not c.dense:
+        o = with_teacher(o, heads.teacher)
+    chunk = c.chunk or auto_chunk_rows(c.h.shape[0], c.vocab, torch.empty((), dtype=c.dtype).element_size(), c.h.device)
+    return run(c, o, _Chunked(c, _row_op(c.dense, o, c.h.device), c.vocab, chunk))
+
+
+def _sharded(vocab_shard, heads: Heads, labels, options):
+    """The vocab-parallel call (docs/distributed.md): the rank-local checks (a bad argument on one
+    rank is raised on every rank), the agreement on the layout, then the chunk loop over this
+    rank's rows of the head with fastkd.distributed's row op."""
+    from . import distributed
+
+    shard = distributed.check_shard(vocab_shard)
+
+    def check():
+        o = options()
+        c = check_heads(heads, labels, o, sharded=True)
+        return (o if c.dense else with_teacher(o, heads.teacher)), c
+
+    o, c = distributed.refused(shard, check)
+    h, w = heads.student_hidden, heads.student_weight
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, heads.student_bias))
+    agreed = o.key() + ("fused", c.dense, h.shape[-1], h.requires_grad, str(h.dtype), str(w.dtype), c.labels is None,
+                        repr(heads.softcap), repr(heads.chunk_size))
+    layout = shard.agree(c.h.shape[0], w.shape[0], agreed, grad)
+    used, total = distributed.used_columns(layout, o.vocab_size)
+    layout = distributed.Layout(layout.start, used, total, layout.world)
+    # the same chunk on every rank, from the agreed total, not from each rank's free memory
+    chunk = c.chunk or auto_chunk_rows(c.h.shape[0], -(-total // layout.world),
+                                       torch.empty((), dtype=c.dtype).element_size(), torch.device("cpu"))
+    return run(c, o, _Chunked(c, distributed.fused_row_op(shard, layout, c.dense, o), used, chunk, shard))
+
+
+class Checked(NamedTuple):
+    """A call's tensors after the rank-local checks: h [N, H], the leading shape, the vocabulary
+    in use (None: a sharded call's, known after the agreement), labels [N] or None, the teacher's
+    rows (dense: its hidden states [N, H_t], head and bias cut to the vocabulary; sparse: indices,
+    logprobs, tail), the compute dtype and the chunk (None: from the vocabulary)."""
+
+    h: torch.Tensor
+    lead: tuple
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dense: bool
+    teacher_rows: tuple
+    labels: torch.Tensor | None
+    softcap: float | None
+    chunk: int | None
+    vocab: int | None
+    dtype: torch.dtype
+
+
+def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
+    """Every check that needs no other rank -> Checked. A sharded call's vocabulary is checked once
+    the ranks agree on its total (fastkd.distributed.fused_linear_kd_loss)."""
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher, softcap,
+     chunk_size) = heads
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         _validate.check_logits(name, x)
         _validate.check_not_transformed(x)
@@ -201,7 +283,7 @@ def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teac
     if dense == (teacher_weight is None) or dense != (teacher_hidden is not None):
         raise ValueError("give the teacher either as teacher_hidden + teacher_weight (+ teacher_bias), "
                          "or as teacher=SparseTeacher, not both and not neither")
-    if student_weight.shape[0] == 0 and shard is None:  # (a vocab-parallel rank may hold no rows)
+    if student_weight.shape[0] == 0 and not sharded:  # (a vocab-parallel rank may hold no rows)
         raise ValueError(f"student_weight {tuple(student_weight.shape)} has no rows: an LM head needs V >= 1")
     if dense:
         _validate.check_logits("teacher_weight", teacher_weight)
@@ -212,85 +294,49 @@ def _setup(*, student_hidden, student_weight, student_bias, teacher_hidden, teac
                              f"got {tuple(teacher_bias.shape)}")
     lead, hid = student_hidden.shape[:-1], student_hidden.shape[-1]
     h = student_hidden.reshape(-1, hid)
-    n = h.shape[0]
-    device = h.device
-    sizes = [student_weight.shape[0]] + ([teacher_weight.shape[0]] if dense else [])
-    sharded = shard is not None
-    vocab = _validate.vocab_in_use(vocab_size, *(sizes if not sharded else [UNBOUNDED]))
-    if vocab is None or sharded:
-        if dense:
-            _validate.check_same_vocab("student_weight", student_weight.shape[0], "teacher_weight", teacher_weight.shape[0])
-        vocab = student_weight.shape[0] if layout is None else layout.size
-    _validate.check_reduction(reduction)
-    probe = student_hidden[..., :1].expand(*lead, vocab)  # the logits' shape, for the checks below
-    flat_labels = _validate.check_labels(labels, probe, ignore_index, hard_weight, check_range=not sharded)
-    if not isinstance(scale_by_t2, bool):
-        raise TypeError(f"scale_by_t2 must be a bool, got {scale_by_t2!r}")
-    # autocast casts fp32 (never fp64) operands of a matmul to its dtype
-    autocast = torch.is_autocast_enabled(device.type) and torch.float64 not in (h.dtype, student_weight.dtype)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else h.dtype
-    size = torch.empty((), dtype=dtype).element_size()
-    # (sharded: the same chunk on every rank, from the agreed total, not from each rank's free memory)
-    chunk = chunk_size or (auto_chunk_rows(n, vocab, size, device) if not sharded else
-                           auto_chunk_rows(n, -(-layout.total // layout.world), size, torch.device("cpu")) if layout
-                           else 1)
-
+    vocab = None
+    if not sharded:
+        sizes = [student_weight.shape[0]] + ([teacher_weight.shape[0]] if dense else [])
+        vocab = _validate.vocab_in_use(o.vocab_size, *sizes)
+        if vocab is None:
+            if dense:
+                _validate.check_same_vocab("student_weight", student_weight.shape[0], "teacher_weight",
+                                           teacher_weight.shape[0])
+            vocab = student_weight.shape[0]
+    probe = student_hidden[..., :1].expand(*lead, vocab if vocab is not None else 1)  # the logits' shape
+    flat_labels = _validate.check_labels(labels, probe, o, check_range=not sharded)
     if dense:
-        temperature = _validate.check_temperature(temperature)
-        beta = _validate.check_divergence(divergence, beta)
         if teacher_hidden.shape[:-1] != lead or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_weight "
                              f"{tuple(teacher_weight.shape)} must be [..., H_t] (the student's leading "
                              f"shape {tuple(lead)}) and [V, H_t]")
-        th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-        tw = teacher_weight.detach()[:vocab]
-        tb = None if teacher_bias is None else teacher_bias.detach()[:vocab]
-        op = backends.kernel("dense_kd" if not sharded else "dense_kd_shard", backend, device)
-
-        def teacher_fn(a, b, logits_dtype):
-            with torch.no_grad():
-                return _logits(th[a:b].to(logits_dtype), tw.to(logits_dtype),
-                               None if tb is None else tb.to(logits_dtype), softcap)
-
-        def row_op(z, t, lab, compute_grad):
-            return op(z, t, lab, divergence, temperature, beta, ignore_index, float(hard_weight),
-                      scale_by_t2, 1.0, compute_grad)
+        rows = (teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+                None if teacher_bias is None else teacher_bias.detach())
     else:
-        from .sparse_kd import _check_teacher, resolve_tail
-
-        idx, lp, tail_lp = _check_teacher(teacher, probe, vocab=UNBOUNDED if sharded else None)
-        temperature = _validate.check_temperature(teacher.temperature)
-        tail = resolve_tail(tail, teacher, divergence, None)
-        op = backends.kernel("sparse_kd" if not sharded else "sparse_kd_shard", backend, device)
-
-        def teacher_fn(a, b, logits_dtype):
-            return idx[a:b], lp[a:b], tail_lp[a:b]
-
-        def row_op(z, t, lab, compute_grad):
-            return op(z, *t, lab, tail, temperature, ignore_index, float(hard_weight), scale_by_t2, 1.0,
-                      compute_grad)
-
-    if layout is None and sharded:
-        return None
-    if sharded:
-        row_op = _sharded_row_op(shard, layout, dense, backend, divergence, temperature, beta, tail, ignore_index,
-                                 hard_weight, scale_by_t2)
-    loop = _Chunked(h, student_weight, student_bias, teacher_fn, row_op, flat_labels, softcap, chunk, vocab, dtype, shard)
-    return h, lead, loop, flat_labels
+        rows = _validate.check_sparse_teacher(teacher, probe, vocab=UNBOUNDED if sharded else vocab)
+    # autocast casts fp32 (never fp64) operands of a matmul to its dtype
+    device = h.device
+    autocast = torch.is_autocast_enabled(device.type) and torch.float64 not in (h.dtype, student_weight.dtype)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else h.dtype
+    return Checked(h, lead, student_weight, student_bias, dense, rows, flat_labels, softcap, chunk_size, vocab, dtype)
 
 
-def _sharded_row_op(shard, layout, dense, backend, divergence, temperature, beta, tail, ignore_index, hard_weight,
-                    scale_by_t2):
-    """The chunk's row op of a vocab-parallel call: fastkd.distributed's dense or sparse rows."""
-    from . import distributed
-
+def _row_op(dense, o, device):
+    """The fused row op of an unsharded call: dense_kd or sparse_kd of the backend."""
+    op = backends.kernel("dense_kd" if dense else "sparse_kd", o.backend, device)
     if dense:
-        return lambda z, t, lab, grad: distributed.dense_rows(
-            shard, layout, z, t, lab, divergence, temperature, beta, ignore_index, float(hard_weight), scale_by_t2,
-            1.0, grad, backend)
-    return lambda z, t, lab, grad: distributed.sparse_rows(
-        shard, layout, z, *t, lab, tail, temperature, ignore_index, float(hard_weight), scale_by_t2, 1.0, grad,
-        backend)
+        return lambda z, t, lab, grad_scale, compute_grad: op(
+            z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight, o.scale_by_t2,
+            grad_scale, compute_grad)
+    return lambda z, t, lab, grad_scale, compute_grad: op(
+        z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale, compute_grad)
+
+
+def run(checked: Checked, o, loop):
+    """The loss of the chunk loop, through the fused-linear autograd."""
+    with torch.autocast(checked.h.device.type, enabled=False):
+        return _FusedLinearKD.apply(checked.h, checked.weight, checked.bias, loop, o.reduction, checked.labels,
+                                    o.ignore_index, checked.lead)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -300,25 +346,35 @@ class FusedLinearKDLoss(torch.nn.Module):
             teacher_weight=None, teacher_bias=None, teacher=None, labels=None) -> loss
     """
 
-    def __init__(self, *, softcap=None, chunk_size=None, temperature=1.0, divergence="forward_kl", beta=0.5,
+    def __init__(self, *, softcap=None, chunk_size=None, temperature=None, divergence="forward_kl", beta=0.5,
                  tail="bucket", reduction="mean", ignore_index=-100, hard_weight=0.0, scale_by_t2=True,
                  vocab_size=None, backend="auto"):
         super().__init__()
-        if tail not in TAILS:
-            raise ValueError(f"unknown tail={tail!r}; expected one of {TAILS}")
-        _validate.check_temperature(temperature)
-        _validate.check_divergence(divergence, beta)
-        _validate.check_reduction(reduction)
-        self.options = dict(softcap=softcap, chunk_size=chunk_size, temperature=temperature,
-                            divergence=divergence, beta=beta, tail=tail, reduction=reduction,
-                            ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
-                            vocab_size=vocab_size, backend=backend)
+        # checked at construction (a dense teacher's and a sparse one's options alike), kept
+        self.dense_options = loss_options(temperature=1.0 if temperature is None else temperature,
+                                          divergence=divergence, beta=beta, reduction=reduction,
+                                          ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
+                                          vocab_size=vocab_size, backend=backend, tail=tail)
+        self.sparse_options = None
+        if divergence == "forward_kl":
+            self.sparse_options = loss_options(
+                temperature=temperature, divergence=divergence, beta=beta, tail=tail, reduction=reduction,
+                ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2, vocab_size=vocab_size,
+                backend=backend, sparse=True)
+        self.softcap, self.chunk_size = softcap, chunk_size
+
+    def _options(self, teacher):
+        if teacher is None:
+            return self.dense_options
+        if self.sparse_options is None:  # the error a sparse call with this divergence gives
+            loss_options(divergence=self.dense_options.divergence, sparse=True)
+        return self.sparse_options
 
     def forward(self, student_hidden, student_weight, student_bias=None, *, teacher_hidden=None,
                 teacher_weight=None, teacher_bias=None, teacher=None, labels=None):
-        return fused_linear_kd_loss(student_hidden, student_weight, student_bias=student_bias,
-                                    teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                    teacher_bias=teacher_bias, teacher=teacher, labels=labels, **self.options)
+        heads = Heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                      teacher, self.softcap, self.chunk_size)
+        return fused_linear_loss(heads, labels, lambda: self._options(teacher))
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"softcap={self.softcap!r}, chunk_size={self.chunk_size!r}, " + self.dense_options.describe()

@@ -9,32 +9,17 @@ The work is the ops topk_teacher and sample_teacher_draws, one per backend (fast
 Every backend draws samples by inverse CDF from the same sorted uniforms, so a generator gives the
 same draws on each (up to a draw that lands within rounding of a CDF step).
 """
-from typing import NamedTuple
-
 import torch
 
 from . import _validate, backends
 from ._math import not_a_number
-
-KINDS = ("topk", "sampled")
-
-
-class SparseTeacher(NamedTuple):
-    """indices [..., k] int64 token ids; logprobs [..., k] float32 log p_T of them (-inf marks
-    padding); tail_logmass [...] float32 log of p_T's mass outside `indices` (-inf: none);
-    temperature: the T of p_T; kind: "topk" or "sampled"."""
-
-    indices: torch.Tensor
-    logprobs: torch.Tensor
-    tail_logmass: torch.Tensor
-    temperature: float
-    kind: str
+from ._options import KINDS, SparseTeacher, check_temperature  # noqa: F401  (public here)
 
 
 def _tempered(teacher_logits, temperature):
     _validate.check_logits("teacher_logits", teacher_logits)
     _validate.check_vocab("teacher_logits", teacher_logits)
-    temperature = _validate.check_temperature(temperature)
+    temperature = check_temperature(temperature)
     vocab = teacher_logits.shape[-1]
     return teacher_logits.reshape(-1, vocab), temperature, vocab
 

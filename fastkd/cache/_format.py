@@ -10,7 +10,7 @@ import math  # noqa: F401  (cache_settings)
 import re
 
 from . import _bits, _codec
-from ..sparse_teacher import KINDS
+from .._options import KINDS
 
 SETTINGS = ("kind", "k", "num_samples", "vocab_size", "temperature", "teacher", "seq_len",
             "id_bits", "count_bits", "logprob_quantisation", "has_tokens")
