@@ -29,6 +29,7 @@ from numbers import Integral
 import torch
 
 from . import _math, _validate, backends
+from ._autograd import KeptRows
 from ._options import with_teacher
 from ._reduce import reduce_rows, row_weight
 from ._math import NEG_INF, log_normaliser
@@ -237,27 +238,6 @@ def _combine(shard, maxima, sums, owners, flags):
     return big, total[:, :sums.shape[1]], total[:, sums.shape[1]:]
 
 
-class _ShardedRows(torch.autograd.Function):
-    """Rows [N] of a sharded loss whose gradient for the slice is computed in forward (kept)."""
-
-    @staticmethod
-    def forward(ctx, student, run, grad_scale, compute_grad):
-        rows, grad = run(compute_grad)
-        ctx.kept, ctx.grad_scale, ctx.dtype = grad, grad_scale, student.dtype
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        if torch.is_grad_enabled():
-            raise NotImplementedError("fastkd's fused losses do not support double backward (create_graph=True)")
-        grad, ctx.kept = ctx.kept, None
-        if grad is None:
-            raise RuntimeError("a vocab-parallel fastkd loss keeps its gradient for one backward; run the "
-                               "forward again (retain_graph=True cannot replay its collectives)")
-        factor = (grad_rows / ctx.grad_scale).unsqueeze(-1).to(grad.dtype)
-        return (grad * factor).to(ctx.dtype), None, None, None
-
-
 def dense_rows(shard, layout, student, teacher, labels, divergence, temperature, beta, ignore_index,
                hard_weight, scale_by_t2, grad_scale, compute_grad, backend):
     """The slice [N, V_r] of student and teacher logits, labels [N] (global ids) -> (loss [N] in
@@ -385,10 +365,14 @@ def used_columns(layout: Layout, vocab_size):
 
 def _run_rows(rows_fn, shard, layout, flat, *args, reduction, flat_labels, ignore_index, lead, backend):
     """rows_fn over the slice's columns in use, through the kept-gradient autograd, then reduced."""
-    compute_grad = torch.is_grad_enabled() and flat.requires_grad
     weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)
-    run = lambda grad: rows_fn(shard, layout, flat.detach(), *args, weight, grad, backend)  # noqa: E731
-    rows = _ShardedRows.apply(flat, run, weight, compute_grad)
+
+    def rows_and_grad(compute_grad, _row_scale):
+        rows, grad = rows_fn(shard, layout, flat.detach(), *args, weight, compute_grad, backend)
+        return rows, (grad,)
+
+    # the slice's gradient is per row; its collectives cannot run again in backward (replay=False)
+    rows = KeptRows.apply(rows_and_grad, weight, reduction != "none", False, (True,), flat)
     return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
 
 

@@ -7,8 +7,9 @@ hidden states and head, under no_grad, or rows of a SparseTeacher) beside them, 
 op of the chosen backend (dense_kd or sparse_kd) turns them into the loss and the logits'
 gradient G. Then grad_hidden[c] = G W and grad_weight += G^T h_c, grad_bias += sum G, accumulated
 in fp32 for 16-bit weights. So the three GEMMs of a linear layer run once each, in the forward
-pass; backward only scales. (With reduction="none" the upstream gradient differs per row, so the
-forward keeps only the loss and backward runs the chunk loop again.)
+pass; backward only scales (the kept-gradient autograd, fastkd/_autograd.py). (With reduction
+"none" the upstream gradient differs per row, which grad_w and grad_b, sums over the rows, cannot
+take after the fact: the forward keeps only the loss and backward runs the chunk loop again.)
 
 chunk_size=None picks the chunk so that the per-chunk [chunk, V] buffers -- student logits,
 teacher logits and the op's gradient, fp32 when upcast -- take about 1/8 of the device's free
@@ -22,7 +23,8 @@ import torch
 from . import _validate, backends
 from ._math import grad_dtype
 from ._options import loss_options, with_teacher
-from ._reduce import kept_rows, reduce_rows
+from ._autograd import KeptRows
+from ._reduce import reduce_rows, row_weight
 
 CPU_CHUNK_BYTES = 256 << 20
 UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before a sharded call's total is known
@@ -67,9 +69,10 @@ class _Chunked:
             return _logits(th[a:b].to(logits_dtype), tw[:self.vocab].to(logits_dtype),
                            None if tb is None else tb[:self.vocab].to(logits_dtype), self.softcap)
 
-    def run(self, compute_grad: bool, row_scale=None, need=(True, True, True)):
+    def run(self, compute_grad: bool, grad_scale=1.0, row_scale=None, need=(True, True, True)):
         """-> (loss rows [N] fp32, grad_h, grad_w (fp32, [V_full, H]), grad_b (fp32)); grads are
-        None where not needed. row_scale: [N] per-row factors applied to each chunk's gradient."""
+        None where not needed. grad_scale: the row weight the row op folds into its gradient;
+        row_scale: [N] per-row factors applied to each chunk's gradient on top."""
         h, weight, bias, dtype = self.h, self.weight, self.bias, self.dtype
         n = h.shape[0]
         w_used = weight[:self.vocab].to(dtype)
@@ -88,7 +91,7 @@ class _Chunked:
             hc = h[a:a + self.chunk].to(dtype)
             z = _logits(hc, w_used, b_used, self.softcap)
             lab = None if self.labels is None else self.labels[a:a + self.chunk]
-            loss, g = self.row_op(z, self.teacher(a, a + hc.shape[0], z.dtype), lab, 1.0, compute_grad)
+            loss, g = self.row_op(z, self.teacher(a, a + hc.shape[0], z.dtype), lab, grad_scale, compute_grad)
             rows[a:a + hc.shape[0]] = loss
             if not compute_grad:
                 continue
@@ -107,53 +110,6 @@ class _Chunked:
             self.shard.all_reduce(grad_h, "sum")  # [N, H]: the one collective of O(N H)
             grad_h = grad_h.to(grad_dtype(h.dtype))
         return rows, grad_h, grad_w, grad_b
-
-
-class _FusedLinearKD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, loop, reduction, labels, ignore_index, lead):
-        ctx.loop, ctx.lead, ctx.reduction = loop, lead, reduction
-        ctx.grad_flags = need = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        eager = reduction != "none" and any(need)
-        rows, grad_h, grad_w, grad_b = loop.run(eager, need=need)
-        # the row weight of the reduction: 1 ("sum"), 1 / kept rows ("mean"), the upstream gradient ("none")
-        ctx.kept = 1 if reduction != "mean" else kept_rows(labels, ignore_index, rows.shape[0])
-        ctx.rows = rows.shape[0]
-        ctx.grads = None
-        if eager:
-            kept = ctx.kept
-            ctx.grads = [None if g is None else g / (kept.to(g.dtype) if torch.is_tensor(kept) else kept)
-                         for g in (grad_h, grad_w, grad_b)]
-        # saved so that autograd refuses a backward after an in-place change of any of them (the
-        # chunk loop reads them again when backward recomputes)
-        ctx.save_for_backward(h, weight, bias)
-        ctx.weight_dtype = (weight.dtype, None if bias is None else bias.dtype)
-        ctx.hidden_dtype = h.dtype
-        return reduce_rows(rows, labels, ignore_index, reduction, lead)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise NotImplementedError("fastkd's fused linear loss does not support double backward "
-                                      "(create_graph=True): its gradient has no graph of its own")
-        if ctx.grads is None:
-            # reduction="none" (per-row factors), or a second backward of a retained graph (the
-            # forward's gradients were handed out and freed): run the chunks again
-            ctx.saved_tensors  # noqa: B018 -- raises if h, weight or bias changed in place since forward
-            if ctx.reduction == "none":
-                scale = grad_out.reshape(-1)
-            else:
-                kept = ctx.kept.to(grad_out.dtype) if torch.is_tensor(ctx.kept) else ctx.kept
-                scale = (grad_out / kept).reshape(1).expand(ctx.rows)
-            _, *grads = ctx.loop.run(True, row_scale=scale, need=ctx.grad_flags)
-        else:
-            grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
-            ctx.grads = None  # freed: a loss kept for logging does not hold [V, H] of gradient
-        grad_h, grad_w, grad_b = grads
-        grad_h = None if grad_h is None else grad_h.to(ctx.hidden_dtype)
-        grad_w = None if grad_w is None else grad_w.to(ctx.weight_dtype[0])
-        grad_b = None if grad_b is None else grad_b.to(ctx.weight_dtype[1])
-        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, teacher_hidden=None,
@@ -332,11 +288,22 @@ def _row_op(dense, o, device):
         z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale, compute_grad)
 
 
-def run(checked: Checked, o, loop):
-    """The loss of the chunk loop, through the fused-linear autograd."""
-    with torch.autocast(checked.h.device.type, enabled=False):
-        return _FusedLinearKD.apply(checked.h, checked.weight, checked.bias, loop, o.reduction, checked.labels,
-                                    o.ignore_index, checked.lead)
+def run(c: Checked, o, loop):
+    """The loss of the chunk loop, through the kept-gradient autograd (KeptRows): with the
+    reduction's row weight folded into the row op's gradient, as kd_loss does, so grad_h, grad_w
+    and grad_b come out of the chunk loop already weighted."""
+    need = (c.h.requires_grad, c.weight.requires_grad, c.bias is not None and c.bias.requires_grad)
+    grad_scale = row_weight(c.labels, o.ignore_index, o.reduction, c.h.shape[0], c.h.device)
+
+    def rows_and_grads(compute_grad, row_scale):
+        rows, *grads = loop.run(compute_grad, grad_scale, row_scale, need)
+        return rows, tuple(grads)
+
+    with torch.autocast(c.h.device.type, enabled=False):
+        # grad_h is per row; grad_w and grad_b are sums over the rows (uniform for "mean" / "sum")
+        rows = KeptRows.apply(rows_and_grads, grad_scale, o.reduction != "none", True, (True, False, False),
+                              c.h, c.weight, c.bias)
+    return reduce_rows(rows, c.labels, o.ignore_index, o.reduction, c.lead)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
