@@ -1,7 +1,9 @@
 """Vocab-parallel losses over torch.distributed: each rank holds the logits (or the LM-head rows) of
 a contiguous slice [start, start + V_r) of a vocabulary of `total` ids -- Megatron-style tensor
 parallelism -- and gets the exact loss of the whole rows and its own slice of the gradient, while
-only a few numbers per row cross the network (docs/distributed.md).
+only a few numbers per row cross the network (docs/distributed.md). This module is the protocol:
+VocabShard and its agreement, and the losses' entry points; the row math of steps 1-3 is
+fastkd/_sharded_rows.py.
 
     shard = fastkd.distributed.VocabShard()          # slices in rank order, from their sizes
     loss = fastkd.kd_loss(student_slice, teacher_slice, vocab_shard=shard, temperature=2.0)
@@ -28,11 +30,11 @@ from numbers import Integral
 
 import torch
 
-from . import _math, _validate, backends
+from . import _validate, backends
 from ._autograd import KeptRows
 from ._options import with_teacher
 from ._reduce import reduce_rows, row_weight
-from ._math import NEG_INF, log_normaliser
+from ._sharded_rows import dense_rows, sparse_rows
 
 UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before the total is known
 HEADER = ("ok", "rows", "size", "start", "total", "options", "grad", "spare")
@@ -177,166 +179,6 @@ class VocabShard:
         if here is not x:
             x.copy_(here)
         return x
-
-
-def _labels_of(labels, layout: Layout, ignore_index, n, device):
-    """(kept [N], bad [N] (a kept label outside [0, total)), labels for the slice's ops: its own
-    ids less start, -1 for ignored rows (the ops' ignore_index), -2 for ids of other slices)."""
-    if labels is None:
-        return torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device), None
-    kept = labels != ignore_index
-    bad = kept & ((labels < 0) | (labels >= layout.total))
-    local = labels - layout.start
-    here = kept & (local >= 0) & (local < layout.size)
-    return kept, bad, torch.where(here, local, torch.where(kept, -2, -1))
-
-
-def _gathered(student, ids):
-    """student.gather(-1, ids), zeros for an empty slice (whose ids are all placeholders)."""
-    if student.shape[1] == 0:
-        return student.new_zeros(ids.shape)
-    return student.gather(-1, ids)
-
-
-def _label_logit(student, local):
-    """[N] float64: the student's raw logit at the label where the label lies in this slice, else 0."""
-    if local is None:
-        return torch.zeros(student.shape[0], dtype=torch.float64, device=student.device)
-    here = local >= 0
-    return torch.where(here, _gathered(student, torch.where(here, local, 0).unsqueeze(-1)).squeeze(-1).double(), 0.0)
-
-
-def _refuse_rows(shard, layout, flags, labels, indices):
-    """With check=True, raise on every rank when some rank found a kept label (flags column 0) or a
-    teacher id (column 1) outside [0, total): the flags are summed over the ranks, so every rank
-    sees them alike. (This reads a value back: a device sync on CUDA; check=False makes such a
-    row NaN instead.)"""
-    if not shard.check:
-        return
-    hit = flags > 0
-    if not bool(hit.any()):
-        return
-    r, what = (int(x) for x in hit.nonzero()[0])
-    if what == 0:
-        raise ValueError(f"labels must lie in [0, {layout.total}) (the whole vocabulary) or equal ignore_index; "
-                         f"row {r} has {int(labels[r]) if labels is not None else '?'} (refused on every rank)")
-    raise ValueError(f"teacher.indices must lie in [0, {layout.total}) (the whole vocabulary); row {r} has "
-                     f"{indices[r].tolist() if indices is not None else '?'} (refused on every rank)")
-
-
-def _combine(shard, maxima, sums, owners, flags):
-    """Step 1's collectives. maxima [N, m]: this slice's row maxima (NaN: it read a NaN or +inf);
-    sums [N, s]: sums at the maxima of columns `owners` (NaN likewise); flags [N, f] to add up ->
-    (M [N, m], S [N, s], flags [N, f + 1]): the rows' maxima, their sums at M, the flags summed and
-    last the count of ranks that read a NaN or +inf."""
-    bad = (maxima.isnan().any(-1, keepdim=True) | sums.isnan().any(-1, keepdim=True))
-    maxima = torch.where(maxima.isnan(), NEG_INF, maxima)
-    big = shard.all_reduce(maxima.clone(), "max")
-    scale = torch.where(maxima > NEG_INF, (maxima - torch.where(big > NEG_INF, big, 0.0)).exp(), 0.0)[:, owners]
-    total = torch.cat([torch.where(bad, 0.0, sums * scale), flags.double(), bad.double()], -1)
-    shard.all_reduce(total, "sum")
-    return big, total[:, :sums.shape[1]], total[:, sums.shape[1]:]
-
-
-def dense_rows(shard, layout, student, teacher, labels, divergence, temperature, beta, ignore_index,
-               hard_weight, scale_by_t2, grad_scale, compute_grad, backend):
-    """The slice [N, V_r] of student and teacher logits, labels [N] (global ids) -> (loss [N] in
-    the accumulation dtype, the same on every rank; grad [N, V_r] for this slice, or None)."""
-    n, device = student.shape[0], student.device
-    hard = hard_weight > 0
-    stats = backends.kernel("dense_kd_stats", backend, device)(student, teacher, temperature, hard)
-    kept, bad_label, local = _labels_of(labels, layout, ignore_index, n, device)
-    m_a, s_a, r_a, far, m_b, s_b, m_1, s_1 = stats.unbind(-1)
-    big, sums, flags = _combine(shard, torch.stack([m_a, m_b, m_1], -1), torch.stack([s_a, r_a, s_b, s_1], -1),
-                                [0, 0, 1, 2], torch.stack([far, bad_label.double()], -1))
-    _refuse_rows(shard, layout, flags[:, 1:2], labels, None)
-    poisoned = kept & ((flags[:, 1] > 0) | (flags[:, 2] > 0))
-    live = big[:, 0] > NEG_INF
-    kd_on = live & (big[:, 1] > NEG_INF)
-    log_s = sums.log()  # (column 1, r_a, may be negative: only its ratio to s_a is used)
-    lse_a, lse_b = big[:, 0] + log_s[:, 0], big[:, 1] + log_s[:, 2]
-    # lse(b) - lse(a): log1p(R / S_a) for a close row (kd_math.h's rule), else the difference
-    dl = torch.where(flags[:, 0] > 0, lse_b - lse_a, torch.log1p(sums[:, 1] / sums[:, 0]))
-    row = torch.stack([big[:, 0], log_s[:, 0], big[:, 1], log_s[:, 2], dl, big[:, 2], log_s[:, 3],
-                       torch.full_like(dl, -1.0 if divergence == "forward_kl" else 0.0)], -1)
-    healthy = torch.tensor([NEG_INF, 0.0, NEG_INF, 0.0, 0.0, NEG_INF, 0.0, 0.0], dtype=torch.float64, device=device)
-    row = torch.where(kd_on.unsqueeze(-1), row, torch.where(live.unsqueeze(-1), _live_only(row), healthy))
-    row = torch.where(poisoned.unsqueeze(-1), math.nan, row)
-    op = backends.kernel("dense_kd_shard", backend, device)
-    one_pass = compute_grad and divergence == "forward_kl"  # U = -1 is known: the gradient comes with the shares
-    parts, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
-                     scale_by_t2, grad_scale, one_pass)
-    shares = torch.cat([parts, _label_logit(student, local).unsqueeze(-1)], -1)
-    shard.all_reduce(shares, "sum")
-    w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
-    loss = torch.where(kd_on, w.kd_loss * shares[:, 0].clamp_min(0), 0.0)
-    if hard:
-        loss = loss + torch.where(live, w.hard * (big[:, 2] + log_s[:, 3] - shares[:, 2]), 0.0)
-    loss = _finish(loss, kept, poisoned, student)
-    if compute_grad and not one_pass:
-        row[:, 7] = torch.where(kd_on, shares[:, 1], row[:, 7])
-        _, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
-                     scale_by_t2, grad_scale, True)
-    return loss, grad if compute_grad else None
-
-
-def _live_only(row):
-    """A row with a student distribution but no teacher's: the teacher's columns neutral."""
-    out = row.clone()
-    out[:, 2], out[:, 3], out[:, 4] = NEG_INF, 0.0, 0.0
-    return out
-
-
-def _finish(loss, kept, poisoned, student):
-    """The loss [N] in the accumulation dtype: 0 at ignored rows, NaN at kept rows that read a NaN."""
-    loss = torch.where(kept, torch.where(poisoned, math.nan, loss), 0.0)
-    return loss.to(_math.acc_dtype(student.dtype))
-
-
-def sparse_rows(shard, layout, student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
-                hard_weight, scale_by_t2, grad_scale, compute_grad, backend):
-    """The student's slice [N, V_r], a sparse teacher's [N, k] rows (global ids), labels [N] ->
-    (loss [N], the same on every rank; grad [N, V_r] for this slice, or None)."""
-    n, device = student.shape[0], student.device
-    hard = hard_weight > 0
-    local_ids = indices - layout.start
-    stats = backends.kernel("sparse_kd_stats", backend, device)(student, local_ids, logprobs, temperature, hard)
-    kept, bad_label, local = _labels_of(labels, layout, ignore_index, n, device)
-    known = logprobs > NEG_INF
-    bad_ids = (~(logprobs == NEG_INF) & ((indices < 0) | (indices >= layout.total))).any(-1)
-    m_in, s_in, m_out, s_out, m_1, s_1 = stats.unbind(-1)
-    big, sums, flags = _combine(shard, torch.stack([m_in, m_out, m_1], -1), torch.stack([s_in, s_out, s_1], -1),
-                                [0, 1, 2], torch.stack([bad_label.double(), bad_ids.double()], -1))
-    _refuse_rows(shard, layout, flags[:, :2], labels, indices)
-    teacher_nan = logprobs.isnan().any(-1) | tail_logmass.isnan()
-    poisoned = kept & ((flags.sum(-1) > 0) | teacher_nan)
-    lse_in, lse_tail, lse_1 = (big + torch.where(big > NEG_INF, sums.log(), NEG_INF)).unbind(-1)
-    lse_all = torch.logaddexp(lse_in, lse_tail)
-    live = lse_all > NEG_INF
-    col = lambda x: x.unsqueeze(-1)  # noqa: E731
-    c = _math.tail_coefficients(tail, col(lse_all), col(lse_in), col(lse_tail),
-                                       log_normaliser(torch.where(known, logprobs.double(), NEG_INF)),
-                                       col(tail_logmass.double()))
-    here = known & (local_ids >= 0) & (local_ids < layout.size)
-    a_i = _gathered(student, torch.where(here, local_ids, 0)).to(_math.acc_dtype(student.dtype)) * (1.0 / temperature)
-    share = torch.where(here, _math.sparse_term(logprobs.double(), a_i.double(), c), 0.0).sum(-1)
-    shares = torch.stack([share, _label_logit(student, local)], -1)
-    shard.all_reduce(shares, "sum")
-    w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
-    loss = torch.where(live, w.kd_loss * (shares[:, 0] + c.extra.squeeze(-1)).clamp_min(0), 0.0)
-    if hard:
-        loss = loss + torch.where(live, w.hard * (lse_1 - shares[:, 1]), 0.0)
-    loss = _finish(loss, kept, poisoned, student)
-    if not compute_grad:
-        return loss, None
-    row = torch.cat([x.expand(n, 1) for x in (c.shift, c.in_scale, c.in_norm, c.out_scale, col(lse_all),
-                                              c.tail_scale, col(lse_tail), col(lse_1))], -1)
-    dead = torch.tensor([0.0, 0.0, 0.0, 0.0, NEG_INF, 0.0, NEG_INF, NEG_INF], dtype=torch.float64, device=device)
-    row = torch.where(col(live), row, dead)
-    row = torch.where(col(poisoned), math.nan, row).contiguous()
-    grad = backends.kernel("sparse_kd_shard", backend, device)(
-        student, local_ids, logprobs, local, row, temperature, -1, float(hard_weight), scale_by_t2, grad_scale)
-    return loss, grad
 
 
 def refused(shard, check):

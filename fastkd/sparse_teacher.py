@@ -13,7 +13,7 @@ import torch
 
 from . import _validate, backends
 from ._math import not_a_number
-from ._options import KINDS, SparseTeacher, check_temperature  # noqa: F401  (public here)
+from ._options import SparseTeacher, check_temperature
 
 
 def _tempered(teacher_logits, temperature):
