@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastkd import bench
+from fastkd.cli import bench
 
 
 @pytest.fixture(scope="session")

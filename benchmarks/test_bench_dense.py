@@ -9,7 +9,7 @@ eager and >= 2x compiled; peak growth at N=2048 <= 1.3x; bf16 at least as fast a
 import pytest
 import torch
 
-from fastkd import bench
+from fastkd.cli import bench
 from conftest import make_inputs
 
 SHAPES = [(1024, 32000), (2048, 32000), (256, 128256)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _memory, bench
+from fastkd.cli import _memory, bench
 
 N, H, V, T = 4096, 256, 32000, 2.0
 

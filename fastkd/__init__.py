@@ -4,7 +4,9 @@
 
 See README.md for the quick start and docs/ for the math and the backends.
 """
-from . import _schemas  # noqa: F401  (declares the op schemas before any kernel registers)
+from . import _ops
+
+_ops.define_ops()  # the op schemas, before any kernel registers (fastkd._C, below)
 from . import _ext  # noqa: F401  (loads fastkd._C when built; reports it once when not)
 from ._math import DIVERGENCES
 from .backends import available_backends

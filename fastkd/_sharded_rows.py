@@ -12,7 +12,8 @@ from collections import namedtuple
 import torch
 
 from . import _math, backends
-from ._math import DENSE_ROW, DENSE_STATS, NEG_INF, SPARSE_ROW, SPARSE_STATS, log_normaliser
+from ._math import NEG_INF, log_normaliser
+from ._ops import DENSE_ROW, DENSE_STATS, SPARSE_ROW, SPARSE_STATS, acc_dtype
 
 
 def _named(x: torch.Tensor, columns):
@@ -135,7 +136,7 @@ def dense_rows(shard, layout, student, teacher, labels, divergence, temperature,
 def _finish(loss, kept, poisoned, student):
     """The loss [N] in the accumulation dtype: 0 at ignored rows, NaN at kept rows that read a NaN."""
     loss = torch.where(kept, torch.where(poisoned, math.nan, loss), 0.0)
-    return loss.to(_math.acc_dtype(student.dtype))
+    return loss.to(acc_dtype(student.dtype))
 
 
 def sparse_rows(shard, layout, student, indices, logprobs, tail_logmass, labels, tail, temperature, ignore_index,
@@ -164,7 +165,7 @@ def sparse_rows(shard, layout, student, indices, logprobs, tail_logmass, labels,
                                        log_normaliser(torch.where(known, logprobs.double(), NEG_INF)),
                                        col(tail_logmass.double()))
     here = known & (local_ids >= 0) & (local_ids < layout.size)
-    a_i = _gathered(student, torch.where(here, local_ids, 0)).to(_math.acc_dtype(student.dtype)) * (1.0 / temperature)
+    a_i = _gathered(student, torch.where(here, local_ids, 0)).to(acc_dtype(student.dtype)) * (1.0 / temperature)
     share = torch.where(here, _math.sparse_term(logprobs.double(), a_i.double(), c), 0.0).sum(-1)
     shares = torch.stack([share, _label_logit(student, local)], -1)
     shard.all_reduce(shares, "sum")

@@ -7,7 +7,7 @@
             TRITON_INTERPRET=1, and only when named)                       fastkd/triton/<op>.py
     cuda    CUDA C++ kernels in fastkd._C, CUDA tensors                    kernels/<op>.cu
 
-An op has one schema (fastkd/_schemas.py) and one implementation per backend. The compiled
+An op has one schema (fastkd/_ops.py) and one implementation per backend. The compiled
 backends register theirs under the op's own name with TORCH_LIBRARY_IMPL (dispatch keys CPU and
 CUDA); a Python backend `b` defines the function `<op>` in `fastkd/<package of b>/<op>.py` (torch:
 reference/, triton: triton/), registered here as the op `<op>_<b>`. `backend="auto"` picks the fastest available backend for the tensors'
@@ -60,7 +60,7 @@ def interpreting() -> bool:
 
 def _why_unavailable(name: str) -> str | None:
     """None when `name` is usable on this machine, else the reason it is not."""
-    from . import _ext  # (not at import: fastkd/_schemas.py declares the ops before _C registers kernels)
+    from . import _ext  # (not at import: fastkd/_ops.py declares the ops before _C registers kernels)
 
     if name == "torch":
         return None

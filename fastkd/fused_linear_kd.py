@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate, backends
-from ._math import grad_dtype
+from ._ops import grad_dtype
 from ._options import loss_options, with_teacher
 from ._autograd import KeptRows
 from ._reduce import reduce_rows, row_weight

@@ -1,4 +1,4 @@
-// fastkd/kernels/dense_kd.cu -- backend "cuda" of the op dense_kd (fastkd/_schemas.py).
+// fastkd/kernels/dense_kd.cu -- backend "cuda" of the op dense_kd (fastkd/_ops.py).
 //
 // One block per row, or on sm_90 a thread-block cluster per row, each block owning a slice of
 // the row (kernels/plan.h decides). The math is csrc/kd_math.h's, the same as every backend's.

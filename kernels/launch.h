@@ -3,7 +3,7 @@
 // Plain C++ and CUDA runtime types only (no torch header): kernels/*.cu implement these entry
 // points and nvcc alone compiles them (`make cuda-check`); the ATen launchers in csrc/cuda/ check
 // the tensors, fill these structs with raw pointers and call them on the current stream.
-// Shapes and units follow fastkd/_schemas.py: rows [N, V] with a row stride in elements.
+// Shapes and units follow fastkd/_ops.py: rows [N, V] with a row stride in elements.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,4 +1,4 @@
-// fastkd/kernels/sparse_kd.cu -- backend "cuda" of the op sparse_kd (fastkd/_schemas.py).
+// fastkd/kernels/sparse_kd.cu -- backend "cuda" of the op sparse_kd (fastkd/_ops.py).
 //
 // Forward KL against a sparse teacher; the per-row math is csrc/sparse_math.h's (every tail exact
 // in log space, DESIGN.md 2). One block (or, on sm_90, a cluster) per row, each block owning a

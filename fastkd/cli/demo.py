@@ -253,7 +253,7 @@ def _one_hot_teacher(labels, args):
 
 
 def train_student(method, init, train, val, teacher, caches, args, tokens_per_student):
-    from .. import _memory
+    from . import _memory
 
     model = TinyLM(**init["config"])
     model.load_state_dict(init["weights"])
@@ -297,7 +297,7 @@ def naive_step_time(init, teacher, train, args, steps=4):
     model.load_state_dict(init["weights"])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     stream = batches(train, args.seq_len, args.batch_size, args.seed + 2)
-    from .. import _memory
+    from . import _memory
 
     times, peak = [], 0
     for i in range(steps):

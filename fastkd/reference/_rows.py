@@ -6,7 +6,7 @@ chunk of temporaries (about CHUNK_ELEMENTS elements each) besides the outputs it
 """
 import torch
 
-from .. import _math
+from .. import _math, _ops
 from .._math import NEG_INF, log_normaliser, max_sum, not_a_number  # noqa: F401  (the backend's row helpers)
 
 CHUNK_ELEMENTS = 1 << 20  # elements per fp32 temporary: 4 MiB
@@ -64,7 +64,7 @@ def chunked_rows(student, labels, compute_grad, chunk):
     """Run `chunk(rows, labels_of_rows) -> (loss [n], grad [n, V] or None)` over row chunks of
     `student` [N, V]; returns the op's (loss [N], grad [N, V] or an empty tensor)."""
     n, vocab = student.shape
-    loss, grad = _math.row_loss_outputs(student, compute_grad)
+    loss, grad = _ops.row_loss_outputs(student, compute_grad)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)

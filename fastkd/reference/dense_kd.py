@@ -1,14 +1,14 @@
-"""Backend "torch" of the op dense_kd (fastkd/_schemas.py): the pure-PyTorch reference every
+"""Backend "torch" of the op dense_kd (fastkd/_ops.py): the pure-PyTorch reference every
 other backend is tested against. The math is fastkd/_math.py, the same as the kernels'."""
 import torch
 
-from .. import _math, _op_checks
+from .. import _math, _op_checks, _ops
 from ._rows import chunked_rows, finish_rows, finite_rows, not_a_number, softmax_parts
 
 
 def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, compute_grad):
     """Loss [n] and gradient [n, V] (acc dtype) of one chunk of rows."""
-    acc = _math.acc_dtype(s.dtype)
+    acc = _ops.acc_dtype(s.dtype)
     inv_t = 1.0 / temperature
     a, s_ok = finite_rows(s.to(acc) * inv_t)
     b, t_ok = finite_rows(t.to(acc) * inv_t)
@@ -28,7 +28,7 @@ def _dense_chunk(s, t, labels, divergence, temperature, beta, ignore_index, w, c
 
 def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index,
              hard_weight, scale_by_t2, grad_scale, compute_grad):
-    """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_schemas.py."""
+    """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_ops.py."""
     _op_checks.row_loss("dense_kd", student, labels, temperature, ignore_index, hard_weight)
     _op_checks.dense(student, teacher, divergence, beta)
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)

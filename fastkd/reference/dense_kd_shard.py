@@ -1,10 +1,10 @@
-"""Backend "torch" of the op dense_kd_shard (fastkd/_schemas.py): one rank's slice of the
-vocab-parallel dense loss (fastkd.distributed), given the whole row's statistics (_math.DENSE_ROW).
+"""Backend "torch" of the op dense_kd_shard (fastkd/_ops.py): one rank's slice of the
+vocab-parallel dense loss (fastkd.distributed), given the whole row's statistics (_ops.DENSE_ROW).
 Returns the slice's shares of D = sum term and U = sum u, and its slice of the gradient
 w_kd (u - q U) + w_hard (softmax(s) - onehot), the math of fastkd/_math.py's elem."""
 import torch
 
-from .. import _math, _op_checks
+from .. import _math, _op_checks, _ops
 from ._rows import NEG_INF, chunk_rows
 
 
@@ -27,7 +27,7 @@ def _probs(x, m, log_s):
 
 
 def _shard_chunk(s, t, labels, rs, divergence, temperature, beta, ignore_index, w, compute_grad):
-    acc = _math.acc_dtype(s.dtype)
+    acc = _ops.acc_dtype(s.dtype)
     m_a, log_s_a, m_b, log_s_b, dl, m_1, log_s_1, big_u = rs.split(1, -1)
     poisoned = rs.isnan().any(-1, keepdim=True)
     live = (m_a > NEG_INF) & ~poisoned
@@ -63,11 +63,11 @@ def dense_kd_shard(student, teacher, labels, row_stats, divergence, temperature,
     _op_checks.row_loss("dense_kd_shard", student, None, temperature, ignore_index, 0.0)
     _op_checks.dense(student, teacher, divergence, beta)
     _op_checks.shard_labels("dense_kd_shard", labels, student.shape[0])
-    _op_checks.row_stats("dense_kd_shard", row_stats, student.shape[0], len(_math.DENSE_ROW))
+    _op_checks.row_stats("dense_kd_shard", row_stats, student.shape[0], len(_ops.DENSE_ROW))
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     n, vocab = student.shape
     parts = student.new_empty(n, 2, dtype=torch.float64)
-    _, grad = _math.row_loss_outputs(student, compute_grad)
+    _, grad = _ops.row_loss_outputs(student, compute_grad)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)

@@ -1,14 +1,14 @@
-"""Backend "torch" of the op dense_kd_stats (fastkd/_schemas.py): the partial statistics of one
+"""Backend "torch" of the op dense_kd_stats (fastkd/_ops.py): the partial statistics of one
 rank's slice of the vocabulary for the vocab-parallel dense loss (fastkd.distributed); the
 columns are fastkd/_math.py's DENSE_STATS."""
 import torch
 
-from .. import _math, _op_checks
+from .. import _math, _op_checks, _ops
 from ._rows import NEG_INF, chunk_rows, max_sum
 
 
 def _stats_chunk(s, t, temperature, hard):
-    acc = _math.acc_dtype(s.dtype)
+    acc = _ops.acc_dtype(s.dtype)
     a = s.to(acc) * (1.0 / temperature)
     b = t.to(acc) * (1.0 / temperature)
     m_a, s_a, e_a = max_sum(a)
@@ -26,7 +26,7 @@ def dense_kd_stats(student, teacher, temperature, hard):
     _op_checks.row_loss("dense_kd_stats", student, None, temperature, -100, 0.0)
     _op_checks.dense(student, teacher, "forward_kl", 0.5)
     n, vocab = student.shape
-    out = student.new_empty(n, len(_math.DENSE_STATS), dtype=torch.float64)
+    out = student.new_empty(n, len(_ops.DENSE_STATS), dtype=torch.float64)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         out[r:r + step] = _stats_chunk(student[r:r + step], teacher[r:r + step], temperature, hard)

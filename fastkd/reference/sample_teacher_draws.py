@@ -1,4 +1,4 @@
-"""Backend "torch" of the op sample_teacher_draws (fastkd/_schemas.py)."""
+"""Backend "torch" of the op sample_teacher_draws (fastkd/_ops.py)."""
 import torch
 
 from .. import _op_checks

@@ -1,4 +1,4 @@
-"""Backend "torch" of the op sparse_kd (fastkd/_schemas.py): forward KL against a teacher known on
+"""Backend "torch" of the op sparse_kd (fastkd/_ops.py): forward KL against a teacher known on
 k ids per row, I (the entries with a finite logprob). The per-row math is fastkd/_math.py
 (the twin of csrc/sparse_math.h): every student quantity is a log-sum-exp at its own maximum --
 over the row, over I, over the ids outside I -- so a row whose exact loss is finite gets a finite
@@ -6,7 +6,7 @@ loss and gradient however far below the row's maximum its parts lie. Row sums in
 """
 import torch
 
-from .. import _math, _op_checks
+from .. import _math, _op_checks, _ops
 from ._rows import NEG_INF, chunked_rows, finish_rows, finite_rows, log_normaliser
 
 
@@ -16,7 +16,7 @@ def _exp_below(a: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_chunk(s, idx, lp, tail_lp, labels, tail, temperature, ignore_index, w, compute_grad):
-    acc = _math.acc_dtype(s.dtype)
+    acc = _ops.acc_dtype(s.dtype)
     a, s_ok = finite_rows(s.to(acc) * (1.0 / temperature))
     known = lp > NEG_INF  # [n, k]; padding is not in I, even where its id repeats a real one
     in_i = torch.zeros(a.shape, dtype=torch.int32, device=a.device).scatter_add_(-1, idx, known.int()) > 0

@@ -1,6 +1,6 @@
-"""Backend "torch" of the op sparse_kd_shard (fastkd/_schemas.py): one rank's slice of the
+"""Backend "torch" of the op sparse_kd_shard (fastkd/_ops.py): one rank's slice of the
 gradient of the vocab-parallel sparse loss (fastkd.distributed), given the whole row's tail
-coefficients (_math.SPARSE_ROW); the math of fastkd/_math.py:
+coefficients (_ops.SPARSE_ROW); the math of fastkd/_math.py:
 
     w_kd dloss/da_j = in_scale exp(a_j - in_norm) - t_j                              j in I
                     = out_scale exp(a_j - lse_all) - tail_scale exp(a_j - lse_tail)  j not in I
@@ -9,7 +9,7 @@ plus w_hard (softmax(s) - onehot) for hard labels. (The loss needs only [N, k] v
 fastkd.distributed gathers itself.)"""
 import torch
 
-from .. import _math, _op_checks
+from .. import _math, _op_checks, _ops
 from ._rows import NEG_INF, chunk_rows
 from .dense_kd_shard import shard_labels
 from .sparse_kd import _exp_below
@@ -17,7 +17,7 @@ from .sparse_kd_stats import slice_ids
 
 
 def _shard_chunk(s, idx, lp, labels, rs, temperature, ignore_index, w):
-    acc = _math.acc_dtype(s.dtype)
+    acc = _ops.acc_dtype(s.dtype)
     shift, in_scale, in_norm, out_scale, lse_all, tail_scale, lse_tail, lse_1 = rs.split(1, -1)
     poisoned = rs.isnan().any(-1, keepdim=True)
     live = (lse_all > NEG_INF) & ~poisoned
@@ -43,14 +43,14 @@ def sparse_kd_shard(student, indices, logprobs, labels, row_stats, temperature, 
                     scale_by_t2, grad_scale):
     """student [N, V_slice], indices/logprobs [N, k] (global ids less the slice's start), labels
     [N] (ids of this slice; others: another slice's), row_stats [N, 8] float64 (SPARSE_ROW) ->
-    grad [N, V_slice] in _math.grad_dtype."""
+    grad [N, V_slice] in _ops.grad_dtype."""
     _op_checks.row_loss("sparse_kd_shard", student, None, temperature, ignore_index, 0.0)
     _op_checks.shard_teacher("sparse_kd_shard", student, indices, logprobs)
     _op_checks.shard_labels("sparse_kd_shard", labels, student.shape[0])
-    _op_checks.row_stats("sparse_kd_shard", row_stats, student.shape[0], len(_math.SPARSE_ROW))
+    _op_checks.row_stats("sparse_kd_shard", row_stats, student.shape[0], len(_ops.SPARSE_ROW))
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     n, vocab = student.shape
-    _, grad = _math.row_loss_outputs(student, True)
+    _, grad = _ops.row_loss_outputs(student, True)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)

@@ -1,9 +1,9 @@
-"""Backend "torch" of the op sparse_kd_stats (fastkd/_schemas.py): the partial statistics of one
+"""Backend "torch" of the op sparse_kd_stats (fastkd/_ops.py): the partial statistics of one
 rank's slice of the vocabulary for the vocab-parallel sparse loss (fastkd.distributed); the
 columns are fastkd/_math.py's SPARSE_STATS."""
 import torch
 
-from .. import _math, _op_checks
+from .. import _op_checks, _ops
 from ._rows import NEG_INF, chunk_rows, max_sum
 
 
@@ -19,7 +19,7 @@ def slice_ids(indices, logprobs, vocab):
 
 
 def _stats_chunk(s, idx, lp, temperature, hard):
-    acc = _math.acc_dtype(s.dtype)
+    acc = _ops.acc_dtype(s.dtype)
     a = s.to(acc) * (1.0 / temperature)
     _, _, in_i = slice_ids(idx, lp, s.shape[1])
     m_in, s_in, _ = max_sum(torch.where(in_i, a, NEG_INF))
@@ -37,7 +37,7 @@ def sparse_kd_stats(student, indices, logprobs, temperature, hard):
     _op_checks.row_loss("sparse_kd_stats", student, None, temperature, -100, 0.0)
     _op_checks.shard_teacher("sparse_kd_stats", student, indices, logprobs)
     n, vocab = student.shape
-    out = student.new_empty(n, len(_math.SPARSE_STATS), dtype=torch.float64)
+    out = student.new_empty(n, len(_ops.SPARSE_STATS), dtype=torch.float64)
     step = chunk_rows(vocab)
     for r in range(0, n, step):
         rows = slice(r, r + step)

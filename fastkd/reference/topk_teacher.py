@@ -1,4 +1,4 @@
-"""Backend "torch" of the op topk_teacher (fastkd/_schemas.py)."""
+"""Backend "torch" of the op topk_teacher (fastkd/_ops.py)."""
 import torch
 
 from .. import _op_checks

@@ -1,4 +1,4 @@
-"""Backend "torch" of the op unpack_bits (fastkd/_schemas.py), a teacher-cache decoder; the layout
+"""Backend "torch" of the op unpack_bits (fastkd/_ops.py), a teacher-cache decoder; the layout
 and the encoder are in fastkd/cache/_bits.py (docs/cache-format.md)."""
 import torch
 

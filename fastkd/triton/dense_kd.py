@@ -1,4 +1,4 @@
-"""Backend "triton" of the op dense_kd (fastkd/_schemas.py): one program per row.
+"""Backend "triton" of the op dense_kd (fastkd/_ops.py): one program per row.
 
 Pass 1 folds the row's blocks into running (max, sum of exp2) pairs for a = s / T and b = t / T
 (log2(e) folded into the scale, fp32 -- fp64 for fp64 logits), and for s at temperature 1 when
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _math as host_math, _op_checks
+from .. import _op_checks, _ops
+from .._math import row_weights
 from . import _config
 from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, gradient_u, hard_label_grad, log1p,
                     log2_total, online_update, online_update_weighted)
@@ -144,17 +145,17 @@ _tuned = _config.autotuned(_dense_kd_kernel, lambda args: _kind(args["DIVERGENCE
 
 def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight,
              scale_by_t2, grad_scale, compute_grad):
-    """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_schemas.py."""
+    """student, teacher [N, V] -> (loss [N], grad [N, V] or empty); see fastkd/_ops.py."""
     _op_checks.row_loss("dense_kd", student, labels, temperature, ignore_index, hard_weight)
     _op_checks.dense(student, teacher, divergence, beta)
     n, vocab = student.shape
-    acc = host_math.acc_dtype(student.dtype)
+    acc = _ops.acc_dtype(student.dtype)
     s = student if student.stride(-1) == 1 else student.contiguous()
     t = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    loss, grad = host_math.row_loss_outputs(s, compute_grad)
+    loss, grad = _ops.row_loss_outputs(s, compute_grad)
     if n == 0 or vocab == 0:
         return loss.zero_(), grad.zero_() if compute_grad else grad
-    w = host_math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
+    w = row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     args = dict(S=s, T=t, L=labels if labels is not None else s, LOSS=loss, G=grad if compute_grad else s,
                 V=vocab, stride_s=s.stride(0), stride_t=t.stride(0), stride_g=vocab,
                 scale2=math.log2(math.e) / temperature, kd_loss_w=w.kd_loss, kd_grad_w=w.kd_grad,

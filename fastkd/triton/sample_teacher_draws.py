@@ -1,4 +1,4 @@
-"""Backend "triton" of the op sample_teacher_draws (fastkd/_schemas.py): one program per row.
+"""Backend "triton" of the op sample_teacher_draws (fastkd/_ops.py): one program per row.
 
 Inverse CDF, as on every backend: pass 1 finds the row's maximum m, pass 2 sums e = exp(a - m)
 (Z, in fp64), pass 3 walks the running fp64 sum block by block and gives each of the row's

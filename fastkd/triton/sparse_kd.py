@@ -1,4 +1,4 @@
-"""Backend "triton" of the op sparse_kd (fastkd/_schemas.py): one program per row.
+"""Backend "triton" of the op sparse_kd (fastkd/_ops.py): one program per row.
 
 The launcher sorts each row's teacher ids ascending (padding -- logprob -inf -- last, as id V), so
 a kernel pass walks the row's blocks and the ids together: a pointer into the sorted ids marks
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _math as host_math, _op_checks
-from .._math import TAILS
+from .. import _op_checks, _ops
+from .._math import TAILS, row_weights
 from . import _config
 from ._math import LN2, LOG2E, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
 
@@ -136,16 +136,16 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
         raise RuntimeError(f"fastkd::sparse_kd: unknown tail '{tail}'")
     n, vocab = student.shape
     k = indices.shape[-1]
-    acc = host_math.acc_dtype(student.dtype)
+    acc = _ops.acc_dtype(student.dtype)
     s = student if student.stride(-1) == 1 else student.contiguous()
-    loss, grad = host_math.row_loss_outputs(s, compute_grad)
+    loss, grad = _ops.row_loss_outputs(s, compute_grad)
     if n == 0 or vocab == 0:
         return loss.zero_(), grad.zero_() if compute_grad else grad
     # ids ascending, padding last as id V (never walked): a [N, k] sort, no host sync
     key = torch.where(logprobs > float("-inf"), indices, vocab)
     ids, order = key.sort(-1)
     lp = logprobs.gather(-1, order).contiguous()
-    w = host_math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
+    w = row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     args = dict(S=s, IDX=ids.contiguous(), LP=lp, TAIL=tail_logmass.contiguous(),
                 L=labels if labels is not None else s, LOSS=loss, G=grad if compute_grad else s,
                 V=vocab, K=k, stride_s=s.stride(0), stride_g=vocab, inv_t=1.0 / temperature,

@@ -1,4 +1,4 @@
-"""Backend "triton" of the op topk_teacher (fastkd/_schemas.py): one program per row.
+"""Backend "triton" of the op topk_teacher (fastkd/_ops.py): one program per row.
 
 A radix select, as the CUDA kernel does: each entry's value becomes an unsigned key that orders
 like it (16 bits -- the logit's own -- for bf16/fp16, whose scaled fp32 values order alike; else

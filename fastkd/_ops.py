@@ -1,4 +1,6 @@
-"""Every fastkd op schema, in one list (the torchao way), with its one fake (shapes only).
+"""The op registry: every fastkd op's schema, in one list (the torchao way), with its one fake
+(shapes only); the dtype policy of their outputs and the column layouts of the vocab-parallel
+partial forms, which every backend follows; and define_ops(), which declares them all.
 
 Each op has one schema and one implementation per backend (the table in fastkd/backends.py): the
 compiled backends register theirs under the op's name with TORCH_LIBRARY_IMPL (csrc/cpu/,
@@ -7,14 +9,48 @@ units of every argument are documented in docs/math.md and docs/backends.md.
 """
 import torch
 
-from . import backends
-from ._autograd import register_autograd
-from ._math import DENSE_STATS, SPARSE_STATS, row_loss_outputs
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a fused op's kept gradient for logits of `dtype`: the logits' own, but fp32 for
+    fp16, whose range cannot hold the gradient with the reduction's 1/N folded in (nor GradScaler's
+    factor of 2^16 and more); backward applies the whole scale in fp32, then casts once."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of a logits dtype: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_loss_outputs(student: torch.Tensor, compute_grad: bool):
+    """The uninitialised outputs of a row-loss op (dense_kd, sparse_kd) on student [N, V]: loss [N]
+    in acc_dtype, and grad [N, V] contiguous in grad_dtype (or an empty tensor without compute_grad)."""
+    loss = student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
+    grad = (torch.empty(student.shape, dtype=grad_dtype(student.dtype), device=student.device)
+            if compute_grad else student.new_empty(0))
+    return loss, grad
+
+
+# Vocab-parallel partial forms (fastkd.distributed, docs/distributed.md): the columns of the
+# [N, k] float64 row tensors that pass between a rank's kernels and the all-reduces.
+#   dense_kd_stats -> DENSE_STATS of the rank's slice: maxima m and sums exp(x - m) of a = s/T,
+#       b = t/T and s (temperature 1, for hard labels), r = close_row_sum's share, far (0 or 1).
+#   dense_kd_shard <- DENSE_ROW, the whole row's: maxima M and log sums log S (lse = M + log S),
+#       dl = lse(b) - lse(a) by the close-row rule, u = sum u (0 until known; forward KL: -1);
+#       NaN in any column marks a row that read a NaN or +inf somewhere.
+#   sparse_kd_stats -> SPARSE_STATS of the slice: (m, sum exp(a - m)) over the slice's ids of I,
+#       over its other ids, and of s at temperature 1.
+#   sparse_kd_shard <- SPARSE_ROW: the row's TailCoef fields the gradient uses, lse_all and
+#       lse_tail, and lse of s at temperature 1.
+DENSE_STATS = ("m_a", "s_a", "r_a", "far", "m_b", "s_b", "m_1", "s_1")
+DENSE_ROW = ("m_a", "log_s_a", "m_b", "log_s_b", "dl", "m_1", "log_s_1", "u")
+SPARSE_STATS = ("m_in", "s_in", "m_out", "s_out", "m_1", "s_1")
+SPARSE_ROW = ("shift", "in_scale", "in_norm", "out_scale", "lse_all", "tail_scale", "lse_tail", "lse_1")
+
 
 SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
     # int64 or None. Returns (loss [N] fp32 (fp64 for fp64 input), grad [N, V] in the student's
-    # dtype (fp32 for fp16: _math.grad_dtype) -- grad_scale * d loss[i] / d student[i] -- or an
+    # dtype (fp32 for fp16: grad_dtype) -- grad_scale * d loss[i] / d student[i] -- or an
     # empty tensor when compute_grad is false). grad_scale is the reduction's weight (1 / kept rows for "mean"), applied in the
     # kernel so that a plain loss.backward() has nothing left to scale.
     "dense_kd": "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float temperature, "
@@ -33,7 +69,7 @@ SCHEMAS = {
     # Draws for sampled KD by inverse CDF: logits [N, V]; uniforms [N, S] fp64, each row
     # ascending in [0, 1) -> draws [N, S] int64 token ids, ascending (-1: row with no finite logit).
     "sample_teacher_draws": "(Tensor logits, Tensor uniforms, float temperature) -> Tensor",
-    # Vocab-parallel partial forms (fastkd.distributed; columns in fastkd/_math.py, docs/distributed.md).
+    # Vocab-parallel partial forms (fastkd.distributed; columns below, docs/distributed.md).
     # Each takes one rank's slice [N, V_slice] of the vocabulary; teacher ids and labels are
     # given less the slice's start (ids outside [0, V_slice) belong to other slices).
     # dense_kd_stats -> [N, 8] float64 partial statistics (DENSE_STATS).
@@ -87,12 +123,25 @@ FAKES = {
 }
 ROW_LOSS_OPS = ("dense_kd", "sparse_kd")  # differentiable: the kept-gradient autograd (_autograd.py)
 
-LIB = torch.library.Library("fastkd", "DEF")
-for _op, _backends in backends.OPS.items():
-    for _name in sorted({backends.qualname(_op, b) for b in _backends + ("cuda",)}):
-        LIB.define(_name + SCHEMAS[_op])
-        torch.library.register_fake(f"fastkd::{_name}")(FAKES[_op])
-        if _op in ROW_LOSS_OPS:
-            register_autograd(_name)
-for _op, _backends in backends.OPS.items():
-    backends.register(_op, "torch")
+LIB = None
+
+
+def define_ops():
+    """Declare every op of fastkd/backends.py's table (once): its schema and fake, the kept-gradient
+    autograd of the row-loss ops, and the torch backend's implementations. fastkd/__init__.py calls
+    it before fastkd._C loads, whose TORCH_LIBRARY_IMPLs need the schemas."""
+    global LIB
+    if LIB is not None:
+        return
+    from . import backends
+    from ._autograd import register_autograd
+
+    LIB = torch.library.Library("fastkd", "DEF")
+    for op, impls in backends.OPS.items():
+        for name in sorted({backends.qualname(op, b) for b in impls + ("cuda",)}):
+            LIB.define(name + SCHEMAS[op])
+            torch.library.register_fake(f"fastkd::{name}")(FAKES[op])
+            if op in ROW_LOSS_OPS:
+                register_autograd(name)
+    for op in backends.OPS:
+        backends.register(op, "torch")
