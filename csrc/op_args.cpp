@@ -32,23 +32,23 @@ namespace {
 void prepare_row_loss(RowLossArgs& a, const char* op, const at::Tensor& student,
                       const std::optional<at::Tensor>& labels, double temperature, int64_t ignore_index,
                       double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad) {
-  TORCH_CHECK(student.dim() == 2, "fastkd::", op, ": student must be [N, V], got ", student.sizes());
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::", op, ": student must be [N, V], got ", student.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()),
               "fastkd::", op, ": logits must be floating point, got ", student.scalar_type());
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
               "fastkd::", op, ": temperature must be positive and finite, got ", temperature);
-  TORCH_CHECK(hard_weight >= 0 && hard_weight <= 1,
+  TORCH_CHECK_VALUE(hard_weight >= 0 && hard_weight <= 1,
               "fastkd::", op, ": hard_weight must lie in [0, 1], got ", hard_weight);
   const int64_t N = student.size(0);
   if (labels.has_value()) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && labels->scalar_type() == at::kLong,
+    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == N && labels->scalar_type() == at::kLong,
                 "fastkd::", op, ": labels must be int64 [", N, "], got ", labels->scalar_type(), " ",
                 labels->sizes());
-    TORCH_CHECK(labels->device() == student.device(), "fastkd::", op, ": labels on ", labels->device(),
+    TORCH_CHECK_VALUE(labels->device() == student.device(), "fastkd::", op, ": labels on ", labels->device(),
                 ", student on ", student.device());
     a.labels = labels->contiguous();
   }
-  TORCH_CHECK(hard_weight == 0 || labels.has_value(), "fastkd::", op, ": hard_weight > 0 needs labels");
+  TORCH_CHECK_VALUE(hard_weight == 0 || labels.has_value(), "fastkd::", op, ": hard_weight > 0 needs labels");
   a.student = student.contiguous();
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.loss = at::empty({N}, student.options().dtype(acc));
@@ -64,9 +64,9 @@ void prepare_row_loss(RowLossArgs& a, const char* op, const at::Tensor& student,
 }
 
 void check_teacher_logits(const char* op, const at::Tensor& logits, double temperature) {
-  TORCH_CHECK(logits.dim() == 2, "fastkd::", op, ": logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fastkd::", op, ": logits must be floating point");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+  TORCH_CHECK_VALUE(logits.dim() == 2, "fastkd::", op, ": logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "fastkd::", op, ": logits must be floating point");
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
               "fastkd::", op, ": temperature must be positive and finite, got ", temperature);
 }
 
@@ -76,20 +76,20 @@ void prepare_dense(DenseArgs& a, const at::Tensor& student, const at::Tensor& te
                    const std::optional<at::Tensor>& labels, std::string_view divergence, double temperature,
                    double beta, int64_t ignore_index, double hard_weight, bool scale_by_t2, double grad_scale,
                    bool compute_grad) {
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd::dense_kd: student ", student.sizes(),
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "fastkd::dense_kd: student ", student.sizes(),
               " and teacher ", teacher.sizes(), " differ in shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "fastkd::dense_kd: student dtype ",
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "fastkd::dense_kd: student dtype ",
               student.scalar_type(), " != teacher dtype ", teacher.scalar_type());
-  TORCH_CHECK(student.device() == teacher.device(), "fastkd::dense_kd: student on ", student.device(),
+  TORCH_CHECK_VALUE(student.device() == teacher.device(), "fastkd::dense_kd: student on ", student.device(),
               ", teacher on ", teacher.device());
-  TORCH_CHECK(divergence_from_name(divergence, &a.divergence), "fastkd::dense_kd: unknown divergence '",
+  TORCH_CHECK_VALUE(divergence_from_name(divergence, &a.divergence), "fastkd::dense_kd: unknown divergence '",
               std::string(divergence), "'");
   prepare_row_loss(a, "dense_kd", student, labels, temperature, ignore_index, hard_weight, scale_by_t2,
                    grad_scale, compute_grad);
   if (a.divergence == Divergence::JSD) {
-    TORCH_CHECK(beta > 0 && beta < 1, "fastkd::dense_kd: beta must lie in (0, 1) for jsd, got ", beta);
+    TORCH_CHECK_VALUE(beta > 0 && beta < 1, "fastkd::dense_kd: beta must lie in (0, 1) for jsd, got ", beta);
   } else if (a.divergence == Divergence::SkewForwardKL || a.divergence == Divergence::SkewReverseKL) {
-    TORCH_CHECK(beta >= 0 && beta < 1, "fastkd::dense_kd: beta must lie in [0, 1) for ", std::string(divergence),
+    TORCH_CHECK_VALUE(beta >= 0 && beta < 1, "fastkd::dense_kd: beta must lie in [0, 1) for ", std::string(divergence),
                 ", got ", beta);
   }
   a.teacher = teacher.contiguous();
@@ -103,19 +103,19 @@ void prepare_sparse(SparseArgs& a, const at::Tensor& student, const at::Tensor& 
   prepare_row_loss(a, "sparse_kd", student, labels, temperature, ignore_index, hard_weight, scale_by_t2,
                    grad_scale, compute_grad);
   const int64_t N = student.size(0);
-  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == N && logprobs.sizes() == indices.sizes(),
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == N && logprobs.sizes() == indices.sizes(),
               "fastkd::sparse_kd: indices and logprobs must be [", N, ", k]; got ", indices.sizes(),
               " and ", logprobs.sizes());
-  TORCH_CHECK(tail_logmass.dim() == 1 && tail_logmass.size(0) == N,
+  TORCH_CHECK_VALUE(tail_logmass.dim() == 1 && tail_logmass.size(0) == N,
               "fastkd::sparse_kd: tail_logmass must be [", N, "], got ", tail_logmass.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong && logprobs.scalar_type() == at::kFloat &&
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && logprobs.scalar_type() == at::kFloat &&
                   tail_logmass.scalar_type() == at::kFloat,
               "fastkd::sparse_kd: indices must be int64, logprobs and tail_logmass float32");
-  TORCH_CHECK(indices.device() == student.device() && logprobs.device() == student.device() &&
+  TORCH_CHECK_VALUE(indices.device() == student.device() && logprobs.device() == student.device() &&
                   tail_logmass.device() == student.device(),
               "fastkd::sparse_kd: the teacher tensors must be on the student's device ", student.device());
-  TORCH_CHECK(tail_from_name(tail, &a.tail), "fastkd::sparse_kd: unknown tail '", std::string(tail), "'");
-  TORCH_CHECK(indices.size(1) >= 1, "fastkd::sparse_kd: a sparse teacher needs k >= 1 entries per row");
+  TORCH_CHECK_VALUE(tail_from_name(tail, &a.tail), "fastkd::sparse_kd: unknown tail '", std::string(tail), "'");
+  TORCH_CHECK_VALUE(indices.size(1) >= 1, "fastkd::sparse_kd: a sparse teacher needs k >= 1 entries per row");
   a.indices = indices.contiguous();
   a.logprobs = logprobs.contiguous();
   a.tail_logmass = tail_logmass.contiguous();
@@ -124,7 +124,7 @@ void prepare_sparse(SparseArgs& a, const at::Tensor& student, const at::Tensor& 
 void prepare_topk(TopkArgs& a, const at::Tensor& logits, int64_t k, double temperature) {
   check_teacher_logits("topk_teacher", logits, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= V, "fastkd::topk_teacher: k must lie in [1, V=", V, "], got ", k);
+  TORCH_CHECK_VALUE(k >= 1 && k <= V, "fastkd::topk_teacher: k must lie in [1, V=", V, "], got ", k);
   a.logits = logits.contiguous();
   a.indices = at::empty({N, k}, logits.options().dtype(at::kLong));
   a.logprobs = at::empty({N, k}, logits.options().dtype(at::kFloat));
@@ -136,10 +136,10 @@ void prepare_topk(TopkArgs& a, const at::Tensor& logits, int64_t k, double tempe
 void prepare_sample(SampleArgs& a, const at::Tensor& logits, const at::Tensor& uniforms, double temperature) {
   check_teacher_logits("sample_teacher_draws", logits, temperature);
   const int64_t N = logits.size(0);
-  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == N && uniforms.scalar_type() == at::kDouble,
+  TORCH_CHECK_VALUE(uniforms.dim() == 2 && uniforms.size(0) == N && uniforms.scalar_type() == at::kDouble,
               "fastkd::sample_teacher_draws: uniforms must be float64 [", N, ", S], got ",
               uniforms.scalar_type(), " ", uniforms.sizes());
-  TORCH_CHECK(uniforms.device() == logits.device(), "fastkd::sample_teacher_draws: uniforms on ",
+  TORCH_CHECK_VALUE(uniforms.device() == logits.device(), "fastkd::sample_teacher_draws: uniforms on ",
               uniforms.device(), ", logits on ", logits.device());
   a.logits = logits.contiguous();
   a.uniforms = uniforms.contiguous();

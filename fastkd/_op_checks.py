@@ -1,8 +1,10 @@
 """The argument checks of the Python backends' ops (torch, triton), the twins of the C++ ops'
-TORCH_CHECKs (csrc/cpu/op_args.cpp and the op files): an op called directly through
-torch.ops.fastkd checks what it trusts. Checks of values (ids, labels, uniforms) read the data,
-so they run on CPU tensors only; on CUDA the kernels make such a row NaN instead of reading out
-of bounds (docs/math.md, "NaN is never hidden"). Errors are RuntimeErrors like TORCH_CHECK's.
+TORCH_CHECK_VALUE / TORCH_CHECK_TYPEs (csrc/op_args.cpp and the op files): an op checks what it
+reads, and it alone -- the public losses check their arguments, not the values an op reads (one
+owner per check, each tensor scanned once). Checks of values (ids, labels, uniforms) read the
+data, so they run on CPU tensors only; on CUDA the kernels make such a row NaN instead of reading
+out of bounds (docs/math.md, "NaN is never hidden"). Errors are ValueErrors, TypeErrors for a
+wrong dtype, as from the C++ ops.
 """
 import math
 
@@ -13,8 +15,8 @@ from ._math import DIVERGENCES
 LOGPROB_SLACK = 1e-3  # log-probs above this are not log-probs (raw logits?)
 
 
-def _fail(op: str, why: str):
-    raise RuntimeError(f"fastkd::{op}: {why}")
+def _fail(op: str, why: str, error=ValueError):
+    raise error(f"fastkd::{op}: {why}")
 
 
 def _reads_values(x: torch.Tensor) -> bool:
@@ -22,8 +24,10 @@ def _reads_values(x: torch.Tensor) -> bool:
 
 
 def row_loss(op, student, labels, temperature, ignore_index, hard_weight):
-    if student.dim() != 2 or not student.is_floating_point():
-        _fail(op, f"student must be a floating-point [N, V] tensor, got {student.dtype} {tuple(student.shape)}")
+    if student.dim() != 2:
+        _fail(op, f"student must be [N, V], got {tuple(student.shape)}")
+    if not student.is_floating_point():
+        _fail(op, f"logits must be floating point, got {student.dtype}", TypeError)
     if not (math.isfinite(temperature) and temperature > 0):
         _fail(op, f"temperature must be positive and finite, got {temperature}")
     if not 0 <= hard_weight <= 1:
@@ -43,9 +47,10 @@ def row_loss(op, student, labels, temperature, ignore_index, hard_weight):
 
 
 def dense(student, teacher, divergence, beta):
-    if teacher.shape != student.shape or teacher.dtype != student.dtype:
-        _fail("dense_kd", f"student {student.dtype} {tuple(student.shape)} and teacher {teacher.dtype} "
-                          f"{tuple(teacher.shape)} must match")
+    if teacher.shape != student.shape:
+        _fail("dense_kd", f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must match")
+    if teacher.dtype != student.dtype:
+        _fail("dense_kd", f"student dtype {student.dtype} and teacher dtype {teacher.dtype} must match", TypeError)
     if divergence not in DIVERGENCES:
         _fail("dense_kd", f"unknown divergence '{divergence}'")
     if divergence == "jsd" and not 0 < beta < 1:
@@ -63,7 +68,7 @@ def sparse(student, indices, logprobs, tail_logmass):
     if tuple(tail_logmass.shape) != (n,):
         _fail("sparse_kd", f"tail_logmass must be [{n}], got {tuple(tail_logmass.shape)}")
     if indices.dtype != torch.long or logprobs.dtype != torch.float32 or tail_logmass.dtype != torch.float32:
-        _fail("sparse_kd", "indices must be int64, logprobs and tail_logmass float32")
+        _fail("sparse_kd", "indices must be int64, logprobs and tail_logmass float32", TypeError)
     if _reads_values(indices):
         why = sparse_values(indices, logprobs, tail_logmass, vocab)
         if why:
@@ -96,8 +101,10 @@ def sparse_values(indices, logprobs, tail_logmass, vocab, prefix=""):
 
 
 def teacher_logits(op, logits, temperature):
-    if logits.dim() != 2 or not logits.is_floating_point():
-        _fail(op, f"logits must be a floating-point [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    if logits.dim() != 2:
+        _fail(op, f"logits must be [N, V], got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        _fail(op, f"logits must be floating point, got {logits.dtype}", TypeError)
     if not (math.isfinite(temperature) and temperature > 0):
         _fail(op, f"temperature must be positive and finite, got {temperature}")
 
@@ -155,4 +162,4 @@ def shard_teacher(op, student, indices, logprobs):
     if indices.dim() != 2 or indices.shape[0] != n or logprobs.shape != indices.shape:
         _fail(op, f"indices and logprobs must be [{n}, k], got {tuple(indices.shape)} and {tuple(logprobs.shape)}")
     if indices.dtype != torch.long or logprobs.dtype != torch.float32:
-        _fail(op, "indices must be int64, logprobs float32")
+        _fail(op, "indices must be int64, logprobs float32", TypeError)

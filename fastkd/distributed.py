@@ -220,7 +220,7 @@ def _run_rows(rows_fn, shard, layout, flat, *args, reduction, flat_labels, ignor
 
 def _row_checks(student, labels, o, op):
     """The checks kd_loss and sparse_kd_loss share on a slice -> labels [N] (ranges: later, globally)."""
-    flat_labels = _validate.check_labels(labels, student, o, check_range=False)
+    flat_labels = _validate.check_labels(labels, student, o)
     backends.resolve(op, o.backend, student.device)
     return flat_labels
 

@@ -91,7 +91,12 @@ class _Chunked:
             hc = h[a:a + self.chunk].to(dtype)
             z = _logits(hc, w_used, b_used, self.softcap)
             lab = None if self.labels is None else self.labels[a:a + self.chunk]
-            loss, g = self.row_op(z, self.teacher(a, a + hc.shape[0], z.dtype), lab, grad_scale, compute_grad)
+            try:
+                loss, g = self.row_op(z, self.teacher(a, a + hc.shape[0], z.dtype), lab, grad_scale, compute_grad)
+            except ValueError as e:  # the op checks what it reads (labels, teacher ids): name the call's row
+                if a == 0 and n <= self.chunk:
+                    raise
+                raise ValueError(f"{e} (rows counted from row {a} of the call's {n}: a chunk of {self.chunk})") from None
             rows[a:a + hc.shape[0]] = loss
             if not compute_grad:
                 continue
@@ -260,7 +265,7 @@ def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
                                            teacher_weight.shape[0])
             vocab = student_weight.shape[0]
     probe = student_hidden[..., :1].expand(*lead, vocab if vocab is not None else 1)  # the logits' shape
-    flat_labels = _validate.check_labels(labels, probe, o, check_range=not sharded)
+    flat_labels = _validate.check_labels(labels, probe, o)
     if dense:
         if teacher_hidden.shape[:-1] != lead or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_weight "

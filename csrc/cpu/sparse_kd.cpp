@@ -28,15 +28,15 @@ void check_teacher_values(const at::Tensor& indices, const at::Tensor& logprobs,
       const float v = lp[r * K + c];
       if (v == -INFINITY) continue;
       const int64_t id = idx[r * K + c];
-      TORCH_CHECK(id >= 0 && id < V, "fastkd::sparse_kd: indices must lie in [0, ", V, "); got ", id, " at row ", r);
-      TORCH_CHECK(!(v > kLogprobSlack), "fastkd::sparse_kd: logprobs must be log-probabilities (<= 0); row ", r,
+      TORCH_CHECK_VALUE(id >= 0 && id < V, "fastkd::sparse_kd: indices must lie in [0, ", V, "); got ", id, " at row ", r);
+      TORCH_CHECK_VALUE(!(v > kLogprobSlack), "fastkd::sparse_kd: logprobs must be log-probabilities (<= 0); row ", r,
                   " has ", v, " (raw logits?)");
       known.push_back(id);
     }
-    TORCH_CHECK(!(tl[r] > kLogprobSlack), "fastkd::sparse_kd: tail_logmass must be <= 0; row ", r, " has ", tl[r]);
+    TORCH_CHECK_VALUE(!(tl[r] > kLogprobSlack), "fastkd::sparse_kd: tail_logmass must be <= 0; row ", r, " has ", tl[r]);
     std::sort(known.begin(), known.end());
     const auto dup = std::adjacent_find(known.begin(), known.end());
-    TORCH_CHECK(dup == known.end(), "fastkd::sparse_kd: indices has a duplicate id ", (dup == known.end() ? 0 : *dup),
+    TORCH_CHECK_VALUE(dup == known.end(), "fastkd::sparse_kd: indices has a duplicate id ", (dup == known.end() ? 0 : *dup),
                 " in row ", r);
   }
 }

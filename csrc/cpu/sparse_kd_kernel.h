@@ -50,7 +50,7 @@ void sparse_rows(const SparseArgs& a) {
       int64_t label;
       if (!kept_row(p.L, r, p.V, a.ignore_index, p.loss, g, &label)) continue;
       for (int64_t c = 0; c < K; ++c) {
-        TORCH_CHECK(lp[c] == -INFINITY || (idx[c] >= 0 && idx[c] < p.V),
+        TORCH_CHECK_VALUE(lp[c] == -INFINITY || (idx[c] >= 0 && idx[c] < p.V),
                     "fastkd: teacher indices must lie in [0, ", p.V, "); got ", idx[c], " at row ", r);
       }
       const acc_t ma = load_scaled(s, A, p.V, p.Vp, p.inv_t);

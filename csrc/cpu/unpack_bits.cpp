@@ -13,12 +13,12 @@ namespace fastkd::cpu {
 namespace {
 
 at::Tensor unpack_bits_cpu(const at::Tensor& stream, int64_t width, int64_t start, int64_t stop) {
-  TORCH_CHECK(stream.dim() == 1 && stream.scalar_type() == at::kByte,
+  TORCH_CHECK_VALUE(stream.dim() == 1 && stream.scalar_type() == at::kByte,
               "fastkd::unpack_bits: stream must be a 1-D uint8 tensor, got ", stream.scalar_type(), " ",
               stream.sizes());
-  TORCH_CHECK(width >= 1 && width <= 24, "fastkd::unpack_bits: width must lie in [1, 24], got ", width);
+  TORCH_CHECK_VALUE(width >= 1 && width <= 24, "fastkd::unpack_bits: width must lie in [1, 24], got ", width);
   // stop * width could overflow int64 for a forged stop: compare against numel * 8 / width instead
-  TORCH_CHECK(0 <= start && start <= stop && stop <= stream.numel() * 8 / width,
+  TORCH_CHECK_VALUE(0 <= start && start <= stop && stop <= stream.numel() * 8 / width,
               "fastkd::unpack_bits: values [", start, ", ", stop, ") lie outside a stream of ",
               stream.numel(), " bytes at ", width, " bits");
   const at::Tensor s = stream.contiguous();

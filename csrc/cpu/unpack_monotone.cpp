@@ -10,12 +10,12 @@ namespace fastkd::cpu {
 namespace {
 
 at::Tensor unpack_monotone_cpu(const at::Tensor& bitmap, int64_t count) {
-  TORCH_CHECK(bitmap.dim() == 2 && bitmap.scalar_type() == at::kByte,
+  TORCH_CHECK_VALUE(bitmap.dim() == 2 && bitmap.scalar_type() == at::kByte,
               "fastkd::unpack_monotone: bitmap must be a 2-D uint8 tensor, got ", bitmap.scalar_type(), " ",
               bitmap.sizes());
   const at::Tensor m = bitmap.contiguous();
   const int64_t n = m.size(0), width = m.size(1);
-  TORCH_CHECK(count >= 0 && count <= width * 8, "fastkd::unpack_monotone: count must lie in [0, ", width * 8,
+  TORCH_CHECK_VALUE(count >= 0 && count <= width * 8, "fastkd::unpack_monotone: count must lie in [0, ", width * 8,
               "], got ", count);
   const uint8_t* bits = m.const_data_ptr<uint8_t>();
   at::Tensor out = at::empty({n, count}, bitmap.options().dtype(at::kLong));
@@ -26,7 +26,7 @@ at::Tensor unpack_monotone_cpu(const at::Tensor& bitmap, int64_t count) {
       int64_t* c = o + r * count;
       int64_t ones = 0;  // every one of the row, so that a bitmap with more than `count` is refused
       for (int64_t byte = 0; byte < width; ++byte) ones += __builtin_popcount(row[byte]);
-      TORCH_CHECK(ones == count, "fastkd::unpack_monotone: row ", r, " holds ", ones, " values, expected ",
+      TORCH_CHECK_VALUE(ones == count, "fastkd::unpack_monotone: row ", r, " holds ", ones, " values, expected ",
                   count, " (a corrupt bitmap)");
       int64_t found = 0;
       for (int64_t byte = 0; byte < width && found < count; ++byte) {

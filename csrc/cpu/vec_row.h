@@ -191,7 +191,7 @@ bool kept_row(const int64_t* labels, int64_t r, int64_t V, int64_t ignore_index,
     zero_row(loss, r, g, V);
     return false;
   }
-  TORCH_CHECK(*label >= 0 && *label < V, "fastkd: labels must lie in [0, ", V,
+  TORCH_CHECK_VALUE(*label >= 0 && *label < V, "fastkd: labels must lie in [0, ", V,
               ") or equal ignore_index=", ignore_index, "; got ", *label, " at row ", r);
   return true;
 }

@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_teacher_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(logits.device());
   TopkArgs a;
   prepare_topk(a, logits, k, temperature);
-  TORCH_CHECK(k <= kMaxTopk, "fastkd::topk_teacher: backend 'cuda' keeps at most k=", kMaxTopk,
+  TORCH_CHECK_VALUE(k <= kMaxTopk, "fastkd::topk_teacher: backend 'cuda' keeps at most k=", kMaxTopk,
               " entries per row, got k=", k, "; use backend='torch' for more");
   TopkParams p;
   p.logits = a.logits.const_data_ptr();

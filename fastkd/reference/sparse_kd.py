@@ -45,7 +45,7 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
     _op_checks.row_loss("sparse_kd", student, labels, temperature, ignore_index, hard_weight)
     _op_checks.sparse(student, indices, logprobs, tail_logmass)
     if tail not in _math.TAILS:
-        raise RuntimeError(f"fastkd::sparse_kd: unknown tail '{tail}'")
+        raise ValueError(f"fastkd::sparse_kd: unknown tail '{tail}'")
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     return chunked_rows(student, labels, compute_grad, lambda rows, lab: _sparse_chunk(
         student[rows], indices[rows], logprobs[rows], tail_logmass[rows], lab, tail, temperature,

@@ -133,7 +133,7 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
     _op_checks.row_loss("sparse_kd", student, labels, temperature, ignore_index, hard_weight)
     _op_checks.sparse(student, indices, logprobs, tail_logmass)
     if tail not in TAILS:
-        raise RuntimeError(f"fastkd::sparse_kd: unknown tail '{tail}'")
+        raise ValueError(f"fastkd::sparse_kd: unknown tail '{tail}'")
     n, vocab = student.shape
     k = indices.shape[-1]
     acc = _ops.acc_dtype(student.dtype)
