@@ -6,9 +6,10 @@
     trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher,
                                             kd_options={"temperature": 2.0}, args=..., train_dataset=...)
 
-The student's backbone runs (not its LM head); the head's weight (and bias, and the config's
-`final_logit_softcapping`) go to fastkd.fused_linear_kd_loss with the last hidden states, so the
-[B, L, V] logits never exist. Conventions, stated because other integrations differ silently:
+The student's own forward runs -- through DDP / FSDP / DeepSpeed / PEFT wrappers, so their hooks
+run -- with its LM head swapped for a capture of the last hidden states; the head's weight (and
+bias, and the config's `final_logit_softcapping`) go to fastkd.fused_linear_kd_loss with those, so
+the [B, L, V] logits never exist. Conventions, stated because other integrations differ silently:
 - Hugging Face's shift: the hidden state at position i is trained against the teacher at
   position i and the label at i + 1. Positions whose shifted label is `ignore_index`, or whose
   attention mask (at i or i + 1) is 0, are ignored. `labels` defaults to `input_ids`.
@@ -25,12 +26,27 @@ import transformers
 from .fused_linear_kd import fused_linear_kd_loss
 from .sparse_teacher import SparseTeacher
 
-__all__ = ["causal_lm_kd_loss", "DistillationTrainer", "lm_head"]
+__all__ = ["causal_lm_kd_loss", "DistillationTrainer", "lm_head", "unwrap"]
+
+
+def unwrap(model):
+    """The Hugging Face model inside the wrappers a training engine puts around it: DDP's and
+    FSDP1's `.module`, DeepSpeed's engine `.module`, torch.compile's `._orig_mod`."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def lm_head(model):
-    """(backbone, head weight [V, H], head bias or None, softcap or None) of a causal LM whose
-    get_output_embeddings() is a Linear (Llama, Qwen2, Gemma2, GPT-2 with its tied head, ...)."""
+    """(backbone, head weight [V, H], head bias or None, softcap or None) of a causal LM -- or of
+    one inside an engine's wrapper -- whose get_output_embeddings() is a Linear (Llama, Qwen2,
+    Gemma2, GPT-2 with its tied head, ...)."""
+    model = unwrap(model)
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not a "
@@ -39,10 +55,39 @@ def lm_head(model):
     return model.base_model, head.weight, head.bias, softcap
 
 
+class _HeadCapture(torch.nn.Module):
+    """Stands in for the LM head during the model's own forward: keeps the head's input (the last
+    hidden states) and returns a [..., 1] stand-in, so the [B, L, V] logits are never made. The
+    stand-in is 0 * (the head's first weight, bias): the head's parameters stay in the forward's
+    graph, so DDP with find_unused_parameters (the Trainer's default) expects their gradients --
+    which the fused loss gives in backward -- instead of marking them unused, then ready twice."""
+
+    def __init__(self, head):
+        super().__init__()
+        self._params = tuple(p for p in (head.weight, head.bias) if p is not None)  # not registered
+
+    def forward(self, hidden):
+        self.hidden = hidden
+        anchor = sum(p.reshape(-1)[:1] for p in self._params) * 0
+        return hidden[..., :1] * 0 + anchor.to(hidden.dtype)
+
+
 def _hidden(model, input_ids, attention_mask):
-    backbone = lm_head(model)[0]
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    """The last hidden states [B, L, H] from the model's own forward, called through whatever
+    wraps it (DDP, FSDP, DeepSpeed, PEFT: their hooks run, so gradients are reduced as the engine
+    expects), with the LM head swapped for a capture while it runs."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    path = next(name for name, module in inner.named_modules(remove_duplicate=False) if module is head)
+    parent_path, _, leaf = path.rpartition(".")
+    parent = inner.get_submodule(parent_path)
+    capture = _HeadCapture(head)
+    setattr(parent, leaf, capture)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        setattr(parent, leaf, head)
+    return capture.hidden
 
 
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,

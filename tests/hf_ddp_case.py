@@ -1,0 +1,64 @@
+"""One DistillationTrainer run of a tiny Llama student against a tiny teacher, as tests/test_hf_ddp.py
+starts it: under torchrun (DDP, gloo, CPU) or as one process, on the same global batches.
+
+    torchrun --nproc_per_node 2 tests/hf_ddp_case.py OUT OPTIMIZER     (or: python tests/hf_ddp_case.py ...)
+
+Writes OUT/result-<rank>.pt: the logged losses and the student's final parameters.
+"""
+import os
+import sys
+
+import torch
+import transformers
+
+import fastkd.hf
+
+V, STEPS, ACCUM, GLOBAL_MICRO = 64, 4, 2, 8  # GLOBAL_MICRO rows per micro-batch over all ranks
+
+
+def model(seed, hidden):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
+                                   num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=STEPS * ACCUM * GLOBAL_MICRO, length=16):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, V, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+
+
+class InOrder(fastkd.hf.DistillationTrainer):
+    """The rows in order, on one process and on several: accelerate hands rank r the micro-batches
+    r, r + W, ... of size B, so global micro-batch j is rows [j W B, (j + 1) W B) either way."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def main(out, optimizer):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    student, teacher = model(0, 32), model(1, 48)
+    args = transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=GLOBAL_MICRO // world, gradient_accumulation_steps=ACCUM,
+        max_steps=STEPS, learning_rate=0.05, optim=optimizer, lr_scheduler_type="constant", weight_decay=0.0,
+        logging_steps=1, report_to=[], use_cpu=True, ddp_backend="gloo" if world > 1 else None, save_strategy="no",
+        disable_tqdm=True, seed=0, dataloader_drop_last=True)
+    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Tokens(),
+                      kd_options={"temperature": 2.0, "hard_weight": 0.25})
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    params = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    torch.save({"losses": losses, "params": params, "world": world}, os.path.join(out, f"result-{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

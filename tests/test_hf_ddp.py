@@ -1,0 +1,63 @@
+"""fastkd.hf.DistillationTrainer under the launcher users start it with: torchrun, 2 processes,
+DDP over gloo on the CPU, gradient accumulation -- the losses and the final parameters equal one
+process's on the same global batches (it crashed at the first step: 'DistributedDataParallel'
+object has no attribute 'get_output_embeddings'). Plain SGD as well as AdamW: Adam's
+normalisation would hide a constant factor in the gradient. Every run has a deadline."""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CASE = ROOT / "tests" / "hf_ddp_case.py"
+DEADLINE = 300  # seconds a run may take, start-up of both processes included
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out, optimizer, world):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    launcher = [sys.executable] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+        str(_free_port())]
+    r = subprocess.run(launcher + [str(CASE), str(out), optimizer], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=DEADLINE)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return [torch.load(out / f"result-{rank}.pt") for rank in range(world)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_torch"])
+def test_ddp_equals_one_process(tmp_path, optimizer):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "ddp").mkdir()
+    (one,) = _run(tmp_path / "one", optimizer, 1)
+    ranks = _run(tmp_path / "ddp", optimizer, 2)
+    assert len(one["losses"]) == 4 and all(r["world"] == 2 for r in ranks)
+    start = _initial_params()
+    assert max((one["params"][k] - start[k]).abs().max() for k in start) > 1e-4  # it trained
+    # SGD: the sums of two ranks' gradients round unlike one process's, ~1e-9. Adam divides each
+    # step by sqrt(v), which turns those roundings into ~1e-5 of its O(lr) steps; SGD keeps the
+    # check that a constant factor in the gradient (which Adam's normalisation hides) is absent.
+    tol = dict(rtol=1e-5, atol=1e-7) if optimizer == "sgd" else dict(rtol=1e-4, atol=5e-5)
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+        for name, p in one["params"].items():
+            torch.testing.assert_close(r["params"][name], p, **tol, msg=name)
+
+
+def _initial_params():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import hf_ddp_case
+
+    return {k: v.detach().clone() for k, v in hf_ddp_case.model(0, 32).state_dict().items()}
