@@ -112,7 +112,7 @@ class VocabShard:
         _dist().all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
                                   group=self.group)
         said = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
-        raise ValueError(f"fastkd vocab-parallel call refused on every rank ({said})")
+        raise ValueError(f"fastkd vocab-parallel call refused on every rank ({said})") from error
 
     def fail(self, error):
         """Join the agreement with a bad call of this rank's: raises `error`'s message on every rank."""
@@ -182,10 +182,11 @@ class VocabShard:
 
 
 def refused(shard, check):
-    """Run the local checks `check()`; a bad argument on this rank is raised on every rank."""
+    """Run the local checks `check()`; an error on this rank -- whatever its type -- is raised on every
+    rank, naming this rank and the cause, instead of leaving the others waiting in the agreement."""
     try:
         return check()
-    except (TypeError, ValueError, NotImplementedError) as error:
+    except Exception as error:  # noqa: BLE001 -- any error here (an IndexError too) must reach every rank
         shard.fail(error)
 
 

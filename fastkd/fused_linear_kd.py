@@ -187,6 +187,10 @@ def _sharded(vocab_shard, heads: Heads, labels, options):
 
     def check():
         o = options()
+        if o.reduction == "none":
+            raise ValueError("fused_linear_kd_loss(reduction='none', vocab_shard=...) is not supported: its "
+                             "backward would run the ranks' collectives again, and a rank that skipped backward "
+                             "would leave every other one waiting; use reduction='mean' or 'sum'")
         c = check_heads(heads, labels, o, sharded=True)
         return (o if c.dense else with_teacher(o, heads.teacher)), c
 
@@ -201,7 +205,9 @@ def _sharded(vocab_shard, heads: Heads, labels, options):
     # the same chunk on every rank, from the agreed total, not from each rank's free memory
     chunk = c.chunk or auto_chunk_rows(c.h.shape[0], -(-total // layout.world),
                                        torch.empty((), dtype=c.dtype).element_size(), torch.device("cpu"))
-    return run(c, o, _Chunked(c, distributed.fused_row_op(shard, layout, c.dense, o), used, chunk, shard))
+    # (replay=False: a second backward of a retained graph would run the collectives again)
+    return run(c, o, _Chunked(c, distributed.fused_row_op(shard, layout, c.dense, o), used, chunk, shard),
+               replay=False)
 
 
 class Checked(NamedTuple):
@@ -293,7 +299,7 @@ def _row_op(dense, o, device):
         z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale, compute_grad)
 
 
-def run(c: Checked, o, loop):
+def run(c: Checked, o, loop, replay=True):
     """The loss of the chunk loop, through the kept-gradient autograd (KeptRows): with the
     reduction's row weight folded into the row op's gradient, as kd_loss does, so grad_h, grad_w
     and grad_b come out of the chunk loop already weighted."""
@@ -306,7 +312,7 @@ def run(c: Checked, o, loop):
 
     with torch.autocast(c.h.device.type, enabled=False):
         # grad_h is per row; grad_w and grad_b are sums over the rows (uniform for "mean" / "sum")
-        rows = KeptRows.apply(rows_and_grads, grad_scale, o.reduction != "none", True, (True, False, False),
+        rows = KeptRows.apply(rows_and_grads, grad_scale, o.reduction != "none", replay, (True, False, False),
                               c.h, c.weight, c.bias)
     return reduce_rows(rows, c.labels, o.ignore_index, o.reduction, c.lead)
 

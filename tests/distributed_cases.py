@@ -120,7 +120,7 @@ def fused_cases(shard, cols, vocab):
     b = torch.randn(vocab, generator=g, dtype=torch.float64)
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[0] = -100
-    for div, red in (("forward_kl", "mean"), ("reverse_kl", "none")):
+    for div, red in (("forward_kl", "mean"), ("reverse_kl", "sum")):
         kw = dict(divergence=div, reduction=red, labels=labels, hard_weight=0.2, chunk_size=4, softcap=3.0)
         full = [x.clone().requires_grad_() for x in (h, w, b)]
         part = [h.clone().requires_grad_(), w[cols].clone().requires_grad_(), b[cols].clone().requires_grad_()]
@@ -214,6 +214,16 @@ def error_cases(shard, rank, cols, vocab):
     teacher = fastkd.topk_teacher(t.double(), 3)
     teacher.indices[2, 1] = vocab
     _refused_everywhere(lambda: fastkd.sparse_kd_loss(s[:, cols], teacher, vocab_shard=shard), "teacher.indices", "row 2")
+    # an error of any type on one rank (an AttributeError here: a teacher with no logprobs)
+    broken = teacher._replace(logprobs=None) if rank == 1 else teacher
+    _refused_everywhere(lambda: fastkd.sparse_kd_loss(s[:, cols], broken, vocab_shard=shard), "rank 1",
+                        "AttributeError")
+    # fused linear's reduction="none" would run collectives in backward: refused on every rank
+    g = torch.Generator().manual_seed(11)
+    h, w = torch.randn(6, 4, generator=g), torch.randn(vocab, 4, generator=g)
+    _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, w[cols], teacher_hidden=h, teacher_weight=w[cols],
+                                                            reduction="none", vocab_shard=shard),
+                        "reduction='none'", "collectives")
     # a slice whose size disagrees with start/total
     wrong = VocabShard(start=cols.start, total=vocab + 1)
     _refused_everywhere(lambda: fastkd.kd_loss(s[:, cols], t[:, cols], vocab_shard=wrong), f"total={vocab + 1}")
