@@ -22,3 +22,12 @@ __all__ = [
     "sample_teacher", "fused_linear_kd_loss", "FusedLinearKDLoss", "available_backends", "DIVERGENCES", "cache", "distributed",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    """fastkd.hf on first use (it imports transformers, which `import fastkd` does not)."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("fastkd.hf")
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

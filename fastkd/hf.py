@@ -18,6 +18,14 @@ the [B, L, V] logits never exist. Conventions, stated because other integrations
 - `num_items_in_batch` (what the Trainer passes under gradient accumulation) replaces the kept
   row count of "mean", so accumulated micro-batches sum to the full batch's mean.
 - Padded heads over one tokenizer (e.g. 152064 vs 151936 rows): pass `vocab_size`.
+- What a model does to its logits after the head -- a scale (Granite's 1 / logits_scaling,
+  Cohere's logit_scale, ...) and a soft cap (Gemma's final_logit_softcapping) -- is read from its
+  own forward and applied; any other transform is refused with an error that says what it did.
+- PEFT students (LoRA, ...) work as they are: the adapters run inside the forward, and only the
+  trainable parameters get gradients; an adapter on the LM head itself is refused (merge it, or
+  leave the head out of target_modules).
+- A sparse teacher's temperature is its own: another `temperature` is refused, as in
+  fastkd.sparse_kd_loss; `num_items_in_batch=0` gives 0 with zero gradients.
 """
 import torch
 
@@ -31,13 +39,16 @@ __all__ = ["causal_lm_kd_loss", "DistillationTrainer", "lm_head", "unwrap"]
 
 def unwrap(model):
     """The Hugging Face model inside the wrappers a training engine puts around it: DDP's and
-    FSDP1's `.module`, DeepSpeed's engine `.module`, torch.compile's `._orig_mod`."""
+    FSDP1's `.module`, DeepSpeed's engine `.module`, torch.compile's `._orig_mod`, a PEFT model's
+    base model (its adapters live inside it, so its forward runs them)."""
     while True:
         inner = getattr(model, "module", None)
         if isinstance(inner, torch.nn.Module):
             model = inner
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
+        elif callable(getattr(type(model), "get_base_model", None)):  # peft.PeftModel
+            model = model.get_base_model()
         else:
             return model
 
@@ -48,6 +59,11 @@ def lm_head(model):
     Gemma2, GPT-2 with its tied head, ...)."""
     model = unwrap(model)
     head = model.get_output_embeddings()
+    if hasattr(head, "base_layer") and hasattr(head, "merge"):  # a PEFT adapter on the head itself
+        raise TypeError(f"{type(model).__name__}'s LM head carries a PEFT adapter ({type(head).__name__}): fastkd.hf "
+                        "runs the head as one weight inside its fused loss. Leave the head out of the adapter's "
+                        "target_modules (train it fully with modules_to_save=['lm_head'], or not at all), or merge "
+                        "the adapter first (model.merge_and_unload())")
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not a "
                         "torch.nn.Linear: fastkd.hf needs the LM head's weight")
@@ -55,12 +71,19 @@ def lm_head(model):
     return model.base_model, head.weight, head.bias, softcap
 
 
+PROBES = (1e-3, 2e-3)  # what the stand-in head returns, to read the transform the model applies after it
+
+
 class _HeadCapture(torch.nn.Module):
     """Stands in for the LM head during the model's own forward: keeps the head's input (the last
-    hidden states) and returns a [..., 1] stand-in, so the [B, L, V] logits are never made. The
-    stand-in is 0 * (the head's first weight, bias): the head's parameters stay in the forward's
-    graph, so DDP with find_unused_parameters (the Trainer's default) expects their gradients --
-    which the fused loss gives in backward -- instead of marking them unused, then ready twice."""
+    hidden states) and returns, in float32, two columns of small probe values instead of the
+    [B, L, V] logits, which are never made. What the model's output holds in their place is its
+    transform after the head -- a scale (Granite's 1 / logits_scaling, Cohere's logit_scale, ...),
+    a soft cap (Gemma's final_logit_softcapping) -- read off by _head_transform. The stand-in
+    also holds 0 * the hidden states and the head's first weight (and bias): the backbone and the
+    head stay in the forward's graph, so DDP with find_unused_parameters (the Trainer's default)
+    expects their gradients -- which the fused loss gives in backward -- instead of marking them
+    unused, then ready twice."""
 
     def __init__(self, head):
         super().__init__()
@@ -68,14 +91,49 @@ class _HeadCapture(torch.nn.Module):
 
     def forward(self, hidden):
         self.hidden = hidden
-        anchor = sum(p.reshape(-1)[:1] for p in self._params) * 0
-        return hidden[..., :1] * 0 + anchor.to(hidden.dtype)
+        anchor = (sum(p.reshape(-1)[:1] for p in self._params).float() * 0).nan_to_num()
+        probes = torch.tensor(PROBES, dtype=torch.float32, device=hidden.device)
+        # (hidden * 0 too: the backbone stays in the graph for DDP as well; nan_to_num keeps a NaN
+        # hidden state from hiding the probes)
+        return (hidden[..., :1].float() * 0).nan_to_num() + anchor + probes
+
+
+def _softcap_of(config):
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None and hasattr(config, "get_text_config"):
+        cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    return cap
+
+
+def _head_transform(model, out):
+    """(scale, softcap): the model maps its head's output z to softcap * tanh(scale * z / softcap)
+    (or scale * z without a cap), read from what it made of the probes; any other transform is
+    refused, naming what the model did."""
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    if not torch.is_tensor(logits) or logits.shape[-1] != len(PROBES):
+        raise TypeError(f"{type(model).__name__}'s forward does not return its head's output as `logits`: "
+                        "fastkd.hf cannot see what it does after the LM head")
+    got = logits.detach().reshape(-1, logits.shape[-1])[0].double().tolist()
+    cap = _softcap_of(model.config)
+    probes = torch.tensor(PROBES, dtype=torch.float64)
+    seen = torch.tensor(got, dtype=torch.float64)
+    if cap is not None:
+        seen = cap * torch.atanh((seen / cap).clamp(-1 + 1e-12, 1 - 1e-12))
+    scales = seen / probes
+    scale = float(scales[0])
+    if not (scale > 0 and abs(float(scales[1]) - scale) <= 1e-3 * scale):
+        raise ValueError(f"{type(model).__name__} transforms its logits after the LM head in a way fastkd does not "
+                         f"apply (its output for head values {list(PROBES)} was {got}; fastkd applies a scale and "
+                         "the config's final_logit_softcapping); compute its logits and use fastkd.kd_loss")
+    return (1.0 if abs(scale - 1) < 1e-4 else scale), cap
 
 
 def _hidden(model, input_ids, attention_mask):
-    """The last hidden states [B, L, H] from the model's own forward, called through whatever
-    wraps it (DDP, FSDP, DeepSpeed, PEFT: their hooks run, so gradients are reduced as the engine
-    expects), with the LM head swapped for a capture while it runs."""
+    """(last hidden states [B, L, H], head scale, softcap) from the model's own forward, called
+    through whatever wraps it (DDP, FSDP, DeepSpeed, PEFT: their hooks run, so gradients are
+    reduced as the engine expects), with the LM head swapped for a capture while it runs."""
     inner = unwrap(model)
     head = inner.get_output_embeddings()
     path = next(name for name, module in inner.named_modules(remove_duplicate=False) if module is head)
@@ -84,10 +142,10 @@ def _hidden(model, input_ids, attention_mask):
     capture = _HeadCapture(head)
     setattr(parent, leaf, capture)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         setattr(parent, leaf, head)
-    return capture.hidden
+    return (capture.hidden,) + _head_transform(inner, out)
 
 
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
@@ -105,18 +163,22 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
     shifted = labels[:, 1:].clone()
     if attention_mask is not None:
         shifted[(attention_mask[:, :-1] == 0) | (attention_mask[:, 1:] == 0)] = ignore_index
-    _, weight, bias, softcap = lm_head(student_model)
-    hidden = _hidden(student_model, input_ids, attention_mask)[:, :-1]
+    _, weight, bias, _ = lm_head(student_model)
+    hidden, scale, softcap = _hidden(student_model, input_ids, attention_mask)
+    hidden = hidden[:, :-1]
+    if scale != 1.0:  # the model's logits are scale * (h W^T + b): fold the scale into h and b
+        hidden, bias = hidden * scale, None if bias is None else bias * scale
     options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index, **loss_options)
     if teacher_model is not None:
-        _, t_weight, t_bias, t_softcap = lm_head(teacher_model)
+        _, t_weight, t_bias, _ = lm_head(teacher_model)
+        with torch.no_grad():
+            t_hidden, t_scale, t_softcap = _hidden(teacher_model, input_ids, attention_mask)
         if t_softcap != softcap:
             raise ValueError(f"the teacher's final_logit_softcapping ({t_softcap}) differs from the student's "
                              f"({softcap}); fastkd soft-caps both sides alike")
-        with torch.no_grad():
-            t_hidden = _hidden(teacher_model, input_ids, attention_mask)[:, :-1]
-        options.update(teacher_hidden=t_hidden, teacher_weight=t_weight.detach(),
-                       teacher_bias=None if t_bias is None else t_bias.detach())
+        t_hidden = t_hidden[:, :-1] * t_scale if t_scale != 1.0 else t_hidden[:, :-1]
+        t_bias = None if t_bias is None else t_bias.detach() * t_scale
+        options.update(teacher_hidden=t_hidden, teacher_weight=t_weight.detach(), teacher_bias=t_bias)
     else:
         if not isinstance(teacher, SparseTeacher):
             raise TypeError(f"teacher must be a fastkd.SparseTeacher, got {type(teacher).__name__}")
@@ -128,7 +190,10 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
         raise ValueError("num_items_in_batch replaces the row count of reduction='mean'; got reduction="
                          f"{reduction!r}")
     total = fused_linear_kd_loss(hidden, weight, reduction="sum", **options)
-    return total / num_items_in_batch
+    # a window with no kept label: 0 with zero gradients, as "mean" is (never 0 / 0)
+    if torch.is_tensor(num_items_in_batch):
+        return total / num_items_in_batch.clamp_min(1).to(total.device)
+    return total / max(num_items_in_batch, 1)
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -154,6 +219,15 @@ class DistillationTrainer(transformers.Trainer):
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
             teacher_model.to(self.args.device)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the KD loss with the training options, with or without a labels column (the
+        Trainer's own step crashed on (loss, None) with labels, and without them ran the model's
+        full-logits forward and reported no loss). Returns (loss, None, None): no logits are made."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -153,3 +153,125 @@ def test_distillation_trainer_from_a_teacher_cache(tmp_path):
     trainer.train()
     after = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher=teacher_rows).item()
     assert after < 0.7 * before
+
+
+def test_no_kept_label_in_a_window_is_zero_not_nan():
+    """num_items_in_batch=0 (a gradient-accumulation window with no kept label) gave NaN in every
+    parameter; fastkd's 'mean' is 0 when no row is kept."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    ids, mask = _batch()
+    labels = torch.full_like(ids, -100)
+    for n in (0, torch.tensor(0)):
+        student.zero_grad()
+        loss = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, labels=labels,
+                                           num_items_in_batch=n, hard_weight=0.5)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or (p.grad == 0).all() for p in student.parameters())
+
+
+def test_a_temperature_other_than_the_teachers_is_refused():
+    """A SparseTeacher (or cache) made at T = 2, asked to train at T = 4: it trained at T = 2, silently."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    ids, mask = _batch()
+    with torch.no_grad():
+        sparse = fastkd.topk_teacher(teacher(input_ids=ids).logits, k=8, temperature=2.0)
+    with pytest.raises(ValueError, match="differs from the teacher's temperature"):
+        fastkd.hf.causal_lm_kd_loss(student, ids, teacher=sparse, attention_mask=mask, temperature=4.0)
+    fastkd.hf.causal_lm_kd_loss(student, ids, teacher=sparse, attention_mask=mask, temperature=2.0)  # the same: fine
+    fastkd.hf.causal_lm_kd_loss(student, ids, teacher=sparse, attention_mask=mask)  # unsaid: the teacher's
+
+
+def _scaled_model(kind, seed, hidden=32):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=V, num_hidden_layers=1, hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "granite":  # logits / logits_scaling
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0, **common))
+    return transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.5, **common))  # logits * logit_scale
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere"])
+def test_a_scale_after_the_head_is_applied(kind):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the loss
+    was 0.0124 against 0.00019 (Granite) on the model's own logits, silently. Now the transform is
+    read from the model's forward and applied, on both sides."""
+    student, teacher = _scaled_model(kind, 0), _scaled_model(kind, 1, hidden=48)
+    ids, mask = _batch()
+    opts = dict(temperature=2.0, hard_weight=0.2)
+    want = _materialised(student, teacher, ids, mask, **opts)
+    got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, **opts)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    grads = torch.autograd.grad(got, [student.lm_head.weight, student.model.embed_tokens.weight])
+    wants = torch.autograd.grad(_materialised(student, teacher, ids, mask, **opts),
+                                [student.lm_head.weight, student.model.embed_tokens.weight])
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_transform_after_the_head_is_refused():
+    class Cubed(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits ** 3
+            return out
+
+    cfg = _model("llama", 0).config
+    student, teacher = Cubed(cfg), _model("llama", 1)
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="transforms its logits after the LM head"):
+        fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask)
+
+
+def test_a_lora_student():
+    """A LoRA student (peft.get_peft_model): the loss equals the materialised one, and gradients
+    reach exactly the trainable (adapter) parameters. It failed with 'student_weight must be [V, H]'
+    (PeftModel.base_model is the LoraModel, which returns logits)."""
+    peft = pytest.importorskip("peft")
+    base, teacher = _model("llama", 0), _model("llama", 1)
+    student = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                         init_lora_weights=False))
+    ids, mask = _batch()
+    want = _materialised(student, teacher, ids, mask, temperature=2.0)
+    got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, temperature=2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    got.backward()
+    for name, p in student.named_parameters():
+        assert (p.grad is not None) == p.requires_grad == ("lora_" in name), name
+    lora = [p for n, p in student.named_parameters() if "lora_" in n]
+    wants = torch.autograd.grad(_materialised(student, teacher, ids, mask, temperature=2.0), lora)
+    for p, w in zip(lora, wants):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-7)
+
+
+def test_a_lora_on_the_head_is_refused_saying_what_to_do():
+    peft = pytest.importorskip("peft")
+    student = peft.get_peft_model(_model("llama", 0), peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    ids, mask = _batch()
+    with pytest.raises(TypeError, match="target_modules"):
+        fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=_model("llama", 1), attention_mask=mask)
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_evaluate_reports_the_kd_loss(tmp_path, with_labels):
+    """evaluate() on an eval set with a labels column crashed ('NoneType' object is not
+    subscriptable); without labels it reported no KD loss. Now eval_loss is the KD loss with the
+    training options, either way."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    data = _Tokens(n=8)
+
+    class Labelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return {**data[i], "labels": data.ids[i]} if with_labels else data[i]
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, args=args, eval_dataset=Labelled(),
+                                            kd_options={"temperature": 2.0, "hard_weight": 0.1})
+    got = trainer.evaluate()["eval_loss"]
+    want = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher_model=teacher, temperature=2.0,
+                                       hard_weight=0.1).item()
+    assert abs(got - want) < 1e-4 * want
