@@ -150,9 +150,10 @@ def _hidden(model, input_ids, attention_mask):
 
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
                       labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean", **loss_options):
-    """KD loss of a causal LM against a teacher model or a SparseTeacher ([B, L, k], aligned to
-    the student's positions, e.g. cache[a:b] of a fastkd.cache.TeacherCache), from the hidden
-    states and the LM head: input_ids [B, L] -> the loss (see the module docstring for the
+    """KD loss of a causal LM against a teacher model (on any device: its hidden states move to the
+    student's), a SparseTeacher ([B, L, k], aligned to the student's positions, e.g. cache[a:b] of a
+    fastkd.cache.TeacherCache), or a callable from input_ids to such a SparseTeacher, from the
+    hidden states and the LM head: input_ids [B, L] -> the loss (see the module docstring for the
     conventions). loss_options: those of fastkd.fused_linear_kd_loss (temperature, divergence,
     beta, tail, hard_weight, scale_by_t2, vocab_size, chunk_size, backend)."""
     if (teacher_model is None) == (teacher is None):
@@ -171,8 +172,12 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
     options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index, **loss_options)
     if teacher_model is not None:
         _, t_weight, t_bias, _ = lm_head(teacher_model)
+        t_device = t_weight.device
         with torch.no_grad():
-            t_hidden, t_scale, t_softcap = _hidden(teacher_model, input_ids, attention_mask)
+            t_hidden, t_scale, t_softcap = _hidden(teacher_model, input_ids.to(t_device),
+                                                   None if attention_mask is None else attention_mask.to(t_device))
+        if t_device != hidden.device:  # the teacher elsewhere: its hidden states and head come here
+            t_hidden, t_weight, t_bias = (None if x is None else x.to(hidden.device) for x in (t_hidden, t_weight, t_bias))
         if t_softcap != softcap:
             raise ValueError(f"the teacher's final_logit_softcapping ({t_softcap}) differs from the student's "
                              f"({softcap}); fastkd soft-caps both sides alike")
@@ -180,8 +185,11 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
         t_bias = None if t_bias is None else t_bias.detach() * t_scale
         options.update(teacher_hidden=t_hidden, teacher_weight=t_weight.detach(), teacher_bias=t_bias)
     else:
+        if callable(teacher) and not isinstance(teacher, SparseTeacher):
+            teacher = teacher(input_ids)  # a served teacher, a function over a cache, ...
         if not isinstance(teacher, SparseTeacher):
-            raise TypeError(f"teacher must be a fastkd.SparseTeacher, got {type(teacher).__name__}")
+            raise TypeError(f"teacher must be a fastkd.SparseTeacher or a callable returning one, got "
+                            f"{type(teacher).__name__}")
         options["teacher"] = SparseTeacher(teacher.indices[:, :-1], teacher.logprobs[:, :-1],
                                            teacher.tail_logmass[:, :-1], teacher.temperature, teacher.kind)
     if num_items_in_batch is None:
@@ -199,26 +207,37 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
 class DistillationTrainer(transformers.Trainer):
     """A transformers.Trainer whose loss is fastkd.hf.causal_lm_kd_loss.
 
-    teacher_model: a causal LM, kept in eval mode on the student's device, never trained; or
+    The teacher is one of:
+    teacher_model: a causal LM, kept in eval mode, never trained, on `teacher_device` (default: the
+        student's) in `teacher_dtype` (default: its own) -- its hidden states move to the student;
     teacher_cache: a fastkd.cache.TeacherCache whose rows come in the batch as "indices",
-    "logprobs" and "tail_logmass" (a TeacherCacheDataset's items; pass
-    TrainingArguments(remove_unused_columns=False) so the Trainer keeps them).
+        "logprobs" and "tail_logmass" (a TeacherCacheDataset's items; pass
+        TrainingArguments(remove_unused_columns=False) so the Trainer keeps them);
+    teacher: any callable from input_ids [B, L] to a SparseTeacher [B, L, k] (a teacher behind a
+        server that returns its top-k, a function over a cache, ...).
     kd_options: passed to the loss (temperature, divergence, hard_weight, ...).
     """
 
-    def __init__(self, *args, teacher_model=None, teacher_cache=None, kd_options=None, **kwargs):
+    def __init__(self, *args, teacher_model=None, teacher_cache=None, teacher=None, teacher_device=None,
+                 teacher_dtype=None, kd_options=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if (teacher_model is None) == (teacher_cache is None):
-            raise ValueError("give exactly one of teacher_model= or teacher_cache=")
+        if sum(x is not None for x in (teacher_model, teacher_cache, teacher)) != 1:
+            raise ValueError("give exactly one of teacher_model=, teacher_cache= or teacher= (a callable from "
+                             "input_ids to a SparseTeacher)")
+        if teacher is not None and not callable(teacher):
+            raise TypeError(f"teacher must be a callable from input_ids to a fastkd.SparseTeacher, got "
+                            f"{type(teacher).__name__}")
         self.kd_options = dict(kd_options or {})
         # the loss divides by num_items_in_batch itself: the Trainer must not also divide by the
         # gradient-accumulation steps (it does for models it thinks take no loss kwargs)
         self.model_accepts_loss_kwargs = True
         self.teacher_cache = teacher_cache
         self.teacher_model = teacher_model
+        self.teacher_fn = teacher
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
-            teacher_model.to(self.args.device)
+            teacher_model.to(device=teacher_device if teacher_device is not None else self.args.device,
+                             dtype=teacher_dtype)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the KD loss with the training options, with or without a labels column (the
@@ -231,7 +250,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        teacher = None
+        teacher = self.teacher_fn
         if self.teacher_cache is not None:
             teacher = SparseTeacher(inputs.pop("indices"), inputs.pop("logprobs"), inputs.pop("tail_logmass"),
                                     self.teacher_cache.temperature, self.teacher_cache.manifest["kind"])

@@ -275,3 +275,45 @@ def test_evaluate_reports_the_kd_loss(tmp_path, with_labels):
     want = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher_model=teacher, temperature=2.0,
                                        hard_weight=0.1).item()
     assert abs(got - want) < 1e-4 * want
+
+
+def test_a_teacher_behind_a_callable(tmp_path):
+    """teacher= any callable from input ids to a SparseTeacher (a server returning its top-k, a
+    function over a cache): the same loss as the SparseTeacher itself, and a Trainer that learns."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    ids, mask = _batch()
+    calls = []
+
+    def served(input_ids):
+        calls.append(tuple(input_ids.shape))
+        with torch.no_grad():
+            return fastkd.topk_teacher(teacher(input_ids=input_ids).logits, k=16, temperature=2.0)
+
+    got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher=served, attention_mask=mask)
+    want = fastkd.hf.causal_lm_kd_loss(student, ids, teacher=served(ids), attention_mask=mask)
+    torch.testing.assert_close(got, want)
+    data = _Tokens(n=32)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher=served, args=args, train_dataset=data)
+    before = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher=served).item()
+    trainer.train()
+    assert fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher=served).item() < 0.8 * before
+    assert (8, 16) in calls
+
+
+def test_teacher_device_and_dtype(tmp_path):
+    """teacher_model= is moved to teacher_device / teacher_dtype (it was always the student's device);
+    its hidden states come to the student's."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, args=args, teacher_device="cpu",
+                                            teacher_dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+    ids, mask = _batch()
+    got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    with pytest.raises(ValueError, match="exactly one of"):
+        fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, teacher=lambda ids: None, args=args)
+    del trainer
