@@ -66,6 +66,9 @@ class _Chunked:
             return tuple(x[a:b] for x in self.teacher_rows)
         th, tw, tb = self.teacher_rows
         with torch.no_grad():
+            if not isinstance(tw, torch.Tensor):  # the teacher's own head module, on this chunk's rows
+                z = tw(th[a:b])[:, :self.vocab].to(logits_dtype)
+                return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
             return _logits(th[a:b].to(logits_dtype), tw[:self.vocab].to(logits_dtype),
                            None if tb is None else tb[:self.vocab].to(logits_dtype), self.softcap)
 
@@ -127,7 +130,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     student_hidden [..., H]; student_weight [V_s, H] (the LM head, nn.Linear's layout);
     student_bias [V_s] or None. The teacher is either dense -- teacher_hidden [..., H_t],
     teacher_weight [V_t, H_t], teacher_bias [V_t] or None, used under no_grad -- or `teacher`, a
-    SparseTeacher [..., k] (forward KL with `tail`, at the teacher's temperature).
+    SparseTeacher [..., k] (forward KL with `tail`, at the teacher's temperature). teacher_weight
+    may also be the teacher's head as a module (a quantised Linear, ...): it runs on a chunk of
+    rows at a time, never on the whole [N, V].
     temperature: T > 0 for a dense teacher (None: 1); a sparse teacher's is its own (None, or the
         same value; another is an error, as in fastkd.sparse_kd_loss).
     softcap: Gemma-style soft-capping of both sides' logits, c tanh(z / c), before temperature.
@@ -252,7 +257,13 @@ def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
                          "or as teacher=SparseTeacher, not both and not neither")
     if student_weight.shape[0] == 0 and not sharded:  # (a vocab-parallel rank may hold no rows)
         raise ValueError(f"student_weight {tuple(student_weight.shape)} has no rows: an LM head needs V >= 1")
-    if dense:
+    head_module = dense and not isinstance(teacher_weight, torch.Tensor) and callable(teacher_weight)
+    if head_module:  # the teacher's own head (a quantised Linear, ...): its rows' V from one row
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias goes with a teacher_weight tensor; a head module applies its own")
+        with torch.no_grad():
+            t_vocab = teacher_weight(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[:1]).shape[-1]
+    elif dense:
         _validate.check_logits("teacher_weight", teacher_weight)
         if teacher_weight.dim() != 2:
             raise ValueError(f"teacher_weight must be [V, H_t] (the teacher's LM head), got {tuple(teacher_weight.shape)}")
@@ -263,16 +274,21 @@ def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
     h = student_hidden.reshape(-1, hid)
     vocab = None
     if not sharded:
-        sizes = [student_weight.shape[0]] + ([teacher_weight.shape[0]] if dense else [])
+        t_rows = (t_vocab if head_module else teacher_weight.shape[0]) if dense else None
+        sizes = [student_weight.shape[0]] + ([t_rows] if dense else [])
         vocab = _validate.vocab_in_use(o.vocab_size, *sizes)
         if vocab is None:
             if dense:
-                _validate.check_same_vocab("student_weight", student_weight.shape[0], "teacher_weight",
-                                           teacher_weight.shape[0])
+                _validate.check_same_vocab("student_weight", student_weight.shape[0], "teacher_weight", t_rows)
             vocab = student_weight.shape[0]
     probe = student_hidden[..., :1].expand(*lead, vocab if vocab is not None else 1)  # the logits' shape
     flat_labels = _validate.check_labels(labels, probe, o)
-    if dense:
+    if head_module:
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have the student's leading shape "
+                             f"{tuple(lead)}")
+        rows = (teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight, None)
+    elif dense:
         if teacher_hidden.shape[:-1] != lead or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_weight "
                              f"{tuple(teacher_weight.shape)} must be [..., H_t] (the student's leading "

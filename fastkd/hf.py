@@ -53,10 +53,11 @@ def unwrap(model):
             return model
 
 
-def lm_head(model):
+def lm_head(model, modules=False):
     """(backbone, head weight [V, H], head bias or None, softcap or None) of a causal LM -- or of
     one inside an engine's wrapper -- whose get_output_embeddings() is a Linear (Llama, Qwen2,
-    Gemma2, GPT-2 with its tied head, ...)."""
+    Gemma2, GPT-2 with its tied head, ...). modules=True (a teacher's): a head that is another
+    module (a quantised Linear, ...) is returned itself in place of the weight, with no bias."""
     model = unwrap(model)
     head = model.get_output_embeddings()
     if hasattr(head, "base_layer") and hasattr(head, "merge"):  # a PEFT adapter on the head itself
@@ -64,6 +65,8 @@ def lm_head(model):
                         "runs the head as one weight inside its fused loss. Leave the head out of the adapter's "
                         "target_modules (train it fully with modules_to_save=['lm_head'], or not at all), or merge "
                         "the adapter first (model.merge_and_unload())")
+    if modules and not isinstance(head, torch.nn.Linear) and isinstance(head, torch.nn.Module):
+        return model.base_model, head, None, getattr(model.config, "final_logit_softcapping", None)
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not a "
                         "torch.nn.Linear: fastkd.hf needs the LM head's weight")
@@ -87,11 +90,13 @@ class _HeadCapture(torch.nn.Module):
 
     def __init__(self, head):
         super().__init__()
-        self._params = tuple(p for p in (head.weight, head.bias) if p is not None)  # not registered
+        self._params = tuple(p for p in (getattr(head, "weight", None), getattr(head, "bias", None))
+                             if isinstance(p, torch.Tensor) and p.is_floating_point())  # not registered
 
     def forward(self, hidden):
         self.hidden = hidden
-        anchor = (sum(p.reshape(-1)[:1] for p in self._params).float() * 0).nan_to_num()
+        anchor = (sum((p.reshape(-1)[:1].float() for p in self._params), torch.zeros(1, device=hidden.device)) * 0
+                  ).nan_to_num()
         probes = torch.tensor(PROBES, dtype=torch.float32, device=hidden.device)
         # (hidden * 0 too: the backbone stays in the graph for DDP as well; nan_to_num keeps a NaN
         # hidden state from hiding the probes)
@@ -171,19 +176,24 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
         hidden, bias = hidden * scale, None if bias is None else bias * scale
     options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index, **loss_options)
     if teacher_model is not None:
-        _, t_weight, t_bias, _ = lm_head(teacher_model)
-        t_device = t_weight.device
+        _, t_weight, t_bias, _ = lm_head(teacher_model, modules=True)
+        t_device = t_weight.device if torch.is_tensor(t_weight) else next(teacher_model.parameters()).device
         with torch.no_grad():
             t_hidden, t_scale, t_softcap = _hidden(teacher_model, input_ids.to(t_device),
                                                    None if attention_mask is None else attention_mask.to(t_device))
-        if t_device != hidden.device:  # the teacher elsewhere: its hidden states and head come here
+        if not torch.is_tensor(t_weight):  # a head module (a quantised teacher's): run on its device, per chunk
+            head, t_scale_now = t_weight, t_scale
+            t_weight = lambda x: (head(x.to(t_device)) * t_scale_now).to(hidden.device)  # noqa: E731
+            t_scale = 1.0
+        elif t_device != hidden.device:  # the teacher elsewhere: its hidden states and head come here
             t_hidden, t_weight, t_bias = (None if x is None else x.to(hidden.device) for x in (t_hidden, t_weight, t_bias))
         if t_softcap != softcap:
             raise ValueError(f"the teacher's final_logit_softcapping ({t_softcap}) differs from the student's "
                              f"({softcap}); fastkd soft-caps both sides alike")
         t_hidden = t_hidden[:, :-1] * t_scale if t_scale != 1.0 else t_hidden[:, :-1]
         t_bias = None if t_bias is None else t_bias.detach() * t_scale
-        options.update(teacher_hidden=t_hidden, teacher_weight=t_weight.detach(), teacher_bias=t_bias)
+        options.update(teacher_hidden=t_hidden.to(hidden.device) if torch.is_tensor(t_weight) else t_hidden,
+                       teacher_weight=t_weight.detach() if torch.is_tensor(t_weight) else t_weight, teacher_bias=t_bias)
     else:
         if callable(teacher) and not isinstance(teacher, SparseTeacher):
             teacher = teacher(input_ids)  # a served teacher, a function over a cache, ...

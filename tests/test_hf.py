@@ -317,3 +317,39 @@ def test_teacher_device_and_dtype(tmp_path):
     with pytest.raises(ValueError, match="exactly one of"):
         fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, teacher=lambda ids: None, args=args)
     del trainer
+
+
+class _Int8Head(torch.nn.Module):
+    """A quantised LM head (int8 weight, a scale per row), not an nn.Linear: what a bitsandbytes or
+    GPTQ teacher's get_output_embeddings() returns."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.scale = w.abs().amax(-1, keepdim=True) / 127
+        self.q = torch.round(w / self.scale).to(torch.int8)
+        self.calls = []
+
+    def dequantized(self):
+        return self.q.float() * self.scale
+
+    def forward(self, x):
+        self.calls.append(x.shape[0] if x.dim() == 2 else x.shape[:-1].numel())
+        return x @ self.dequantized().T
+
+
+def test_a_teacher_whose_head_is_not_a_linear():
+    """A quantised teacher's head could not be used (`not a torch.nn.Linear`); now it runs as
+    itself, on a chunk of rows at a time, and gives the loss of the same head dequantised."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    quant = _Int8Head(teacher.lm_head)
+    ids, mask = _batch()
+    plain = _model("llama", 1)
+    plain.lm_head.weight.data.copy_(quant.dequantized())
+    want = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=plain, attention_mask=mask, temperature=2.0)
+    teacher.lm_head = quant
+    got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, temperature=2.0,
+                                      chunk_size=10)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    rows = 3 * 11  # [B, L - 1] positions
+    assert max(quant.calls[1:]) <= 10 and sum(quant.calls[1:]) == rows  # chunks, never all the rows at once
