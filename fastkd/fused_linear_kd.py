@@ -24,6 +24,7 @@ from . import _validate, backends
 from ._ops import grad_dtype
 from ._options import loss_options, with_teacher
 from ._autograd import KeptRows
+from ._metrics import ChunkMetrics
 from ._reduce import reduce_rows, row_weight
 
 CPU_CHUNK_BYTES = 256 << 20
@@ -59,6 +60,7 @@ class _Chunked:
         self.dense, self.teacher_rows, self.row_op = c.dense, c.teacher_rows, row_op
         self.softcap, self.chunk, self.vocab, self.dtype = c.softcap, chunk, vocab, c.dtype
         self.shard = shard  # a VocabShard: the head holds one slice of the vocabulary, grad_h is summed
+        self.metrics = None  # a ChunkMetrics to fill on the next run (fastkd/_metrics.py), then its result
 
     def teacher(self, a, b, logits_dtype):
         """The teacher's rows a:b for the row op: dense, its logits (under no_grad); sparse, its entries."""
@@ -94,13 +96,17 @@ class _Chunked:
             hc = h[a:a + self.chunk].to(dtype)
             z = _logits(hc, w_used, b_used, self.softcap)
             lab = None if self.labels is None else self.labels[a:a + self.chunk]
+            t = self.teacher(a, a + hc.shape[0], z.dtype)
             try:
-                loss, g = self.row_op(z, self.teacher(a, a + hc.shape[0], z.dtype), lab, grad_scale, compute_grad)
+                loss, g = self.row_op(z, t, lab, grad_scale, compute_grad)
             except ValueError as e:  # the op checks what it reads (labels, teacher ids): name the call's row
                 if a == 0 and n <= self.chunk:
                     raise
                 raise ValueError(f"{e} (rows counted from row {a} of the call's {n}: a chunk of {self.chunk})") from None
             rows[a:a + hc.shape[0]] = loss
+            if isinstance(self.metrics, ChunkMetrics):  # from the chunk's logits while they are here
+                with torch.no_grad():
+                    self.metrics.add(z, _teacher_top1(t, self.dense), lab, loss)
             if not compute_grad:
                 continue
             g = g.to(gdt)
@@ -114,17 +120,28 @@ class _Chunked:
                 grad_w[:self.vocab] += (g.t() @ hc.to(gdt)).to(grad_w.dtype)
             if grad_b is not None:
                 grad_b[:self.vocab] += g.sum(0, dtype=grad_b.dtype)
+        if isinstance(self.metrics, ChunkMetrics):  # (once: a replayed backward does not add again)
+            self.metrics = self.metrics.result()
         if self.shard is not None and grad_h is not None:
             self.shard.all_reduce(grad_h, "sum")  # [N, H]: the one collective of O(N H)
             grad_h = grad_h.to(grad_dtype(h.dtype))
         return rows, grad_h, grad_w, grad_b
 
 
+def _teacher_top1(t, dense):
+    """The teacher's most probable id per row of a chunk: its logits' argmax, or the id of a
+    SparseTeacher's largest log-prob entry."""
+    if dense:
+        return t.argmax(-1)
+    indices, logprobs, _ = t
+    return indices.gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+
+
 def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, teacher_hidden=None,
                          teacher_weight=None, teacher_bias=None, teacher=None, softcap=None, chunk_size=None,
                          temperature=None, divergence="forward_kl", beta=0.5, tail="bucket", reduction="mean",
                          labels=None, ignore_index=-100, hard_weight=0.0, scale_by_t2=True, vocab_size=None,
-                         vocab_shard=None, backend="auto"):
+                         vocab_shard=None, backend="auto", return_metrics=False):
     """KD loss of the student's LM head on its hidden states, without the [N, V] logits.
 
     student_hidden [..., H]; student_weight [V_s, H] (the LM head, nn.Linear's layout);
@@ -141,8 +158,11 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     vocab_shard: a fastkd.distributed.VocabShard when the heads (student_weight, teacher_weight,
         biases) hold this rank's slice of the vocabulary's rows; hidden states are the same on every
         rank, labels and sparse-teacher ids global, grad_hidden summed over the ranks.
-    Under autocast the logits are computed in the autocast dtype. Returns the loss (fp32);
-    gradients reach student_hidden, student_weight and student_bias.
+    return_metrics: also return a fastkd.KDMetrics -- the KD / CE split, top-1 agreement with the
+        teacher and the student's entropy over the kept rows, from each chunk's logits in the same
+        pass (fastkd/_metrics.py); not with vocab_shard.
+    Under autocast the logits are computed in the autocast dtype. Returns the loss (fp32), or
+    (loss, KDMetrics); gradients reach student_hidden, student_weight and student_bias.
     """
     def options():
         sparse = teacher is not None
@@ -153,7 +173,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
 
     heads = Heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   teacher, softcap, chunk_size)
-    return fused_linear_loss(heads, labels, options, vocab_shard)
+    return fused_linear_loss(heads, labels, options, vocab_shard, return_metrics)
 
 
 class Heads(NamedTuple):
@@ -170,19 +190,25 @@ class Heads(NamedTuple):
     chunk_size: int | None
 
 
-def fused_linear_loss(heads: Heads, labels, options, vocab_shard=None):
+def fused_linear_loss(heads: Heads, labels, options, vocab_shard=None, return_metrics=False):
     """fused_linear_kd_loss with its options (options() builds the checked LossOptions)."""
+    if not isinstance(return_metrics, bool):
+        raise TypeError(f"return_metrics must be a bool, got {return_metrics!r}")
     if vocab_shard is not None:
-        return _sharded(vocab_shard, heads, labels, options)
+        return _sharded(vocab_shard, heads, labels, options, return_metrics)
     o = options()
     c = check_heads(heads, labels, o)
     if not c.dense:
         o = with_teacher(o, heads.teacher)
     chunk = c.chunk or auto_chunk_rows(c.h.shape[0], c.vocab, torch.empty((), dtype=c.dtype).element_size(), c.h.device)
-    return run(c, o, _Chunked(c, _row_op(c.dense, o, c.h.device), c.vocab, chunk))
+    loop = _Chunked(c, _row_op(c.dense, o, c.h.device), c.vocab, chunk)
+    if return_metrics:
+        loop.metrics = ChunkMetrics(o, c.labels is not None, c.h.device)
+    loss = run(c, o, loop)
+    return (loss, loop.metrics) if return_metrics else loss
 
 
-def _sharded(vocab_shard, heads: Heads, labels, options):
+def _sharded(vocab_shard, heads: Heads, labels, options, return_metrics=False):
     """The vocab-parallel call (docs/distributed.md): the rank-local checks (a bad argument on one
     rank is raised on every rank), the agreement on the layout, then the chunk loop over this
     rank's rows of the head with fastkd.distributed's row op."""
@@ -192,6 +218,9 @@ def _sharded(vocab_shard, heads: Heads, labels, options):
 
     def check():
         o = options()
+        if return_metrics:
+            raise ValueError("fused_linear_kd_loss(return_metrics=True, vocab_shard=...) is not supported: each rank "
+                             "holds a slice of the logits (measure on an unsharded head)")
         if o.reduction == "none":
             raise ValueError("fused_linear_kd_loss(reduction='none', vocab_shard=...) is not supported: its "
                              "backward would run the ranks' collectives again, and a rank that skipped backward "
@@ -337,7 +366,8 @@ class FusedLinearKDLoss(torch.nn.Module):
     """Module form of `fused_linear_kd_loss`, with the same options and defaults.
 
     forward(student_hidden, student_weight, student_bias=None, *, teacher_hidden=None,
-            teacher_weight=None, teacher_bias=None, teacher=None, labels=None) -> loss
+            teacher_weight=None, teacher_bias=None, teacher=None, labels=None,
+            return_metrics=False) -> loss, or (loss, fastkd.KDMetrics)
     """
 
     def __init__(self, *, softcap=None, chunk_size=None, temperature=None, divergence="forward_kl", beta=0.5,
@@ -365,10 +395,10 @@ class FusedLinearKDLoss(torch.nn.Module):
         return self.sparse_options
 
     def forward(self, student_hidden, student_weight, student_bias=None, *, teacher_hidden=None,
-                teacher_weight=None, teacher_bias=None, teacher=None, labels=None):
+                teacher_weight=None, teacher_bias=None, teacher=None, labels=None, return_metrics=False):
         heads = Heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                       teacher, self.softcap, self.chunk_size)
-        return fused_linear_loss(heads, labels, lambda: self._options(teacher))
+        return fused_linear_loss(heads, labels, lambda: self._options(teacher), return_metrics=return_metrics)
 
     def extra_repr(self) -> str:
         return f"softcap={self.softcap!r}, chunk_size={self.chunk_size!r}, " + self.dense_options.describe()

@@ -31,6 +31,7 @@ import torch
 
 import transformers
 
+from ._metrics import NAMES as _METRIC_NAMES, KDMetrics
 from .fused_linear_kd import fused_linear_kd_loss
 from .sparse_teacher import SparseTeacher
 
@@ -53,13 +54,23 @@ def unwrap(model):
             return model
 
 
+def _active(head):
+    """The module a PEFT `modules_to_save` wrapper runs (its trained copy for the active adapter,
+    the original with adapters disabled); any other head as it is."""
+    copies, original = getattr(head, "modules_to_save", None), getattr(head, "original_module", None)
+    if not isinstance(copies, torch.nn.ModuleDict) or not isinstance(original, torch.nn.Module):
+        return head
+    active = [] if head.disable_adapters else [a for a in head.active_adapters if a in copies]
+    return copies[active[0]] if active else original
+
+
 def lm_head(model, modules=False):
     """(backbone, head weight [V, H], head bias or None, softcap or None) of a causal LM -- or of
     one inside an engine's wrapper -- whose get_output_embeddings() is a Linear (Llama, Qwen2,
     Gemma2, GPT-2 with its tied head, ...). modules=True (a teacher's): a head that is another
     module (a quantised Linear, ...) is returned itself in place of the weight, with no bias."""
     model = unwrap(model)
-    head = model.get_output_embeddings()
+    head = _active(model.get_output_embeddings())
     if hasattr(head, "base_layer") and hasattr(head, "merge"):  # a PEFT adapter on the head itself
         raise TypeError(f"{type(model).__name__}'s LM head carries a PEFT adapter ({type(head).__name__}): fastkd.hf "
                         "runs the head as one weight inside its fused loss. Leave the head out of the adapter's "
@@ -154,13 +165,15 @@ def _hidden(model, input_ids, attention_mask):
 
 
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
-                      labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean", **loss_options):
+                      labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean", return_metrics=False,
+                      **loss_options):
     """KD loss of a causal LM against a teacher model (on any device: its hidden states move to the
     student's), a SparseTeacher ([B, L, k], aligned to the student's positions, e.g. cache[a:b] of a
     fastkd.cache.TeacherCache), or a callable from input_ids to such a SparseTeacher, from the
     hidden states and the LM head: input_ids [B, L] -> the loss (see the module docstring for the
     conventions). loss_options: those of fastkd.fused_linear_kd_loss (temperature, divergence,
-    beta, tail, hard_weight, scale_by_t2, vocab_size, chunk_size, backend)."""
+    beta, tail, hard_weight, scale_by_t2, vocab_size, chunk_size, backend). return_metrics: also
+    return the fastkd.KDMetrics of the kept positions (KD / CE split, top-1 agreement, entropy)."""
     if (teacher_model is None) == (teacher is None):
         raise ValueError("give exactly one of teacher_model= (a causal LM) or teacher= (a SparseTeacher)")
     if input_ids.dim() != 2:
@@ -174,7 +187,8 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
     hidden = hidden[:, :-1]
     if scale != 1.0:  # the model's logits are scale * (h W^T + b): fold the scale into h and b
         hidden, bias = hidden * scale, None if bias is None else bias * scale
-    options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index, **loss_options)
+    options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index,
+                   return_metrics=return_metrics, **loss_options)
     if teacher_model is not None:
         _, t_weight, t_bias, _ = lm_head(teacher_model, modules=True)
         t_device = t_weight.device if torch.is_tensor(t_weight) else next(teacher_model.parameters()).device
@@ -208,10 +222,13 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
         raise ValueError("num_items_in_batch replaces the row count of reduction='mean'; got reduction="
                          f"{reduction!r}")
     total = fused_linear_kd_loss(hidden, weight, reduction="sum", **options)
+    total, metrics = total if return_metrics else (total, None)
     # a window with no kept label: 0 with zero gradients, as "mean" is (never 0 / 0)
     if torch.is_tensor(num_items_in_batch):
-        return total / num_items_in_batch.clamp_min(1).to(total.device)
-    return total / max(num_items_in_batch, 1)
+        loss = total / num_items_in_batch.clamp_min(1).to(total.device)
+    else:
+        loss = total / max(num_items_in_batch, 1)
+    return (loss, metrics) if return_metrics else loss
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -226,6 +243,10 @@ class DistillationTrainer(transformers.Trainer):
     teacher: any callable from input_ids [B, L] to a SparseTeacher [B, L, k] (a teacher behind a
         server that returns its top-k, a function over a cache, ...).
     kd_options: passed to the loss (temperature, divergence, hard_weight, ...).
+
+    Besides `loss`, each training log and evaluate() report the fastkd.KDMetrics of the rows seen
+    since the last log (summed over micro-batches and processes, measured in the fused pass):
+    kd_loss, ce_loss, top1_agreement, student_entropy (eval_kd_loss, ... in evaluate()).
     """
 
     def __init__(self, *args, teacher_model=None, teacher_cache=None, teacher=None, teacher_device=None,
@@ -244,6 +265,7 @@ class DistillationTrainer(transformers.Trainer):
         self.teacher_cache = teacher_cache
         self.teacher_model = teacher_model
         self.teacher_fn = teacher
+        self._kd_metrics = {"train": None, "eval": None}  # KDMetrics summed since the last log
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
             teacher_model.to(device=teacher_device if teacher_device is not None else self.args.device,
@@ -264,7 +286,33 @@ class DistillationTrainer(transformers.Trainer):
         if self.teacher_cache is not None:
             teacher = SparseTeacher(inputs.pop("indices"), inputs.pop("logprobs"), inputs.pop("tail_logmass"),
                                     self.teacher_cache.temperature, self.teacher_cache.manifest["kind"])
-        loss = causal_lm_kd_loss(model, inputs["input_ids"], teacher_model=self.teacher_model, teacher=teacher,
-                                 attention_mask=inputs.get("attention_mask"), labels=inputs.get("labels"),
-                                 num_items_in_batch=num_items_in_batch, **self.kd_options)
+        loss, metrics = causal_lm_kd_loss(model, inputs["input_ids"], teacher_model=self.teacher_model,
+                                          teacher=teacher, attention_mask=inputs.get("attention_mask"),
+                                          labels=inputs.get("labels"), num_items_in_batch=num_items_in_batch,
+                                          return_metrics=True, **self.kd_options)
+        mode = "train" if model.training else "eval"
+        seen = self._kd_metrics[mode]
+        self._kd_metrics[mode] = metrics if seen is None else seen + metrics
         return (loss, None) if return_outputs else loss
+
+    def _kd_means(self, mode):
+        """The means of the KDMetrics summed since the last call, over every process (a collective:
+        every rank calls it, as every rank calls log() and evaluation_loop()); then reset."""
+        seen, self._kd_metrics[mode] = self._kd_metrics[mode], None
+        measured = seen.measured if seen is not None else (True,) * len(_METRIC_NAMES)
+        local = (torch.zeros(1 + len(_METRIC_NAMES), dtype=torch.float64, device=self.args.device) if seen is None
+                 else torch.cat([seen.rows.reshape(1), seen.sums]).to(self.args.device))
+        total = self.accelerator.reduce(local, reduction="sum") if self.args.world_size > 1 else local
+        return KDMetrics(total[0], total[1:], measured).means()
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log: the split of the rows since the last one
+            logs.update(self._kd_means("train"))
+        return super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._kd_metrics["eval"] = None
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update({f"{prefix}_{name}": v for name, v in self._kd_means("eval").items()})
+        return output

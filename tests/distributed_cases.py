@@ -224,6 +224,10 @@ def error_cases(shard, rank, cols, vocab):
     _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, w[cols], teacher_hidden=h, teacher_weight=w[cols],
                                                             reduction="none", vocab_shard=shard),
                         "reduction='none'", "collectives")
+    # metrics need whole rows of logits, which no rank holds
+    _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, w[cols], teacher_hidden=h, teacher_weight=w[cols],
+                                                            return_metrics=True, vocab_shard=shard),
+                        "return_metrics=True", "slice")
     # a slice whose size disagrees with start/total
     wrong = VocabShard(start=cols.start, total=vocab + 1)
     _refused_everywhere(lambda: fastkd.kd_loss(s[:, cols], t[:, cols], vocab_shard=wrong), f"total={vocab + 1}")

@@ -56,8 +56,12 @@ def main(out, optimizer):
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    # the KD / CE split, agreement and entropy of each log, summed over both ranks' rows
+    split = [[e[k] for k in ("kd_loss", "ce_loss", "top1_agreement", "student_entropy")]
+             for e in trainer.state.log_history if "loss" in e]
     params = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    torch.save({"losses": losses, "params": params, "world": world}, os.path.join(out, f"result-{rank}.pt"))
+    torch.save({"losses": losses, "split": split, "params": params, "world": world},
+               os.path.join(out, f"result-{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,83 @@ def test_vocab_size_on_every_loss(backend):
     want, wg = loss_and_grad(fastkd.sparse_kd_loss, s[:, :20].contiguous(), teacher, backend="torch")
     torch.testing.assert_close(got, want)
     assert (g[:, 20:] == 0).all()
+
+
+def _split(z, t_top1, labels, kd_rows, keep):
+    """kd_loss, ce_loss, top1_agreement, student_entropy means over the kept rows, from logits."""
+    q = torch.log_softmax(z, -1)
+    out = {"kd_loss": kd_rows[keep].mean().item(),
+           "top1_agreement": (z.argmax(-1) == t_top1)[keep].double().mean().item(),
+           "student_entropy": -(q.exp() * q).sum(-1)[keep].mean().item()}
+    if labels is not None:
+        out["ce_loss"] = -q.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep].mean().item()
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard_weight, softcap, with_labels, sparse",
+                         [(0.0, None, True, False), (0.4, 3.0, True, False), (0.0, None, False, False),
+                          (0.25, None, True, True), (1.0, None, True, False)])
+def test_metrics_are_those_of_the_materialised_logits(backend, hard_weight, softcap, with_labels, sparse):
+    """return_metrics: the KD / CE split, top-1 agreement and entropy of the kept rows, measured in
+    the chunk loop, equal those of the materialised logits; the loss is unchanged."""
+    h, w, th, tw = _rand(23, 8), _rand(40, 8), _rand(23, 6), _rand(40, 6, scale=2.0)
+    labels = torch.randint(0, 40, (23,), generator=G) if with_labels else None
+    if with_labels:
+        labels[::4] = -100
+    z = h @ w.T
+    t = th @ tw.T
+    if softcap:
+        z, t = torch.tanh(z / softcap) * softcap, torch.tanh(t / softcap) * softcap
+    keep = torch.ones(23, dtype=torch.bool) if labels is None else labels != -100
+    opts = dict(temperature=2.0, labels=labels, hard_weight=hard_weight, softcap=softcap, chunk_size=5)
+    dev = device_of(backend)
+    if sparse:
+        teacher = fastkd.topk_teacher(t, k=6, temperature=2.0, backend="torch")
+        kd_rows = fastkd.sparse_kd_loss(z, teacher, reduction="none", backend="torch")
+        t_top1 = teacher.indices[:, 0]
+        plain = dict(teacher=on(dev, teacher)[0])
+    else:
+        kd_rows = fastkd.kd_loss(z, t, temperature=2.0, reduction="none", backend="torch")
+        t_top1 = t.argmax(-1)
+        plain = dict(zip(("teacher_hidden", "teacher_weight"), on(dev, th, tw)))
+    if with_labels:
+        opts["labels"] = on(dev, labels)[0]
+    hd, wd = on(dev, h, w)
+    loss, metrics = fastkd.fused_linear_kd_loss(hd, wd, backend=backend, return_metrics=True, **plain, **opts)
+    assert torch.equal(loss, fastkd.fused_linear_kd_loss(hd, wd, backend=backend, **plain, **opts))
+    want = _split(z, t_top1, labels, kd_rows, keep)
+    if hard_weight == 1.0:  # labels only: no KD term to separate
+        del want["kd_loss"]
+    got = metrics.means()
+    assert got.keys() == want.keys() and int(metrics.rows) == int(keep.sum())
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12), name
+
+
+def test_metrics_add_up_and_survive_edge_rows():
+    """Two calls' metrics add to those of one call over both; a backward of reduction 'none' (which
+    replays the chunk loop) does not count rows twice; a masked or all -inf student row gives no
+    NaN; no kept row gives {} (a sharded call refuses them: tests/distributed_cases.py)."""
+    h, w, th, tw = _rand(12, 8), _rand(30, 8), _rand(12, 8), _rand(30, 8)
+    labels = torch.randint(0, 30, (12,), generator=G)
+    kw = dict(teacher_hidden=th, teacher_weight=tw, labels=labels, temperature=2.0, return_metrics=True)
+    _, whole = fastkd.fused_linear_kd_loss(h, w, **kw)
+    _, a = fastkd.fused_linear_kd_loss(h[:5], w, **{**kw, "teacher_hidden": th[:5], "labels": labels[:5]})
+    _, b = fastkd.fused_linear_kd_loss(h[5:], w, **{**kw, "teacher_hidden": th[5:], "labels": labels[5:]})
+    for name, value in whole.means().items():
+        assert (a + b).means()[name] == pytest.approx(value, rel=1e-9), name
+    hg = h.clone().requires_grad_(True)
+    loss, m = fastkd.fused_linear_kd_loss(hg, w, reduction="none", chunk_size=5, **kw)
+    loss.sum().backward()
+    assert int(m.rows) == 12 and m.means() == pytest.approx(whole.means(), rel=1e-9)
+    w_masked = w.clone()
+    w_masked[3] = 0
+    b = torch.zeros(30, dtype=torch.float64)
+    b[3] = float("-inf")  # id 3 masked in the student
+    _, m = fastkd.fused_linear_kd_loss(h, w_masked, student_bias=b, **{**kw, "labels": None})
+    assert all(v == v for v in m.means().values())
+    _, m = fastkd.fused_linear_kd_loss(h, w, **{**kw, "labels": torch.full((12,), -100)})
+    assert m.means() == {} and "rows=0" in repr(m)
+    with pytest.raises(TypeError, match="return_metrics"):
+        fastkd.fused_linear_kd_loss(h, w, **{**kw, "return_metrics": 1})

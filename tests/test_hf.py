@@ -223,22 +223,29 @@ def test_an_unknown_transform_after_the_head_is_refused():
         fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask)
 
 
-def test_a_lora_student():
+@pytest.mark.parametrize("head_trained", [False, True])
+def test_a_lora_student(head_trained):
     """A LoRA student (peft.get_peft_model): the loss equals the materialised one, and gradients
     reach exactly the trainable (adapter) parameters. It failed with 'student_weight must be [V, H]'
-    (PeftModel.base_model is the LoraModel, which returns logits)."""
+    (PeftModel.base_model is the LoraModel, which returns logits). With modules_to_save=['lm_head']
+    (what the refusal of an adapter on the head advises) the head's trained copy is the one used."""
     peft = pytest.importorskip("peft")
     base, teacher = _model("llama", 0), _model("llama", 1)
     student = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                                         init_lora_weights=False))
+                                                         init_lora_weights=False,
+                                                         modules_to_save=["lm_head"] if head_trained else None))
+    if head_trained:  # the copy differs from the original: using the wrong one shows in the loss
+        with torch.no_grad():
+            fastkd.hf.unwrap(student).get_output_embeddings().modules_to_save["default"].weight.mul_(1.5)
     ids, mask = _batch()
     want = _materialised(student, teacher, ids, mask, temperature=2.0)
     got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, temperature=2.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     got.backward()
     for name, p in student.named_parameters():
-        assert (p.grad is not None) == p.requires_grad == ("lora_" in name), name
-    lora = [p for n, p in student.named_parameters() if "lora_" in n]
+        trained = "lora_" in name or "modules_to_save" in name
+        assert (p.grad is not None) == p.requires_grad == trained, name
+    lora = [p for n, p in student.named_parameters() if p.requires_grad]
     wants = torch.autograd.grad(_materialised(student, teacher, ids, mask, temperature=2.0), lora)
     for p, w in zip(lora, wants):
         torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-7)
@@ -271,10 +278,50 @@ def test_evaluate_reports_the_kd_loss(tmp_path, with_labels):
                                           use_cpu=True, disable_tqdm=True)
     trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, args=args, eval_dataset=Labelled(),
                                             kd_options={"temperature": 2.0, "hard_weight": 0.1})
-    got = trainer.evaluate()["eval_loss"]
+    metrics = trainer.evaluate()
     want = fastkd.hf.causal_lm_kd_loss(student, data.ids, teacher_model=teacher, temperature=2.0,
                                        hard_weight=0.1).item()
-    assert abs(got - want) < 1e-4 * want
+    assert abs(metrics["eval_loss"] - want) < 1e-4 * want
+    # the KD / CE split, agreement and entropy, against the materialised logits
+    expected = _split(student, teacher, data.ids, temperature=2.0)
+    for name, value in expected.items():
+        assert metrics[f"eval_{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert metrics["eval_loss"] == pytest.approx(0.9 * expected["kd_loss"] + 0.1 * expected["ce_loss"], rel=1e-4)
+
+
+def _split(student, teacher, ids, temperature):
+    """kd_loss, ce_loss, top1_agreement, student_entropy over the shifted positions of ids, from
+    the models' full logits."""
+    with torch.no_grad():
+        s = student(input_ids=ids).logits[:, :-1].reshape(-1, V).double()
+        t = teacher(input_ids=ids).logits[:, :-1].reshape(-1, V).double()
+    labels = ids[:, 1:].reshape(-1)
+    p = torch.log_softmax(t / temperature, -1)
+    kd = (p.exp() * (p - torch.log_softmax(s / temperature, -1))).sum(-1) * temperature ** 2
+    q = torch.log_softmax(s, -1)
+    return {"kd_loss": kd.mean().item(), "ce_loss": torch.nn.functional.nll_loss(q, labels).item(),
+            "top1_agreement": (s.argmax(-1) == t.argmax(-1)).double().mean().item(),
+            "student_entropy": -(q.exp() * q).sum(-1).mean().item()}
+
+
+def test_training_logs_the_kd_split(tmp_path):
+    """Each training log carries the KD / CE split, agreement and entropy of the rows since the
+    last log; with the learning rate 0 they are the model's, measured from its full logits."""
+    student, teacher = _model("llama", 0), _model("llama", 1)
+    data = _Tokens(n=8)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
+                                          learning_rate=0.0, logging_steps=2, report_to=[], use_cpu=True,
+                                          gradient_accumulation_steps=2, save_strategy="no", disable_tqdm=True)
+    trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                            kd_options={"temperature": 2.0})
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2
+    expected = _split(student.eval(), teacher, data.ids, temperature=2.0)
+    for entry in logs:  # each log window saw every row of the set twice (2 steps of 2 x 4 rows)
+        for name, value in expected.items():
+            assert entry[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert entry["loss"] == pytest.approx(expected["kd_loss"], rel=1e-4)
 
 
 def test_a_teacher_behind_a_callable(tmp_path):

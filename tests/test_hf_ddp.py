@@ -52,6 +52,7 @@ def test_ddp_equals_one_process(tmp_path, optimizer):
     tol = dict(rtol=1e-5, atol=1e-7) if optimizer == "sgd" else dict(rtol=1e-4, atol=5e-5)
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(r["split"]), torch.tensor(one["split"]), rtol=1e-5, atol=1e-6)
         for name, p in one["params"].items():
             torch.testing.assert_close(r["params"][name], p, **tol, msg=name)
 

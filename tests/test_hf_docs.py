@@ -17,4 +17,8 @@ def test_hf_doc_blocks_run(tmp_path, monkeypatch):
     scope = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{DOC}:block{i}", "exec"), scope)
-    assert scope["after"] < scope["before"] and float(scope["loss"]) > 0
+    before, after = scope["before"], scope["after"]
+    assert after["eval_loss"] < before["eval_loss"] and float(scope["loss"]) > 0
+    for m in (before, after):  # the loss is its parts: 0.9 KD + 0.1 CE (hard_weight 0.1)
+        assert m["eval_loss"] == pytest.approx(0.9 * m["eval_kd_loss"] + 0.1 * m["eval_ce_loss"], rel=1e-4)
+        assert 0 <= m["eval_top1_agreement"] <= 1 and m["eval_student_entropy"] > 0
