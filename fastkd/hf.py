@@ -27,6 +27,8 @@ the [B, L, V] logits never exist. Conventions, stated because other integrations
 - A sparse teacher's temperature is its own: another `temperature` is refused, as in
   fastkd.sparse_kd_loss; `num_items_in_batch=0` gives 0 with zero gradients.
 """
+import math
+
 import torch
 
 import transformers
@@ -85,7 +87,10 @@ def lm_head(model, modules=False):
     return model.base_model, head.weight, head.bias, softcap
 
 
-PROBES = (1e-3, 2e-3)  # what the stand-in head returns, to read the transform the model applies after it
+# what the stand-in head returns, to read the transform the model applies after it: two small
+# values (powers of 2, exact in any float) give its scale, a large one shows any other
+# nonlinearity (a soft cap the config does not name: c tanh(8 / c) is 8 (1 - 21 / c^2))
+PROBES = (2.0 ** -10, 2.0 ** -9, 8.0)
 
 
 class _HeadCapture(torch.nn.Module):
@@ -106,12 +111,14 @@ class _HeadCapture(torch.nn.Module):
 
     def forward(self, hidden):
         self.hidden = hidden
-        anchor = (sum((p.reshape(-1)[:1].float() for p in self._params), torch.zeros(1, device=hidden.device)) * 0
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # (the scale, read as exactly)
+        anchor = (sum((p.reshape(-1)[:1].to(dtype) for p in self._params), torch.zeros(1, dtype=dtype,
+                                                                                      device=hidden.device)) * 0
                   ).nan_to_num()
-        probes = torch.tensor(PROBES, dtype=torch.float32, device=hidden.device)
+        probes = torch.tensor(PROBES, dtype=dtype, device=hidden.device)
         # (hidden * 0 too: the backbone stays in the graph for DDP as well; nan_to_num keeps a NaN
         # hidden state from hiding the probes)
-        return (hidden[..., :1].float() * 0).nan_to_num() + anchor + probes
+        return (hidden[..., :1].to(dtype) * 0).nan_to_num() + anchor + probes
 
 
 def _softcap_of(config):
@@ -133,17 +140,19 @@ def _head_transform(model, out):
                         "fastkd.hf cannot see what it does after the LM head")
     got = logits.detach().reshape(-1, logits.shape[-1])[0].double().tolist()
     cap = _softcap_of(model.config)
-    probes = torch.tensor(PROBES, dtype=torch.float64)
-    seen = torch.tensor(got, dtype=torch.float64)
-    if cap is not None:
+    seen = torch.tensor(got[:2], dtype=torch.float64)
+    if cap is not None:  # (small values: far from saturation, atanh recovers them)
         seen = cap * torch.atanh((seen / cap).clamp(-1 + 1e-12, 1 - 1e-12))
-    scales = seen / probes
+    scales = seen / torch.tensor(PROBES[:2], dtype=torch.float64)
     scale = float(scales[0])
-    if not (scale > 0 and abs(float(scales[1]) - scale) <= 1e-3 * scale):
+    big = scale * PROBES[2]
+    predicted = big if cap is None else cap * math.tanh(big / cap)
+    if not (scale > 0 and abs(float(scales[1]) - scale) <= 1e-4 * scale
+            and abs(got[2] - predicted) <= 1e-4 * abs(predicted)):
         raise ValueError(f"{type(model).__name__} transforms its logits after the LM head in a way fastkd does not "
                          f"apply (its output for head values {list(PROBES)} was {got}; fastkd applies a scale and "
                          "the config's final_logit_softcapping); compute its logits and use fastkd.kd_loss")
-    return (1.0 if abs(scale - 1) < 1e-4 else scale), cap
+    return (1.0 if abs(scale - 1) < 1e-6 else scale), cap
 
 
 def _hidden(model, input_ids, attention_mask):

@@ -182,31 +182,66 @@ def test_a_temperature_other_than_the_teachers_is_refused():
     fastkd.hf.causal_lm_kd_loss(student, ids, teacher=sparse, attention_mask=mask)  # unsaid: the teacher's
 
 
-def _scaled_model(kind, seed, hidden=32):
+# every causal LM family in transformers that transforms its logits after the head: (config,
+# model, the transform's settings); those with grouped-GEMM experts run in fp32, the rest in fp64
+FAMILIES = {
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),  # logits * logit_scale
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {"logit_scale": 0.25}),
+    "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM", {"logit_scale": 0.25}),
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", {
+        "lm_head_multiplier": 0.5, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_ssm": 32, "mamba_d_state": 8,
+        "mamba_chunk_size": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 5.0}),  # c tanh(z / c)
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"final_logit_softcapping": 5.0}),
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", {
+        "final_logit_softcapping": 5.0, "num_kv_shared_layers": 0, "layer_types": ["full_attention"],
+        "vocab_size_per_layer_input": V, "hidden_size_per_layer_input": 8, "laurel_rank": 4,
+        "activation_sparsity_pattern": [0.0]}),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {
+        "final_logit_softcapping": 5.0, "vocab_size_per_layer_input": V, "hidden_size_per_layer_input": 8}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 3.0}),  # logits / logits_scaling
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"logits_scaling": 3.0}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", {
+        "logits_scaling": 3.0, "layer_types": ["attention"], "mamba_n_heads": 4, "mamba_d_head": "auto"}),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", {"logits_scaling": 3.0}),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", {"logits_scaling": 0.5}),  # logits * it
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", {"final_logit_softcapping": 5.0}),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", {"final_logit_softcapping": 5.0}),
+}
+FP32_FAMILIES = {"cohere2_moe", "granitemoe", "granitemoehybrid", "granitemoeshared"}
+
+
+def _family_model(kind, seed, hidden=32):
+    config_name, model_name, transform = FAMILIES[kind]
+    config = getattr(transformers, config_name)(
+        vocab_size=V, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **transform)
     torch.manual_seed(seed)
-    common = dict(vocab_size=V, num_hidden_layers=1, hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    if kind == "granite":  # logits / logits_scaling
-        return transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0, **common))
-    return transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.5, **common))  # logits * logit_scale
+    model = getattr(transformers, model_name)(config).eval()
+    return model if kind in FP32_FAMILIES else model.double()
 
 
-@pytest.mark.parametrize("kind", ["granite", "cohere"])
-def test_a_scale_after_the_head_is_applied(kind):
-    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the loss
-    was 0.0124 against 0.00019 (Granite) on the model's own logits, silently. Now the transform is
-    read from the model's forward and applied, on both sides."""
-    student, teacher = _scaled_model(kind, 0), _scaled_model(kind, 1, hidden=48)
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_a_transform_after_the_head_is_applied(kind):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale, Gemma
+    soft-caps them, ...: the loss was 0.0124 against 0.00019 (Granite) on the model's own logits,
+    silently. Now the transform is read from the model's forward and applied, on both sides: the
+    loss and every gradient equal the materialised ones, family by family."""
+    student, teacher = _family_model(kind, 0), _family_model(kind, 1, hidden=48)
     ids, mask = _batch()
     opts = dict(temperature=2.0, hard_weight=0.2)
-    want = _materialised(student, teacher, ids, mask, **opts)
+    tol = dict(rtol=1e-4, atol=1e-6) if kind in FP32_FAMILIES else dict(rtol=1e-9, atol=1e-12)
+    params = [p for p in student.parameters() if p.requires_grad]
     got = fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask, **opts)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    grads = torch.autograd.grad(got, [student.lm_head.weight, student.model.embed_tokens.weight])
-    wants = torch.autograd.grad(_materialised(student, teacher, ids, mask, **opts),
-                                [student.lm_head.weight, student.model.embed_tokens.weight])
+    want = _materialised(student, teacher, ids, mask, **opts)
+    torch.testing.assert_close(got, want, **tol)
+    grads = torch.autograd.grad(got, params, allow_unused=True)
+    wants = torch.autograd.grad(want, params, allow_unused=True)
     for g, w in zip(grads, wants):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, **tol)
 
 
 def test_an_unknown_transform_after_the_head_is_refused():
@@ -216,11 +251,17 @@ def test_an_unknown_transform_after_the_head_is_refused():
             out.logits = out.logits ** 3
             return out
 
+    class Capped(transformers.LlamaForCausalLM):  # a soft cap its config does not name
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = torch.tanh(out.logits / 30.0) * 30.0
+            return out
+
     cfg = _model("llama", 0).config
-    student, teacher = Cubed(cfg), _model("llama", 1)
     ids, mask = _batch()
-    with pytest.raises(ValueError, match="transforms its logits after the LM head"):
-        fastkd.hf.causal_lm_kd_loss(student, ids, teacher_model=teacher, attention_mask=mask)
+    for model in (Cubed(cfg), Capped(cfg)):
+        with pytest.raises(ValueError, match="transforms its logits after the LM head"):
+            fastkd.hf.causal_lm_kd_loss(model, ids, teacher_model=_model("llama", 1), attention_mask=mask)
 
 
 @pytest.mark.parametrize("head_trained", [False, True])
