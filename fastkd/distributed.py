@@ -12,7 +12,8 @@ Per call, on N rows (the collectives are torch.distributed's, NCCL or gloo; the 
 backend's partial forms -- ops dense_kd_stats / dense_kd_shard, sparse_kd_stats / sparse_kd_shard):
 
     0. agree    all_gather of HEADER (8 int64 per rank): row counts, slice sizes and positions,
-                a hash of the options; a bad argument on any rank is raised on every rank
+                a hash of the options and a checksum of the labels and sparse-teacher ids (which
+                every rank must pass alike); a bad argument on any rank is raised on every rank
     1. stats    the slice's row maxima and sums of exponentials -> all_reduce MAX of [N, 3],
                 then all_reduce SUM of [N, 7 (dense) | 6 (sparse)] rescaled sums and flags
     2. shares   the slice's shares of the row sums (dense: D, U; sparse: sum over its ids) and the
@@ -20,8 +21,10 @@ backend's partial forms -- ops dense_kd_stats / dense_kd_shard, sparse_kd_stats 
     3. grad     the slice's gradient from the whole row's statistics (no communication)
 
 All float64: 13 numbers (104 bytes) per row for the dense loss, 11 (88 bytes) for the sparse one.
-With check=False the agreement runs only on the first call (it reads a value back to the host,
-a device sync on CUDA); then a rank passing a different N fails inside the collectives instead.
+The agreement runs on the CPU when the process group has a CPU backend (gloo; torch's default
+group has one beside NCCL), so reading it costs no device sync. With check=False it runs whole
+only on the first call; later calls all-reduce just (N, -N), so a rank passing another N is an
+error on every rank, not a collective of mismatched sizes.
 """
 import hashlib
 import math
@@ -37,7 +40,7 @@ from ._reduce import reduce_rows, row_weight
 from ._sharded_rows import dense_rows, sparse_rows
 
 UNBOUNDED = 1 << 62  # a vocabulary bound for checks made before the total is known
-HEADER = ("ok", "rows", "size", "start", "total", "options", "grad", "spare")
+HEADER = ("ok", "rows", "size", "start", "total", "options", "grad", "content")
 
 
 def _dist():
@@ -89,6 +92,11 @@ class VocabShard:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._layout = None  # from the first agreement
+        self._host_ok = _has_cpu_backend(dist, group)  # the agreement on the CPU: no device sync
+
+    def header_device(self) -> torch.device:
+        """Where the agreement's small tensors live: the CPU when the group can reduce there."""
+        return torch.device("cpu") if self._host_ok else self.device()
 
     def __repr__(self):
         where = "in rank order" if self.start is None else f"start={self.start}, total={self.total}"
@@ -102,6 +110,7 @@ class VocabShard:
 
     def _all_gather_header(self, own):
         dist = _dist()
+        own = own.to(self.header_device())
         out = [torch.empty_like(own) for _ in range(self.world)]
         dist.all_gather(out, own, group=self.group)
         return torch.stack(out).tolist()
@@ -116,25 +125,38 @@ class VocabShard:
 
     def fail(self, error):
         """Join the agreement with a bad call of this rank's: raises `error`'s message on every rank."""
-        self._all_gather_header(torch.zeros(len(HEADER), dtype=torch.long, device=self.device()))
+        self._all_gather_header(torch.zeros(len(HEADER), dtype=torch.long))
         self._raise_everywhere(error)
 
-    def agree(self, rows: int, size: int, options: tuple, grad: bool) -> Layout:
-        """The agreement (step 0): the same call on every rank, or a ValueError on every rank."""
+    def agree(self, rows: int, size: int, options: tuple, grad: bool, content=()) -> Layout:
+        """The agreement (step 0): the same call on every rank, or a ValueError on every rank.
+        content: tensors every rank must pass alike (labels [N], sparse-teacher ids [N, k])."""
         if self._layout is not None and not self.check:
             if size != self._layout.size:
                 raise ValueError(f"this rank's vocabulary slice changed from {self._layout.size} to {size} "
                                  "columns (VocabShard(check=False) keeps the layout of its first call)")
+            self._same_rows(rows)
             return self._layout
-        digest = int.from_bytes(hashlib.blake2b(repr(options).encode(), digest_size=7).digest(), "little")
+        digest = _digest(repr(options).encode())
         own = [1, rows, size, -1 if self.start is None else self.start, -1 if self.total is None else self.total,
-               digest, int(grad), 0]
-        headers = self._all_gather_header(torch.tensor(own, dtype=torch.long, device=self.device()))
+               digest, int(grad), _checksum(content)]
+        headers = self._all_gather_header(torch.tensor(own, dtype=torch.long))
         if not all(h[0] for h in headers):
             self._raise_everywhere(None)
         layout = self._layout_of(headers)
         self._layout = layout
         return layout
+
+    def _same_rows(self, rows: int):
+        """check=False's one collective before the row statistics: (N, -N) all-reduced by MAX, the
+        same size on every rank, so a rank with another N is a ValueError on every rank."""
+        both = torch.tensor([rows, -rows], dtype=torch.long, device=self.header_device())
+        _dist().all_reduce(both, op=_dist().ReduceOp.MAX, group=self.group)
+        most, least = int(both[0]), -int(both[1])
+        if most != least:
+            raise ValueError(f"fastkd vocab-parallel call refused on every rank: the ranks pass different numbers "
+                             f"of rows N (from {least} to {most}; this rank {rows}); VocabShard(check=False) checks "
+                             "only N after its first call")
 
     def _layout_of(self, headers) -> Layout:
         """Check the headers (the same on every rank, so every rank decides alike)."""
@@ -145,6 +167,12 @@ class VocabShard:
         if len(set(col["options"])) > 1 or len(set(col["grad"])) > 1:
             problems.append("the ranks call with different options (loss, divergence, temperature, tail, "
                             "reduction, labels, dtype or requires_grad differ)")
+        elif len(set(col["rows"])) == 1 and len(set(col["content"])) > 1:
+            groups = {}
+            for r, c in enumerate(col["content"]):
+                groups.setdefault(c, []).append(r)
+            problems.append("the ranks pass different labels or sparse-teacher ids (every rank must pass the same "
+                            f"rows; ranks alike: {sorted(groups.values())})")
         sizes, starts, totals = col["size"], col["start"], col["total"]
         given = [s >= 0 for s in starts]
         if any(given) and not all(given):
@@ -179,6 +207,34 @@ class VocabShard:
         if here is not x:
             x.copy_(here)
         return x
+
+
+def _has_cpu_backend(dist, group) -> bool:
+    """Whether `group` reduces CPU tensors (gloo, or torch's default "cpu:gloo,cuda:nccl")."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        pg._get_backend(torch.device("cpu"))
+        return True
+    except Exception:  # noqa: BLE001 -- no CPU backend (NCCL alone), or an older torch without the lookup
+        return dist.get_backend(group) == "gloo"
+
+
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little")
+
+
+def _checksum(tensors) -> int:
+    """A 56-bit checksum of integer tensors (labels, ids): their sums plain and position-weighted,
+    computed where they live and read back (the check=True agreement reads its header anyway)."""
+    parts = []
+    for x in tensors:
+        if x is None:
+            parts.append(-1)
+            continue
+        flat = x.reshape(-1).long()
+        weights = (torch.arange(1, flat.numel() + 1, device=flat.device) * 2654435761) % 4294967311
+        parts += [flat.numel()] + torch.stack([flat.sum(), (flat * weights).sum()]).tolist()
+    return _digest(repr(parts).encode())
 
 
 def refused(shard, check):
@@ -226,14 +282,16 @@ def _row_checks(student, labels, o, op):
     return flat_labels
 
 
-def _sharded_rows(shard, rows_fn, student_logits, o, teacher_args, row_args, flat_labels, agreed=()):
+def _sharded_rows(shard, rows_fn, student_logits, o, teacher_args, row_args, flat_labels, agreed=(), ids=None):
     """Agree, cut the slice to the columns in use, run rows_fn through the kept-gradient autograd
-    and reduce. teacher_args(n, vocab, used): the teacher's arguments for the cut slice."""
+    and reduce. teacher_args(n, vocab, used): the teacher's arguments for the cut slice; ids: a
+    sparse teacher's, which every rank must pass alike (as the labels)."""
+    content = (flat_labels, ids) if shard.check else ()
     vocab = student_logits.shape[-1]
     n = math.prod(student_logits.shape[:-1])
     flat = student_logits.reshape(n, vocab)
     layout = shard.agree(n, vocab, o.key() + (flat_labels is None, str(student_logits.dtype)) + agreed,
-                         torch.is_grad_enabled() and flat.requires_grad)
+                         torch.is_grad_enabled() and flat.requires_grad, content)
     used, total = used_columns(layout, o.vocab_size)
     layout = Layout(layout.start, used, total, layout.world)
     return _run_rows(rows_fn, shard, layout, flat[:, :used], *teacher_args(n, vocab, used), flat_labels, *row_args,
@@ -274,7 +332,7 @@ def sparse_kd_loss(vocab_shard, student_logits, teacher, labels, options):
     rows, o, flat_labels = refused(shard, check)
     return _sharded_rows(shard, sparse_rows, student_logits, o, lambda n, vocab, used: rows,
                          (o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2), flat_labels,
-                         agreed=("sparse", rows[0].shape[-1]))
+                         agreed=("sparse", rows[0].shape[-1]), ids=rows[0])
 
 
 def fused_row_op(shard, layout, dense, o):

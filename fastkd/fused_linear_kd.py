@@ -233,7 +233,8 @@ def _sharded(vocab_shard, heads: Heads, labels, options, return_metrics=False):
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, heads.student_bias))
     agreed = o.key() + ("fused", c.dense, h.shape[-1], h.requires_grad, str(h.dtype), str(w.dtype), c.labels is None,
                         repr(heads.softcap), repr(heads.chunk_size))
-    layout = shard.agree(c.h.shape[0], w.shape[0], agreed, grad)
+    content = (c.labels, None if c.dense else c.teacher_rows[0]) if shard.check else ()
+    layout = shard.agree(c.h.shape[0], w.shape[0], agreed, grad, content)
     used, total = distributed.used_columns(layout, o.vocab_size)
     layout = distributed.Layout(layout.start, used, total, layout.world)
     # the same chunk on every rank, from the agreed total, not from each rank's free memory

@@ -228,6 +228,27 @@ def error_cases(shard, rank, cols, vocab):
     _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, w[cols], teacher_hidden=h, teacher_weight=w[cols],
                                                             return_metrics=True, vocab_shard=shard),
                         "return_metrics=True", "slice")
+    # ranks passing different labels, or different sparse-teacher ids, would return different losses
+    other = labels.clone()
+    if rank == 1:
+        other[4] = (other[4] + 1) % vocab
+    _refused_everywhere(lambda: fastkd.kd_loss(s[:, cols], t[:, cols], labels=other, vocab_shard=shard),
+                        "different labels or sparse-teacher ids")
+    teacher = fastkd.topk_teacher(t.double(), 3)
+    if rank == 1:
+        teacher.indices[1, 0] = (teacher.indices[1, 0] + 1) % vocab
+    _refused_everywhere(lambda: fastkd.sparse_kd_loss(s[:, cols], teacher, vocab_shard=shard),
+                        "different labels or sparse-teacher ids")
+    h, w = torch.randn(6, 4, generator=g), torch.randn(vocab, 4, generator=g)
+    _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, w[cols], teacher=teacher, labels=other,
+                                                            vocab_shard=shard), "different labels or sparse-teacher ids")
+    # check=False: after its first call only N is checked, in one fixed-size collective -- a rank with
+    # another N is an error on every rank, not a collective of mismatched sizes (a gloo abort, or a hang)
+    quick = VocabShard(check=False)
+    fastkd.kd_loss(s[:, cols], t[:, cols], vocab_shard=quick)
+    _refused_everywhere(lambda: fastkd.kd_loss(s[:n, cols], t[:n, cols], vocab_shard=quick),
+                        "different numbers of rows", "check=False")
+    fastkd.kd_loss(s[:4, cols], t[:4, cols], vocab_shard=quick)  # the same N everywhere: fine again
     # a slice whose size disagrees with start/total
     wrong = VocabShard(start=cols.start, total=vocab + 1)
     _refused_everywhere(lambda: fastkd.kd_loss(s[:, cols], t[:, cols], vocab_shard=wrong), f"total={vocab + 1}")
