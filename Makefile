@@ -23,7 +23,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate peft "$(TRITON_SPEC)" matplotlib pytest hypothesis pytest-benchmark expecttest
+	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate peft deepspeed "$(TRITON_SPEC)" matplotlib pytest hypothesis pytest-benchmark expecttest
 	touch $@
 
 venv: $(VENV)/.deps

@@ -6,10 +6,11 @@
     trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher,
                                             kd_options={"temperature": 2.0}, args=..., train_dataset=...)
 
-The student's own forward runs -- through DDP / FSDP / DeepSpeed / PEFT wrappers, so their hooks
-run -- with its LM head swapped for a capture of the last hidden states; the head's weight (and
-bias, and the config's `final_logit_softcapping`) go to fastkd.fused_linear_kd_loss with those, so
-the [B, L, V] logits never exist. Conventions, stated because other integrations differ silently:
+The student's own forward runs -- through DDP / FSDP2 / DeepSpeed ZeRO-3 / PEFT wrappers, so their
+hooks run -- with its LM head's forward replaced by a capture of the last hidden states and of the
+head's weight as the forward sees it (gathered, under ZeRO-3 and FSDP2); the weight (and bias,
+and the config's `final_logit_softcapping`) go to fastkd.fused_linear_kd_loss with those, so the
+[B, L, V] logits never exist. Conventions, stated because other integrations differ silently:
 - Hugging Face's shift: the hidden state at position i is trained against the teacher at
   position i and the label at i + 1. Positions whose shifted label is `ignore_index`, or whose
   attention mask (at i or i + 1) is 0, are ignored. `labels` defaults to `input_ids`.
@@ -28,6 +29,7 @@ the [B, L, V] logits never exist. Conventions, stated because other integrations
   fastkd.sparse_kd_loss; `num_items_in_batch=0` gives 0 with zero gradients.
 """
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -93,32 +95,55 @@ def lm_head(model, modules=False):
 PROBES = (2.0 ** -10, 2.0 ** -9, 8.0)
 
 
-class _HeadCapture(torch.nn.Module):
-    """Stands in for the LM head during the model's own forward: keeps the head's input (the last
-    hidden states) and returns, in float32, two columns of small probe values instead of the
-    [B, L, V] logits, which are never made. What the model's output holds in their place is its
-    transform after the head -- a scale (Granite's 1 / logits_scaling, Cohere's logit_scale, ...),
-    a soft cap (Gemma's final_logit_softcapping) -- read off by _head_transform. The stand-in
-    also holds 0 * the hidden states and the head's first weight (and bias): the backbone and the
-    head stay in the forward's graph, so DDP with find_unused_parameters (the Trainer's default)
-    expects their gradients -- which the fused loss gives in backward -- instead of marking them
-    unused, then ready twice."""
+class _HeadCapture:
+    """Runs in place of the LM head's forward during the model's own forward -- the head module
+    stays where it is, so the hooks an engine put on it run around this (ZeRO-3 gathers its
+    weight, FSDP2 unshards it, DDP sees it used) -- and keeps the head's input (the last hidden
+    states) and its weight and bias as they are at that moment (`_as_seen`). It returns, in
+    float32 (float64 for a float64 model), three columns of probe values instead of the [B, L, V]
+    logits, which are never made. What the model's output holds in their place is its transform
+    after the head -- a scale (Granite's 1 / logits_scaling, Cohere's logit_scale, ...), a soft cap
+    (Gemma's final_logit_softcapping) -- read off by _head_transform. The output also holds 0 *
+    the hidden states and the head's first weight (and bias): the backbone and the head stay in
+    the forward's graph, so DDP with find_unused_parameters (the Trainer's default) expects their
+    gradients -- which the fused loss gives in backward -- instead of marking them unused, then
+    ready twice."""
 
     def __init__(self, head):
-        super().__init__()
-        self._params = tuple(p for p in (getattr(head, "weight", None), getattr(head, "bias", None))
-                             if isinstance(p, torch.Tensor) and p.is_floating_point())  # not registered
+        self.head = head
+        self.hidden = self.weight = self.bias = None
 
-    def forward(self, hidden):
+    def __call__(self, hidden, *args, **kwargs):
         self.hidden = hidden
+        self.weight, self.bias = (_as_seen(getattr(self.head, name, None)) for name in ("weight", "bias"))
+        params = [p for p in (self.weight, self.bias) if isinstance(p, torch.Tensor) and p.is_floating_point()]
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # (the scale, read as exactly)
-        anchor = (sum((p.reshape(-1)[:1].to(dtype) for p in self._params), torch.zeros(1, dtype=dtype,
-                                                                                      device=hidden.device)) * 0
+        anchor = (sum((p.reshape(-1)[:1].to(dtype) for p in params), torch.zeros(1, dtype=dtype,
+                                                                                device=hidden.device)) * 0
                   ).nan_to_num()
         probes = torch.tensor(PROBES, dtype=dtype, device=hidden.device)
         # (hidden * 0 too: the backbone stays in the graph for DDP as well; nan_to_num keeps a NaN
         # hidden state from hiding the probes)
         return (hidden[..., :1].to(dtype) * 0).nan_to_num() + anchor + probes
+
+
+def _as_seen(p):
+    """A head parameter as the loss, which runs after the model's forward, can use it: a ZeRO-3
+    parameter -- gathered for the head's forward and released right after -- as a differentiable
+    copy of its gathered value (its gradient reaches the parameter, whose hooks reduce it to the
+    partitions); FSDP2's root parameters are gathered for the whole forward and backward, as
+    they are. A DTensor (a head that its own fully_shard or a tensor-parallel plan splits) is
+    refused."""
+    if p is None or not isinstance(p, torch.Tensor):
+        return p
+    if hasattr(p, "ds_id") and hasattr(p, "ds_numel"):  # deepspeed.runtime.zero: gathered here
+        return p.clone()
+    if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # a DTensor
+        raise TypeError("the LM head's weight is a DTensor outside its forward (the head is an FSDP2 unit of its "
+                        f"own, or tensor-parallel: placements {tuple(p.placements)}): fastkd.hf reads the head "
+                        "as the model's forward sees it; fully_shard the head together with the root module "
+                        "(fully_shard(model) after the layers), as Hugging Face's FSDP2 wrapping does")
+    return p
 
 
 def _softcap_of(config):
@@ -156,21 +181,37 @@ def _head_transform(model, out):
 
 
 def _hidden(model, input_ids, attention_mask):
-    """(last hidden states [B, L, H], head scale, softcap) from the model's own forward, called
+    """Captured: the last hidden states, the head and its transform from the model's own forward, called
     through whatever wraps it (DDP, FSDP, DeepSpeed, PEFT: their hooks run, so gradients are
     reduced as the engine expects), with the LM head swapped for a capture while it runs."""
     inner = unwrap(model)
     head = inner.get_output_embeddings()
-    path = next(name for name, module in inner.named_modules(remove_duplicate=False) if module is head)
-    parent_path, _, leaf = path.rpartition(".")
-    parent = inner.get_submodule(parent_path)
     capture = _HeadCapture(head)
-    setattr(parent, leaf, capture)
+    head.forward = capture  # (an instance attribute: the module's __call__, with its hooks, runs it)
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
-        setattr(parent, leaf, head)
-    return (capture.hidden,) + _head_transform(inner, out)
+        del head.forward
+    scale, softcap = _head_transform(inner, out)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    # 0 * the model's output, added to the loss: the engine's hooks on the forward's outputs run in
+    # backward (ZeRO-3's on the head's output; without them its gradients never reach the partitions:
+    # tests/test_hf_ddp.py), as they would for a loss of the model's logits
+    anchor = (logits.sum() * 0).nan_to_num() if logits.requires_grad else None
+    return Captured(capture.hidden, capture.weight, capture.bias, scale, softcap, anchor)
+
+
+class Captured(NamedTuple):
+    """What a model's forward with its head swapped out gave: last hidden states [B, L, H], the head's
+    weight [V, H] and bias as the forward saw them, its transform after the head, and a zero that
+    ties the loss to the forward's output (None under no_grad)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    softcap: float | None
+    anchor: torch.Tensor | None
 
 
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
@@ -191,19 +232,22 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
     shifted = labels[:, 1:].clone()
     if attention_mask is not None:
         shifted[(attention_mask[:, :-1] == 0) | (attention_mask[:, 1:] == 0)] = ignore_index
-    _, weight, bias, _ = lm_head(student_model)
-    hidden, scale, softcap = _hidden(student_model, input_ids, attention_mask)
-    hidden = hidden[:, :-1]
+    lm_head(student_model)  # (its checks: a Linear head, no adapter on it)
+    seen = _hidden(student_model, input_ids, attention_mask)
+    hidden, weight, bias, scale, softcap = seen.hidden[:, :-1], seen.weight, seen.bias, seen.scale, seen.softcap
     if scale != 1.0:  # the model's logits are scale * (h W^T + b): fold the scale into h and b
         hidden, bias = hidden * scale, None if bias is None else bias * scale
     options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index,
                    return_metrics=return_metrics, **loss_options)
     if teacher_model is not None:
-        _, t_weight, t_bias, _ = lm_head(teacher_model, modules=True)
+        _, t_weight, _, _ = lm_head(teacher_model, modules=True)
         t_device = t_weight.device if torch.is_tensor(t_weight) else next(teacher_model.parameters()).device
         with torch.no_grad():
-            t_hidden, t_scale, t_softcap = _hidden(teacher_model, input_ids.to(t_device),
-                                                   None if attention_mask is None else attention_mask.to(t_device))
+            t_seen = _hidden(teacher_model, input_ids.to(t_device),
+                             None if attention_mask is None else attention_mask.to(t_device))
+        t_hidden, t_scale, t_softcap, t_bias = t_seen.hidden, t_seen.scale, t_seen.softcap, None
+        if torch.is_tensor(t_weight):  # (as the forward saw it: gathered, if an engine shards it)
+            t_weight, t_bias = t_seen.weight, t_seen.bias
         if not torch.is_tensor(t_weight):  # a head module (a quantised teacher's): run on its device, per chunk
             head, t_scale_now = t_weight, t_scale
             t_weight = lambda x: (head(x.to(t_device)) * t_scale_now).to(hidden.device)  # noqa: E731
@@ -225,18 +269,19 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
                             f"{type(teacher).__name__}")
         options["teacher"] = SparseTeacher(teacher.indices[:, :-1], teacher.logprobs[:, :-1],
                                            teacher.tail_logmass[:, :-1], teacher.temperature, teacher.kind)
-    if num_items_in_batch is None:
-        return fused_linear_kd_loss(hidden, weight, reduction=reduction, **options)
-    if reduction != "mean":
+    if num_items_in_batch is not None and reduction != "mean":
         raise ValueError("num_items_in_batch replaces the row count of reduction='mean'; got reduction="
                          f"{reduction!r}")
-    total = fused_linear_kd_loss(hidden, weight, reduction="sum", **options)
-    total, metrics = total if return_metrics else (total, None)
+    loss = fused_linear_kd_loss(hidden, weight, reduction="sum" if num_items_in_batch is not None else reduction,
+                                **options)
+    loss, metrics = loss if return_metrics else (loss, None)
     # a window with no kept label: 0 with zero gradients, as "mean" is (never 0 / 0)
     if torch.is_tensor(num_items_in_batch):
-        loss = total / num_items_in_batch.clamp_min(1).to(total.device)
-    else:
-        loss = total / max(num_items_in_batch, 1)
+        loss = loss / num_items_in_batch.clamp_min(1).to(loss.device)
+    elif num_items_in_batch is not None:
+        loss = loss / max(num_items_in_batch, 1)
+    if seen.anchor is not None:
+        loss = loss + seen.anchor.to(loss.dtype)
     return (loss, metrics) if return_metrics else loss
 
 

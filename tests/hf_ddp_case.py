@@ -1,7 +1,8 @@
 """One DistillationTrainer run of a tiny Llama student against a tiny teacher, as tests/test_hf_ddp.py
-starts it: under torchrun (DDP, gloo, CPU) or as one process, on the same global batches.
+starts it: under torchrun (DDP, or DeepSpeed ZeRO-3 with ENGINE=zero3; gloo, CPU) or as one
+process, on the same global batches.
 
-    torchrun --nproc_per_node 2 tests/hf_ddp_case.py OUT OPTIMIZER     (or: python tests/hf_ddp_case.py ...)
+    torchrun --nproc_per_node 2 tests/hf_ddp_case.py OUT OPTIMIZER [ENGINE]  (or: python tests/hf_ddp_case.py ...)
 
 Writes OUT/result-<rank>.pt: the logged losses and the student's final parameters.
 """
@@ -43,17 +44,25 @@ class InOrder(fastkd.hf.DistillationTrainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-def main(out, optimizer):
+# ZeRO-3: every parameter partitioned over the ranks, gathered by DeepSpeed's hooks for each module's
+# forward (the LM head's too: fastkd.hf runs in its place, inside those hooks)
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
+
+
+def main(out, optimizer, engine="ddp"):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     student, teacher = model(0, 32), model(1, 48)
     args = transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=GLOBAL_MICRO // world, gradient_accumulation_steps=ACCUM,
         max_steps=STEPS, learning_rate=0.05, optim=optimizer, lr_scheduler_type="constant", weight_decay=0.0,
         logging_steps=1, report_to=[], use_cpu=True, ddp_backend="gloo" if world > 1 else None, save_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_drop_last=True)
+        disable_tqdm=True, seed=0, dataloader_drop_last=True, deepspeed=ZERO3 if engine == "zero3" and world > 1 else None)
     trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Tokens(),
                       kd_options={"temperature": 2.0, "hard_weight": 0.25})
     trainer.train()
+    if engine == "zero3" and world > 1:
+        assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped)
     rank = int(os.environ.get("RANK", "0"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # the KD / CE split, agreement and entropy of each log, summed over both ranks' rows
@@ -65,4 +74,4 @@ def main(out, optimizer):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
