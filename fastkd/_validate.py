@@ -130,3 +130,8 @@ def check_sparse_teacher(teacher, student, vocab=None):
         raise ValueError("teacher: a sparse teacher needs k >= 1 entries per row")
     # the values (ids in range and unique, log-probs <= 0) are the op's to check: it reads them
     return idx.reshape(-1, k).long(), lp.reshape(-1, k).float(), tail.reshape(-1).float()
+
+
+def is_dtensor(x) -> bool:
+    """Whether x is a torch.distributed.tensor.DTensor (checked without importing it)."""
+    return isinstance(x, torch.Tensor) and hasattr(x, "device_mesh") and hasattr(x, "placements")

@@ -28,6 +28,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
     vocab_shard: a fastkd.distributed.VocabShard when the logits are this rank's slice [..., V_r]
         of a vocabulary split over ranks (tensor-parallel heads): the loss is the whole rows' (the
         same on every rank), the gradient this slice's; labels are global ids (docs/distributed.md).
+        A DTensor student_logits sharded on V (tensor parallelism) needs none: the shard is its
+        placement's, and the loss a replicated DTensor.
     backend: "auto" | "torch" | "cpu" | ... (see fastkd.available_backends()).
 
     Returns a float32 loss (float64 for float64 logits), in nats. The gradient with respect to
@@ -45,9 +47,12 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
 def dense_loss(student_logits, teacher_logits, labels, options, vocab_shard=None):
     """kd_loss with its options: `options()` builds the checked LossOptions (run inside the
     vocab-parallel agreement, so a bad option on one rank is raised on every rank)."""
-    if vocab_shard is not None:
+    if vocab_shard is not None or _validate.is_dtensor(student_logits):
         from . import distributed
 
+        if _validate.is_dtensor(student_logits):  # tensor parallelism: the shard from the placement
+            local, teacher, shard, mesh = distributed.dtensor_rows("dense", student_logits, teacher_logits, vocab_shard)
+            return distributed.replicated(dense_loss(local, teacher, labels, options, shard), mesh)
         return distributed.kd_loss(vocab_shard, student_logits, teacher_logits, labels, options)
     o = options()
     student_logits, teacher_logits = _validate.vocab_columns(o.vocab_size, student_logits, teacher_logits)

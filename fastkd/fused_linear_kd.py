@@ -157,7 +157,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None, t
     chunk_size: rows per chunk (None: see auto_chunk_rows). Other options as in fastkd.kd_loss.
     vocab_shard: a fastkd.distributed.VocabShard when the heads (student_weight, teacher_weight,
         biases) hold this rank's slice of the vocabulary's rows; hidden states are the same on every
-        rank, labels and sparse-teacher ids global, grad_hidden summed over the ranks.
+        rank, labels and sparse-teacher ids global, grad_hidden summed over the ranks. A DTensor
+        student_weight sharded on V (ColwiseParallel) needs none: the shard is its placement's.
     return_metrics: also return a fastkd.KDMetrics -- the KD / CE split, top-1 agreement with the
         teacher and the student's entropy over the kept rows, from each chunk's logits in the same
         pass (fastkd/_metrics.py); not with vocab_shard.
@@ -194,6 +195,11 @@ def fused_linear_loss(heads: Heads, labels, options, vocab_shard=None, return_me
     """fused_linear_kd_loss with its options (options() builds the checked LossOptions)."""
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {return_metrics!r}")
+    if _validate.is_dtensor(heads.student_weight):  # tensor parallelism: the shard from the placement
+        from . import distributed
+
+        local, shard, mesh = distributed.dtensor_heads(heads, vocab_shard)
+        return distributed.replicated(fused_linear_loss(local, labels, options, shard, return_metrics), mesh)
     if vocab_shard is not None:
         return _sharded(vocab_shard, heads, labels, options, return_metrics)
     o = options()

@@ -37,9 +37,12 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
 def sparse_loss(student_logits, teacher, labels, options, vocab_shard=None):
     """sparse_kd_loss with its options: `options()` builds the checked LossOptions (inside the
     vocab-parallel agreement, so a bad option on one rank is raised on every rank)."""
-    if vocab_shard is not None:
+    if vocab_shard is not None or _validate.is_dtensor(student_logits):
         from . import distributed
 
+        if _validate.is_dtensor(student_logits):  # tensor parallelism: the shard from the placement
+            local, teacher, shard, mesh = distributed.dtensor_rows("sparse", student_logits, teacher, vocab_shard)
+            return distributed.replicated(sparse_loss(local, teacher, labels, options, shard), mesh)
         return distributed.sparse_kd_loss(vocab_shard, student_logits, teacher, labels, options)
     o = options()
     _validate.check_logits("student_logits", student_logits)

@@ -254,6 +254,74 @@ def error_cases(shard, rank, cols, vocab):
     _refused_everywhere(lambda: fastkd.kd_loss(s[:, cols], t[:, cols], vocab_shard=wrong), f"total={vocab + 1}")
 
 
+def dtensor_cases(world):
+    """Tensor parallelism with DTensors: the shard from the placement (torch.chunk's uneven split of
+    V = 29), against the unsharded loss -- kd_loss with the teacher sharded alike or full,
+    sparse_kd_loss, fused_linear_kd_loss with a ColwiseParallel head, kd_loss of that head's
+    Shard(-1) logits; a replicated DTensor loss, gradients sharded like their inputs."""
+    import fastkd
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    n, vocab, hid = 6, 29, 8
+    s, t, labels = _data(n, vocab, torch.float64, seed=12)
+    opts = dict(labels=labels, hard_weight=0.2, temperature=2.0)
+
+    def check(got, want, x_grad, want_grad, what):
+        if not (isinstance(got, DTensor) and tuple(got.placements) == (Replicate(),)):
+            raise AssertionError(f"{what}: the loss is {type(got).__name__} {getattr(got, 'placements', '')}")
+        _close(got.full_tensor(), want, what, 1e-12)
+        _close(x_grad.full_tensor(), want_grad, what + " grad", 1e-12)
+
+    x = s.clone().requires_grad_()
+    want = fastkd.kd_loss(x, t, backend="torch", **opts)
+    want.backward()
+    for teacher in (distribute_tensor(t, mesh, [Shard(-1)]), t):
+        d = distribute_tensor(s, mesh, [Shard(-1)]).requires_grad_()
+        got = fastkd.kd_loss(d, teacher, **opts)
+        got.backward()
+        if tuple(d.grad.placements) != (Shard(1),):
+            raise AssertionError(f"the gradient is placed {d.grad.placements}")
+        check(got, want, d.grad, x.grad, f"dtensor kd_loss, teacher {type(teacher).__name__}")
+    sparse = fastkd.topk_teacher(t, k=4, temperature=2.0)
+    x = s.clone().requires_grad_()
+    want = fastkd.sparse_kd_loss(x, sparse, labels=labels, backend="torch")
+    want.backward()
+    d = distribute_tensor(s, mesh, [Shard(-1)]).requires_grad_()
+    got = fastkd.sparse_kd_loss(d, sparse, labels=labels)
+    got.backward()
+    check(got, want, d.grad, x.grad, "dtensor sparse_kd_loss")
+    g = torch.Generator().manual_seed(13)
+    h, th = torch.randn(n, hid, generator=g, dtype=torch.float64), torch.randn(n, hid, generator=g, dtype=torch.float64)
+    tw = torch.randn(vocab, hid, generator=g, dtype=torch.float64)
+    torch.manual_seed(14)  # (the same head on every rank: distribute_tensor takes rank 0's)
+    head = torch.nn.Linear(hid, vocab).double()
+    ref = torch.nn.Linear(hid, vocab).double()
+    ref.load_state_dict(head.state_dict())
+    parallelize_module(head, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    hr, hd = h.clone().requires_grad_(), h.clone().requires_grad_()
+    want = fastkd.fused_linear_kd_loss(hr, ref.weight, student_bias=ref.bias, teacher_hidden=th, teacher_weight=tw,
+                                       labels=labels, chunk_size=4, backend="torch")
+    want.backward()
+    got = fastkd.fused_linear_kd_loss(hd, head.weight, student_bias=head.bias, teacher_hidden=th, teacher_weight=tw,
+                                      labels=labels, chunk_size=4)
+    got.backward()
+    check(got, want, head.weight.grad, ref.weight.grad, "dtensor fused_linear_kd_loss")
+    _close(head.bias.grad.full_tensor(), ref.bias.grad, "dtensor fused bias grad", 1e-12)
+    _close(hd.grad, hr.grad, "dtensor fused hidden grad", 1e-12)
+    with torch.no_grad():
+        got = fastkd.kd_loss(head(h), t, labels=labels)
+        _close(got.full_tensor(), fastkd.kd_loss(ref(h), t, labels=labels, backend="torch"), "head(h) logits", 1e-12)
+    # placements fastkd does not take, and a VocabShard beside a DTensor: refused on every rank alike
+    rows = distribute_tensor(s, mesh, [Shard(0)])
+    _refused_everywhere(lambda: fastkd.kd_loss(rows, t), "placed", "Shard(-1)")
+    from fastkd.distributed import VocabShard
+    d = distribute_tensor(s, mesh, [Shard(-1)])
+    _refused_everywhere(lambda: fastkd.kd_loss(d, t, vocab_shard=VocabShard()), "from the DTensor")
+
+
 def comm_cases(shard, counted, cols, vocab):
     """The bytes each step sends: a few float64 per row, whatever the vocabulary."""
     import fastkd
@@ -298,6 +366,7 @@ def run(rank, world, rendezvous, sizes, report):
         padded_cases(shard, cols, vocab)
         explicit_layout_cases(sizes, rank, cols, vocab)
         error_cases(shard, rank, cols, vocab)
+        dtensor_cases(world)
         per_row = comm_cases(shard, counted, cols, vocab)
         with open(f"{report}.{rank}", "w") as f:
             f.write(f"{per_row}\n")
