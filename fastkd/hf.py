@@ -29,6 +29,8 @@ and the config's `final_logit_softcapping`) go to fastkd.fused_linear_kd_loss wi
   fastkd.sparse_kd_loss; `num_items_in_batch=0` gives 0 with zero gradients.
 """
 import math
+import random
+import time
 from typing import NamedTuple
 
 import torch
@@ -37,9 +39,11 @@ import transformers
 
 from ._metrics import NAMES as _METRIC_NAMES, KDMetrics
 from .fused_linear_kd import fused_linear_kd_loss
+from .on_policy import sampled_reverse_kl
 from .sparse_teacher import SparseTeacher
 
-__all__ = ["causal_lm_kd_loss", "DistillationTrainer", "lm_head", "unwrap"]
+__all__ = ["causal_lm_kd_loss", "sampled_reverse_kl_loss", "DistillationTrainer", "PromptCompletionCollator",
+           "lm_head", "unwrap"]
 
 
 def unwrap(model):
@@ -285,6 +289,122 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
     return (loss, metrics) if return_metrics else loss
 
 
+def sampled_reverse_kl_loss(student_model, input_ids, teacher_logprobs, *, completion_mask, attention_mask=None,
+                            reward_to_go=True, chunk_size=None, backend="auto"):
+    """fastkd.sampled_reverse_kl of a causal LM on sequences it sampled: input_ids [B, L] (prompt and
+    the student's completion), teacher_logprobs [B, L] (at position t, log p(x_t | x_<t), from a
+    teacher that returns only the log-probs of given tokens; position 0 unused), completion_mask
+    [B, L] (True at the sampled tokens). The student's log q(x_t | x_<t) come from its hidden
+    states and head through the fused linear path (forward KL against a one-hot teacher at the
+    token is -log q: no [B, L, V] logits), then the estimator (its value: the sequences' summed
+    log-ratios, mean over B; its gradient: unbiased for the sequence-level reverse KL)."""
+    if input_ids.dim() != 2 or teacher_logprobs.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids, teacher_logprobs and completion_mask must all be [B, L], got "
+                         f"{tuple(input_ids.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(completion_mask.shape)}")
+    lm_head(student_model)
+    seen = _hidden(student_model, input_ids, attention_mask)
+    target = input_ids[:, 1:]
+    one_hot = SparseTeacher(target.unsqueeze(-1), torch.zeros(target.shape + (1,), device=target.device),
+                            torch.full(target.shape, float("-inf"), device=target.device), 1.0, "sampled")
+    hidden, bias = seen.hidden[:, :-1], seen.bias
+    if seen.scale != 1.0:
+        hidden, bias = hidden * seen.scale, None if bias is None else bias * seen.scale
+    neg_logq = fused_linear_kd_loss(hidden, seen.weight, student_bias=bias, softcap=seen.softcap, teacher=one_hot,
+                                    tail="renorm_teacher", reduction="none", chunk_size=chunk_size, backend=backend)
+    loss = sampled_reverse_kl(-neg_logq, teacher_logprobs[:, 1:].to(neg_logq.dtype), completion_mask[:, 1:],
+                              reward_to_go=reward_to_go)
+    return loss if seen.anchor is None else loss + seen.anchor.to(loss.dtype)
+
+
+class PromptCompletionCollator:
+    """Batches rows {"prompt_input_ids": ids, "completion_input_ids": ids (optional)} for on-policy
+    distillation: prompts left-padded (as generate() takes them), completions right-padded, each
+    with its attention mask ("prompt_attention_mask", "completion_attention_mask")."""
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = int(pad_token_id)
+
+    def _pad(self, seqs, left):
+        seqs = [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in seqs]
+        width = max((len(x) for x in seqs), default=0)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            where = slice(width - len(x), width) if left else slice(0, len(x))
+            ids[i, where], mask[i, where] = x, 1
+        return ids, mask
+
+    def __call__(self, rows):
+        if not rows or "prompt_input_ids" not in rows[0]:
+            raise ValueError("PromptCompletionCollator takes rows with a 'prompt_input_ids' column")
+        out = dict(zip(("prompt_input_ids", "prompt_attention_mask"),
+                       self._pad([r["prompt_input_ids"] for r in rows], left=True)))
+        if "completion_input_ids" in rows[0]:
+            out.update(zip(("completion_input_ids", "completion_attention_mask"),
+                           self._pad([r["completion_input_ids"] for r in rows], left=False)))
+        return out
+
+
+def pack_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask, pad_token_id,
+                           ignore_index=-100):
+    """Each row's prompt tokens then its completion tokens, right-padded (so positions count from
+    the row's first token, as in one sequence) -> (input_ids, attention_mask, labels [B, L]):
+    labels are the completion tokens, ignore_index at the prompt and the padding."""
+    rows = []
+    for p, pm, c, cm in zip(prompt_ids, prompt_mask, completion_ids, completion_mask):
+        prompt, completion = p[pm.bool()], c[cm.bool()]
+        rows.append((torch.cat([prompt, completion]), len(prompt)))
+    width = max(len(x) for x, _ in rows)
+    device = prompt_ids.device
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, ignore_index)
+    for i, (x, n_prompt) in enumerate(rows):
+        ids[i, :len(x)], mask[i, :len(x)] = x, 1
+        labels[i, n_prompt:len(x)] = x[n_prompt:]
+    return ids, mask, labels
+
+
+def generate_completions(model, prompt_ids, prompt_mask, generation_config):
+    """Sample completions of left-padded prompts [B, P] from `model` (through its engine wrapper: the
+    Hugging Face model inside; in eval mode, under no_grad, with its KV cache) -> (completion ids,
+    their mask [B, C]: the new tokens up to and including the first EOS)."""
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            out = inner.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    finally:
+        inner.train(was_training)
+    new = out[:, prompt_ids.shape[1]:]
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    ended = torch.zeros_like(new, dtype=torch.bool)
+    if eos:
+        hit = torch.isin(new, torch.tensor(eos, device=new.device))
+        ended = (hit.long().cumsum(-1) - hit.long()) > 0  # after the first EOS (the EOS itself is kept)
+    return new, (~ended).long()
+
+
+def _has_prompts(dataset) -> bool:
+    try:
+        return dataset is not None and len(dataset) > 0 and "prompt_input_ids" in dataset[0]
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
+def _pad_id(generation_config, model) -> int:
+    for source in (generation_config, getattr(unwrap(model), "generation_config", None), getattr(unwrap(model), "config", None)):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    return 0
+
+
 class DistillationTrainer(transformers.Trainer):
     """A transformers.Trainer whose loss is fastkd.hf.causal_lm_kd_loss.
 
@@ -296,19 +416,53 @@ class DistillationTrainer(transformers.Trainer):
         TrainingArguments(remove_unused_columns=False) so the Trainer keeps them);
     teacher: any callable from input_ids [B, L] to a SparseTeacher [B, L, k] (a teacher behind a
         server that returns its top-k, a function over a cache, ...).
+    token_teacher: a callable from (input_ids, attention_mask) [B, L] to the teacher's log-probs of
+        those tokens [B, L] (log p(x_t | x_<t)): a teacher that returns no rows; the loss is then the
+        sampled-token reverse KL on the student's own samples (fastkd.sampled_reverse_kl), so it
+        needs on_policy=1.
     kd_options: passed to the loss (temperature, divergence, hard_weight, ...).
+
+    On-policy distillation (GKD, Agarwal et al. 2024): rows {"prompt_input_ids", and optionally
+    "completion_input_ids"} (batched by PromptCompletionCollator, the default for such data). For
+    each training batch, with probability `on_policy` its completions are sampled from the student
+    (`generation_config`, a transformers.GenerationConfig; default: 64 new tokens, sampling at
+    temperature 1), else with `seq_kd=True` from the teacher model, else taken from the data; the
+    loss covers the completion tokens only (prompt and padding masked), with any divergence of
+    kd_options (GKD's generalized JSD is divergence="jsd", beta). Evaluation uses the data's
+    completions. Each training log adds on_policy_fraction and generation_seconds / loss_seconds
+    per optimizer step (the loss's forward; backward is the Trainer's).
 
     Besides `loss`, each training log and evaluate() report the fastkd.KDMetrics of the rows seen
     since the last log (summed over micro-batches and processes, measured in the fused pass):
     kd_loss, ce_loss, top1_agreement, student_entropy (eval_kd_loss, ... in evaluate()).
     """
 
-    def __init__(self, *args, teacher_model=None, teacher_cache=None, teacher=None, teacher_device=None,
-                 teacher_dtype=None, kd_options=None, **kwargs):
+    def __init__(self, *args, teacher_model=None, teacher_cache=None, teacher=None, token_teacher=None,
+                 teacher_device=None, teacher_dtype=None, kd_options=None, on_policy=0.0, seq_kd=False,
+                 generation_config=None, **kwargs):
+        train_data = kwargs.get("train_dataset", args[2] if len(args) > 2 else None)
+        if kwargs.get("data_collator") is None and len(args) < 2 and _has_prompts(train_data):
+            kwargs["data_collator"] = PromptCompletionCollator(_pad_id(generation_config, kwargs.get("model") or args[0]))
         super().__init__(*args, **kwargs)
-        if sum(x is not None for x in (teacher_model, teacher_cache, teacher)) != 1:
-            raise ValueError("give exactly one of teacher_model=, teacher_cache= or teacher= (a callable from "
-                             "input_ids to a SparseTeacher)")
+        if sum(x is not None for x in (teacher_model, teacher_cache, teacher, token_teacher)) != 1:
+            raise ValueError("give exactly one of teacher_model=, teacher_cache=, teacher= (a callable from "
+                             "input_ids to a SparseTeacher) or token_teacher= (a callable to token log-probs)")
+        if isinstance(on_policy, bool) or not isinstance(on_policy, (int, float)) or not 0 <= on_policy <= 1:
+            raise ValueError(f"on_policy must be a probability in [0, 1], got {on_policy!r}")
+        if seq_kd and teacher_model is None:
+            raise ValueError("seq_kd=True samples the completions from the teacher: it needs teacher_model=")
+        if teacher_cache is not None and (on_policy > 0 or seq_kd):
+            raise ValueError("a teacher cache holds the teacher's rows of the data's tokens only; on-policy and "
+                             "sequence-level KD need a teacher that scores new sequences (teacher_model=, teacher=)")
+        if token_teacher is not None and (on_policy != 1 or not callable(token_teacher)):
+            raise ValueError("token_teacher= (a callable to the teacher's token log-probs) scores the student's own "
+                             "samples with the sampled-token estimator: it needs on_policy=1")
+        self.on_policy, self.seq_kd, self.token_teacher = float(on_policy), bool(seq_kd), token_teacher
+        self.generation_config = generation_config or transformers.GenerationConfig(
+            max_new_tokens=64, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            pad_token_id=_pad_id(None, self.model), eos_token_id=getattr(unwrap(self.model).config, "eos_token_id", None))
+        self._draws = random.Random(self.args.seed)  # the same on every rank: all ranks generate, or none
+        self._timing = {"generation_seconds": 0.0, "loss_seconds": 0.0, "on_policy": 0, "batches": 0, "step": 0}
         if teacher is not None and not callable(teacher):
             raise TypeError(f"teacher must be a callable from input_ids to a fastkd.SparseTeacher, got "
                             f"{type(teacher).__name__}")
@@ -334,8 +488,57 @@ class DistillationTrainer(transformers.Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    # the columns fastkd reads besides the model's own (remove_unused_columns would drop them)
+    COLUMNS = ("prompt_input_ids", "completion_input_ids", "indices", "logprobs", "tail_logmass")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self.COLUMNS]))
+
+    def _completions(self, model, inputs):
+        """(input_ids, attention_mask, labels) of a prompt/completion batch: the completions sampled
+        from the student (probability on_policy, training only), from the teacher (seq_kd), or the
+        data's; packed one sequence a row, labels on the completion tokens only."""
+        prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
+        source = "data"
+        if model.training:
+            source = "student" if self._draws.random() < self.on_policy else "teacher" if self.seq_kd else "data"
+            self._timing["batches"] += 1
+            self._timing["on_policy"] += source == "student"
+        if source == "data":
+            if "completion_input_ids" not in inputs:
+                raise ValueError("a batch without completion_input_ids needs completions sampled: on_policy=1 "
+                                 "(or seq_kd=True)")
+            completion, completion_mask = inputs["completion_input_ids"], inputs["completion_attention_mask"]
+        else:
+            start = time.perf_counter()
+            completion, completion_mask = generate_completions(model if source == "student" else self.teacher_model,
+                                                               prompt_ids.to(self.args.device if source == "student"
+                                                                             else self.teacher_model.device),
+                                                               prompt_mask.to(prompt_ids.device if source == "student"
+                                                                              else self.teacher_model.device),
+                                                               self.generation_config)
+            self._timing["generation_seconds"] += time.perf_counter() - start
+            completion, completion_mask = completion.to(prompt_ids.device), completion_mask.to(prompt_ids.device)
+        return pack_prompt_completion(prompt_ids, prompt_mask, completion, completion_mask,
+                                      self.generation_config.pad_token_id or 0)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        if "prompt_input_ids" in inputs:
+            ids, mask, labels = self._completions(model, inputs)
+            inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        start = time.perf_counter()
+        if self.token_teacher is not None and model.training:
+            labels = inputs["labels"]
+            teacher_logprobs = self.token_teacher(inputs["input_ids"], inputs["attention_mask"])
+            loss = sampled_reverse_kl_loss(model, inputs["input_ids"], teacher_logprobs.to(labels.device),
+                                           completion_mask=labels != -100, attention_mask=inputs["attention_mask"])
+            self._timing["loss_seconds"] += time.perf_counter() - start
+            return (loss, None) if return_outputs else loss
+        if self.token_teacher is not None:
+            raise ValueError("evaluation with token_teacher= has no teacher rows to score the data with; evaluate "
+                             "with a DistillationTrainer whose teacher gives rows")
         teacher = self.teacher_fn
         if self.teacher_cache is not None:
             teacher = SparseTeacher(inputs.pop("indices"), inputs.pop("logprobs"), inputs.pop("tail_logmass"),
@@ -345,6 +548,8 @@ class DistillationTrainer(transformers.Trainer):
                                           labels=inputs.get("labels"), num_items_in_batch=num_items_in_batch,
                                           return_metrics=True, **self.kd_options)
         mode = "train" if model.training else "eval"
+        if model.training:
+            self._timing["loss_seconds"] += time.perf_counter() - start
         seen = self._kd_metrics[mode]
         self._kd_metrics[mode] = metrics if seen is None else seen + metrics
         return (loss, None) if return_outputs else loss
@@ -361,7 +566,14 @@ class DistillationTrainer(transformers.Trainer):
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # a training log: the split of the rows since the last one
-            logs.update(self._kd_means("train"))
+            if self.token_teacher is None:
+                logs.update(self._kd_means("train"))
+            t, steps = self._timing, max(self.state.global_step - self._timing["step"], 1)
+            if t["batches"]:
+                logs.update(on_policy_fraction=t["on_policy"] / t["batches"],
+                            generation_seconds=t["generation_seconds"] / steps, loss_seconds=t["loss_seconds"] / steps)
+            self._timing = {"generation_seconds": 0.0, "loss_seconds": 0.0, "on_policy": 0, "batches": 0,
+                            "step": self.state.global_step}
         return super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
