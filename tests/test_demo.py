@@ -29,7 +29,9 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert set(report["methods"]) == {"hard_labels", "dense_kd", "topk_bucket", "topk_renorm_teacher",
-                                      "topk_renorm_both", "sampled_kd"}
+                                      "topk_renorm_both", "sampled_kd", "on_policy"}
+    on_policy = report["methods"]["on_policy"]
+    assert on_policy["generation_s"] > 0 and on_policy["loss_s"] > 0 and "on_policy: the first half" in r.stdout
     for r_ in report["methods"].values():
         assert {"val_loss", "val_ppl", "ece", "top1_agreement", "tokens_per_s", "peak_mem_mb"} <= set(r_)
         assert r_["val_loss"] > 0 and r_["tokens"] == 1024
@@ -85,3 +87,18 @@ def test_a_second_run_into_one_out_with_another_seed(tmp_path):
         r = _demo(*TINY, "--methods", "topk_bucket", "--seed", seed, "--out", out)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads((out / "results.json").read_text())["config"]["seeds"][0] == seed
+
+
+def test_on_policy_batches_keep_the_prompt_and_train_on_the_samples_only():
+    from fastkd.cli import demo
+
+    torch = pytest.importorskip("torch")
+    model = demo.TinyLM(vocab=50, d=16, layers=1, heads=2, seq_len=12)
+    b = torch.randint(0, 50, (3, 13), generator=torch.Generator().manual_seed(0))
+    timing = {"generation_s": 0.0}
+    seq, labels = demo.on_policy_batch(model, b, torch.Generator().manual_seed(1), timing)
+    half = 13 // 2
+    assert seq.shape == b.shape and torch.equal(seq[:, :half], b[:, :half]) and timing["generation_s"] > 0
+    assert (labels[:, :half - 1] == -100).all() and torch.equal(labels[:, half - 1:], seq[:, half:])
+    again, _ = demo.on_policy_batch(model, b, torch.Generator().manual_seed(1), timing)
+    assert torch.equal(seq, again)  # seeded: the same samples

@@ -9,7 +9,9 @@
    `python -m fastkd cache` (the path a user takes);
 5. students: a smaller transformer, the same initialisation, data order and tokens for every
    method -- hard_labels, dense_kd (teacher online), topk_bucket, topk_renorm_teacher,
-   topk_renorm_both, sampled_kd -- each through fastkd.fused_linear_kd_loss (no logits);
+   topk_renorm_both, sampled_kd, and on_policy (the student completes the first half of each
+   window by sampling, the teacher scores its completion: GKD with lambda = 1) -- each through
+   fastkd.fused_linear_kd_loss (no logits);
 6. report: validation loss and perplexity, calibration (ECE), agreement with the teacher's top-1,
    tokens/s and peak memory per method, and the same step with the naive log_softmax + kl_div
    loss; demo-out/results.json and demo-out/loss_curves.png. Results are written only at the end,
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from . import UsageError
 
 HELP = "distil a small language model end to end on this machine, every method, and report"
-METHODS = ("hard_labels", "dense_kd", "topk_bucket", "topk_renorm_teacher", "topk_renorm_both", "sampled_kd")
+METHODS = ("hard_labels", "dense_kd", "topk_bucket", "topk_renorm_teacher", "topk_renorm_both", "sampled_kd",
+           "on_policy")
 
 
 def add_arguments(p) -> None:
@@ -219,11 +222,43 @@ def write_cache(args, work, train_tokens, kind):
     return TeacherCache(out)
 
 
-def student_step(method, model, b, teacher, caches, starts, args):
+@torch.no_grad()
+def sample_completions(model, prompts, new_tokens, generator):
+    """prompts [B, P] -> [B, new_tokens] sampled from the model at temperature 1, a token at a time."""
+    model.eval()
+    ids = prompts
+    for _ in range(new_tokens):
+        probs = torch.softmax(model(ids[:, -model.config["seq_len"]:])[:, -1].float(), -1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], 1)
+    model.train()
+    return ids[:, prompts.shape[1]:]
+
+
+def on_policy_batch(model, b, generator, timing):
+    """The on_policy row's batch: the first half of each window is the prompt, the rest the
+    student's own sample; labels only on the sampled tokens (-100 at the prompt)."""
+    half = b.shape[1] // 2
+    t0 = time.perf_counter()
+    seq = torch.cat([b[:, :half], sample_completions(model, b[:, :half], b.shape[1] - half, generator)], 1)
+    timing["generation_s"] += time.perf_counter() - t0
+    labels = seq[:, 1:].clone()
+    labels[:, :half - 1] = -100  # (label j is token j + 1: the prompt's tokens are 1 .. half - 1)
+    return seq, labels
+
+
+def student_step(method, model, b, teacher, caches, starts, args, generator=None, timing=None):
     """One training step's loss for `method`: fused linear KD against the teacher (online or cached)."""
     import fastkd
 
     ids, labels = b[:, :-1], b[:, 1:]
+    if method == "on_policy":  # GKD with lambda = 1: the teacher scores the student's own completions
+        seq, labels = on_policy_batch(model, b, generator, timing)
+        ids = seq[:, :-1]
+        h = model.hidden(ids)
+        with torch.no_grad():
+            th = teacher.hidden(ids)
+        return fastkd.fused_linear_kd_loss(h, model.head.weight, teacher_hidden=th, teacher_weight=teacher.head.weight,
+                                           temperature=args.temperature, labels=labels)
     h = model.hidden(ids)
     if method == "hard_labels":
         return fastkd.fused_linear_kd_loss(h, model.head.weight, teacher=_one_hot_teacher(labels, args),
@@ -262,6 +297,8 @@ def train_student(method, init, train, val, teacher, caches, args, tokens_per_st
     windows = (train.numel() - 1) // args.seq_len  # whole cached sequences: the teacher saw the same context
     steps = max(1, tokens_per_student // (args.seq_len * args.batch_size))
     curve, seen, elapsed = [], 0, 0.0
+    sampler = torch.Generator().manual_seed(args.seed + 4)  # on_policy's samples
+    timing = {"generation_s": 0.0}
     bar = _bar(steps * args.seq_len * args.batch_size, method, args.no_progress)
     peak = 0
     for step in range(steps):
@@ -270,7 +307,7 @@ def train_student(method, init, train, val, teacher, caches, args, tokens_per_st
         t0 = time.perf_counter()
 
         def run():
-            loss = student_step(method, model, b, teacher, caches, starts, args)
+            loss = student_step(method, model, b, teacher, caches, starts, args, sampler, timing)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -287,8 +324,11 @@ def train_student(method, init, train, val, teacher, caches, args, tokens_per_st
             curve.append((seen, evaluate(model, val, args.seq_len)[0]))  # the same windows as the table
     bar.close()
     ce, ece, agree = evaluate(model, val, args.seq_len, teacher)
-    return {"val_loss": ce, "val_ppl": math.exp(ce), "ece": ece, "top1_agreement": agree,
-            "tokens_per_s": seen / elapsed, "peak_mem_mb": peak / 2**20, "tokens": seen, "curve": curve}
+    out = {"val_loss": ce, "val_ppl": math.exp(ce), "ece": ece, "top1_agreement": agree,
+           "tokens_per_s": seen / elapsed, "peak_mem_mb": peak / 2**20, "tokens": seen, "curve": curve}
+    if method == "on_policy":
+        out.update(generation_s=timing["generation_s"], loss_s=elapsed - timing["generation_s"])
+    return out
 
 
 def naive_step_time(init, teacher, train, args, steps=4):
@@ -454,6 +494,11 @@ def table(report) -> str:
                      f"{r['top1_agreement']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} |")
     n = report["naive_dense_kd_step"]
     lines.append(f"| dense_kd, naive loss (same step) | - | - | - | - | {n['tokens_per_s']:.0f} | {n['peak_mem_mb']:.0f} |")
+    if "on_policy" in report["methods"]:
+        r = report["methods"]["on_policy"]
+        lines.append(f"\non_policy: the first half of each window is the prompt, the student samples the rest (T = 1) "
+                     f"and learns the teacher's rows on its samples only; {r['generation_s']:.0f} s generating, "
+                     f"{r['loss_s']:.0f} s in the loss and update")
     for kind, info in report["cache"].items():
         lines.append(f"\ncache {kind}: {info['tokens']:,} tokens, {info['bytes_per_token']:.1f} bytes/token "
                      f"(bf16 logits: {info['bf16_logits_bytes_per_token']})")
