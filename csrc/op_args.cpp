@@ -121,6 +121,85 @@ void prepare_sparse(SparseArgs& a, const at::Tensor& student, const at::Tensor& 
   a.tail_logmass = tail_logmass.contiguous();
 }
 
+namespace {
+
+void check_row_stats(const char* op, const at::Tensor& stats, int64_t n, int64_t k) {
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble && stats.dim() == 2 && stats.size(0) == n && stats.size(1) == k,
+                    "fastkd::", op, ": row_stats must be float64 [", n, ", ", k, "], got ", stats.scalar_type(), " ",
+                    stats.sizes());
+}
+
+}  // namespace
+
+void prepare_dense_stats(DenseStatsArgs& a, const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                         bool hard) {
+  // (a row-loss op's checks and the dense pair's, with their messages: fastkd/_op_checks.py)
+  RowLossArgs shared;
+  prepare_row_loss(shared, "dense_kd_stats", student, std::nullopt, temperature, -100, 0.0, true, 1.0, false);
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "fastkd::dense_kd: student ", student.sizes(),
+              " and teacher ", teacher.sizes(), " differ in shape");
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "fastkd::dense_kd: student dtype ",
+              student.scalar_type(), " != teacher dtype ", teacher.scalar_type());
+  a.student = shared.student;
+  a.teacher = teacher.contiguous();
+  a.out = at::empty({student.size(0), 8}, student.options().dtype(at::kDouble));
+  a.temperature = temperature;
+  a.hard = hard;
+}
+
+void prepare_dense_shard(DenseShardArgs& a, const at::Tensor& student, const at::Tensor& teacher,
+                         const std::optional<at::Tensor>& labels, const at::Tensor& row_stats,
+                         std::string_view divergence, double temperature, double beta, int64_t ignore_index,
+                         double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad) {
+  prepare_dense(a, student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight, scale_by_t2,
+                grad_scale, compute_grad);
+  check_row_stats("dense_kd_shard", row_stats, student.size(0), 8);
+  a.row_stats = row_stats.contiguous();
+  a.parts = at::empty({student.size(0), 2}, student.options().dtype(at::kDouble));
+}
+
+namespace {
+
+// A sparse teacher's rows on a vocab-parallel op: [N, k] int64 ids (any value) and float32 log-probs.
+void check_shard_teacher(const char* op, const at::Tensor& student, const at::Tensor& indices,
+                         const at::Tensor& logprobs) {
+  const int64_t N = student.size(0);
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == N && logprobs.sizes() == indices.sizes(), "fastkd::", op,
+                    ": indices and logprobs must be [", N, ", k], got ", indices.sizes(), " and ", logprobs.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && logprobs.scalar_type() == at::kFloat, "fastkd::", op,
+                   ": indices must be int64, logprobs float32");
+  TORCH_CHECK_VALUE(indices.device() == student.device() && logprobs.device() == student.device(), "fastkd::", op,
+                    ": the teacher tensors must be on the student's device ", student.device());
+}
+
+}  // namespace
+
+void prepare_sparse_stats(SparseStatsArgs& a, const at::Tensor& student, const at::Tensor& indices,
+                          const at::Tensor& logprobs, double temperature, bool hard) {
+  RowLossArgs shared;
+  prepare_row_loss(shared, "sparse_kd_stats", student, std::nullopt, temperature, -100, 0.0, true, 1.0, false);
+  check_shard_teacher("sparse_kd_stats", student, indices, logprobs);
+  a.student = shared.student;
+  a.indices = indices.contiguous();
+  a.logprobs = logprobs.contiguous();
+  a.out = at::empty({student.size(0), 6}, student.options().dtype(at::kDouble));
+  a.temperature = temperature;
+  a.hard = hard;
+}
+
+void prepare_sparse_shard(SparseShardArgs& a, const at::Tensor& student, const at::Tensor& indices,
+                          const at::Tensor& logprobs, const std::optional<at::Tensor>& labels,
+                          const at::Tensor& row_stats, double temperature, int64_t ignore_index, double hard_weight,
+                          bool scale_by_t2, double grad_scale) {
+  prepare_row_loss(a, "sparse_kd_shard", student, labels, temperature, ignore_index, hard_weight, scale_by_t2,
+                   grad_scale, true);
+  check_shard_teacher("sparse_kd_shard", student, indices, logprobs);
+  check_row_stats("sparse_kd_shard", row_stats, student.size(0), 8);
+  a.indices = indices.contiguous();
+  a.logprobs = logprobs.contiguous();
+  a.row_stats = row_stats.contiguous();
+}
+
 void prepare_topk(TopkArgs& a, const at::Tensor& logits, int64_t k, double temperature) {
   check_teacher_logits("topk_teacher", logits, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);

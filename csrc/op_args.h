@@ -55,6 +55,32 @@ struct SampleArgs {
   double temperature;
 };
 
+// The vocab-parallel dense loss's partial forms (fastkd/_ops.py: DENSE_STATS, DENSE_ROW), on one
+// rank's slice [N, V_slice]. dense_kd_stats: out [N, 8] float64. dense_kd_shard: labels are the
+// slice's ids (any int64: others lie in other slices), row_stats [N, 8] float64 the whole row's,
+// parts [N, 2] float64 the slice's shares of D and U (the loss output `loss` goes unused).
+struct DenseStatsArgs {
+  at::Tensor student, teacher, out;
+  double temperature;
+  bool hard;
+};
+struct DenseShardArgs : DenseArgs {
+  at::Tensor row_stats, parts;
+};
+
+// The vocab-parallel sparse loss's partial forms (SPARSE_STATS, SPARSE_ROW): indices [N, k] int64
+// (this slice's ids: others lie in other slices), logprobs [N, k] float32. sparse_kd_stats: out
+// [N, 6] float64. sparse_kd_shard: labels the slice's ids, row_stats [N, 8] float64, the
+// gradient in `grad` (always computed).
+struct SparseStatsArgs {
+  at::Tensor student, indices, logprobs, out;
+  double temperature;
+  bool hard;
+};
+struct SparseShardArgs : RowLossArgs {
+  at::Tensor indices, logprobs, row_stats;
+};
+
 // Each checks op `op`'s arguments and fills `a`, outputs allocated (uninitialised).
 void prepare_dense(DenseArgs& a, const at::Tensor& student, const at::Tensor& teacher,
                    const std::optional<at::Tensor>& labels, std::string_view divergence, double temperature,
@@ -64,6 +90,18 @@ void prepare_sparse(SparseArgs& a, const at::Tensor& student, const at::Tensor& 
                     const at::Tensor& tail_logmass, const std::optional<at::Tensor>& labels, std::string_view tail,
                     double temperature, int64_t ignore_index, double hard_weight, bool scale_by_t2,
                     double grad_scale, bool compute_grad);
+void prepare_dense_stats(DenseStatsArgs& a, const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                         bool hard);
+void prepare_dense_shard(DenseShardArgs& a, const at::Tensor& student, const at::Tensor& teacher,
+                         const std::optional<at::Tensor>& labels, const at::Tensor& row_stats,
+                         std::string_view divergence, double temperature, double beta, int64_t ignore_index,
+                         double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad);
+void prepare_sparse_stats(SparseStatsArgs& a, const at::Tensor& student, const at::Tensor& indices,
+                          const at::Tensor& logprobs, double temperature, bool hard);
+void prepare_sparse_shard(SparseShardArgs& a, const at::Tensor& student, const at::Tensor& indices,
+                          const at::Tensor& logprobs, const std::optional<at::Tensor>& labels,
+                          const at::Tensor& row_stats, double temperature, int64_t ignore_index, double hard_weight,
+                          bool scale_by_t2, double grad_scale);
 void prepare_topk(TopkArgs& a, const at::Tensor& logits, int64_t k, double temperature);
 void prepare_sample(SampleArgs& a, const at::Tensor& logits, const at::Tensor& uniforms, double temperature);
 

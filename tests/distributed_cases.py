@@ -5,6 +5,7 @@ finds a difference raises, which mp.spawn reports in the test process. The colle
 wrapped to count the bytes each step sends (COUNTED)."""
 import datetime
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -15,10 +16,11 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 
 class Counted:
     """Wraps torch.distributed's collectives (the ones fastkd.distributed looks up at call time)
-    and records (name, bytes of this rank's tensor) per call."""
+    and records (name, bytes of this rank's tensor) per call, and the seconds spent in them."""
 
     def __init__(self):
         self.calls = []
+        self.seconds = 0.0
         self._orig = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_object")}
         for name, fn in self._orig.items():
             setattr(dist, name, self._wrap(name, fn))
@@ -27,12 +29,16 @@ class Counted:
         def wrapped(*args, **kwargs):
             t = args[1] if name == "all_gather" else args[0]
             self.calls.append((name, t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0))
-            return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
 
         return wrapped
 
     def take(self):
-        calls, self.calls = self.calls, []
+        calls, self.calls, self.seconds = self.calls, [], 0.0
         return calls
 
 

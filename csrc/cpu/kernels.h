@@ -42,6 +42,10 @@ inline const char* isa_name(Isa isa) {
 #define FASTKD_DECLARE_KERNELS(ns)              \
   namespace ns {                                \
   void dense_kd_rows(const DenseArgs& a);       \
+  void dense_kd_stats_rows(const DenseStatsArgs& a); \
+  void dense_kd_shard_rows(const DenseShardArgs& a); \
+  void sparse_kd_stats_rows(const SparseStatsArgs& a); \
+  void sparse_kd_shard_rows(const SparseShardArgs& a); \
   void sparse_kd_rows(const SparseArgs& a);     \
   void topk_teacher_rows(const TopkArgs& a);    \
   void sample_teacher_rows(const SampleArgs& a); \

@@ -154,6 +154,19 @@ double exp_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
   return total;
 }
 
+// (max, sum exp(x - max)) partial statistics of a loaded row X[0:Vp] with maximum m (E <- the
+// exponentials): sum 0 (and E 0) for a row with no finite entry, NaN for one holding a NaN or
+// +inf (fastkd/_math.py's max_sum: the vocab-parallel partial forms' log-sum-exp of a slice).
+template <typename acc_t>
+double partial_sum(const acc_t* X, acc_t* E, int64_t Vp, acc_t m) {
+  const bool bad = std::isnan(m) || m == std::numeric_limits<acc_t>::infinity();
+  if (bad || m == -std::numeric_limits<acc_t>::infinity()) {
+    std::fill(E, E + Vp, acc_t(0));  // (no share of a close-row sum: the reference's e > 0 fails)
+    return bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+  }
+  return exp_sum(X, E, Vp, m);
+}
+
 // The hard-label term at temperature 1 of student row s (V entries): B[0:Vp] <- exp(s - max s),
 // *inv_sum <- 1 / sum of them (so softmax(s) = B * inv_sum); returns CE = lse(s) - s[label].
 template <typename scalar_t, typename acc_t>
