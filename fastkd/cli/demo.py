@@ -228,7 +228,8 @@ def sample_completions(model, prompts, new_tokens, generator):
     model.eval()
     ids = prompts
     for _ in range(new_tokens):
-        probs = torch.softmax(model(ids[:, -model.config["seq_len"]:])[:, -1].float(), -1)
+        last = model.hidden(ids[:, -model.config["seq_len"]:])[:, -1]  # (the head on the last position only)
+        probs = torch.softmax(model.head(last).float(), -1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], 1)
     model.train()
     return ids[:, prompts.shape[1]:]
