@@ -158,6 +158,23 @@ void prepare_dense_shard(DenseShardArgs& a, const at::Tensor& student, const at:
   a.parts = at::empty({student.size(0), 2}, student.options().dtype(at::kDouble));
 }
 
+void prepare_dense_finish(DenseFinishArgs& a, const at::Tensor& grad, const at::Tensor& student,
+                          const at::Tensor& row_stats, double temperature, double kd_grad_weight) {
+  RowLossArgs shared;
+  prepare_row_loss(shared, "dense_kd_finish", student, std::nullopt, temperature, -100, 0.0, true, 1.0, false);
+  const auto grad_type = student.scalar_type() == at::kHalf ? at::kFloat : student.scalar_type();
+  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.scalar_type() == grad_type, "fastkd::dense_kd_finish: grad "
+                    "must be ", grad_type, " ", student.sizes(), " (the student's gradient), got ", grad.scalar_type(),
+                    " ", grad.sizes());
+  check_row_stats("dense_kd_finish", row_stats, student.size(0), 8);
+  a.grad = grad.contiguous();
+  a.student = shared.student;
+  a.row_stats = row_stats.contiguous();
+  a.out = at::empty(student.sizes(), student.options().dtype(grad_type));
+  a.temperature = temperature;
+  a.kd_grad_weight = kd_grad_weight;
+}
+
 namespace {
 
 // A sparse teacher's rows on a vocab-parallel op: [N, k] int64 ids (any value) and float32 log-probs.

@@ -68,6 +68,13 @@ struct DenseShardArgs : DenseArgs {
   at::Tensor row_stats, parts;
 };
 
+// dense_kd_finish: grad [N, V_slice] (dense_kd_shard's, with U = 0) in the student's gradient
+// dtype, row_stats [N, 8] float64 (DENSE_ROW with U); out the finished gradient, grad's dtype.
+struct DenseFinishArgs {
+  at::Tensor grad, student, row_stats, out;
+  double temperature, kd_grad_weight;
+};
+
 // The vocab-parallel sparse loss's partial forms (SPARSE_STATS, SPARSE_ROW): indices [N, k] int64
 // (this slice's ids: others lie in other slices), logprobs [N, k] float32. sparse_kd_stats: out
 // [N, 6] float64. sparse_kd_shard: labels the slice's ids, row_stats [N, 8] float64, the
@@ -96,6 +103,8 @@ void prepare_dense_shard(DenseShardArgs& a, const at::Tensor& student, const at:
                          const std::optional<at::Tensor>& labels, const at::Tensor& row_stats,
                          std::string_view divergence, double temperature, double beta, int64_t ignore_index,
                          double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad);
+void prepare_dense_finish(DenseFinishArgs& a, const at::Tensor& grad, const at::Tensor& student,
+                          const at::Tensor& row_stats, double temperature, double kd_grad_weight);
 void prepare_sparse_stats(SparseStatsArgs& a, const at::Tensor& student, const at::Tensor& indices,
                           const at::Tensor& logprobs, double temperature, bool hard);
 void prepare_sparse_shard(SparseShardArgs& a, const at::Tensor& student, const at::Tensor& indices,

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from . import _ops
 from ._math import DIVERGENCES
 
 LOGPROB_SLACK = 1e-3  # log-probs above this are not log-probs (raw logits?)
@@ -163,3 +164,17 @@ def shard_teacher(op, student, indices, logprobs):
         _fail(op, f"indices and logprobs must be [{n}, k], got {tuple(indices.shape)} and {tuple(logprobs.shape)}")
     if indices.dtype != torch.long or logprobs.dtype != torch.float32:
         _fail(op, "indices must be int64, logprobs float32", TypeError)
+
+
+def finish(op, grad, student, stats, temperature):
+    """dense_kd_finish's arguments: grad [N, V] in the student's gradient dtype, row_stats [N, 8]."""
+    if student.dim() != 2:
+        _fail(op, f"student must be [N, V], got {tuple(student.shape)}")
+    if not student.is_floating_point():
+        _fail(op, f"logits must be floating point, got {student.dtype}", TypeError)
+    if not (math.isfinite(temperature) and temperature > 0):
+        _fail(op, f"temperature must be positive and finite, got {temperature}")
+    if grad.shape != student.shape or grad.dtype != _ops.grad_dtype(student.dtype):
+        _fail(op, f"grad must be {_ops.grad_dtype(student.dtype)} {tuple(student.shape)} (the student's gradient), "
+                  f"got {grad.dtype} {tuple(grad.shape)}")
+    row_stats(op, stats, student.shape[0], 8)

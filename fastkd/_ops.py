@@ -79,6 +79,10 @@ SCHEMAS = {
     "dense_kd_shard": "(Tensor student, Tensor teacher, Tensor? labels, Tensor row_stats, str divergence, "
                       "float temperature, float beta, int ignore_index, float hard_weight, bool scale_by_t2, "
                       "float grad_scale, bool compute_grad) -> (Tensor, Tensor)",
+    # dense_kd_finish: grad [N, V_slice] (dense_kd_shard's with U = 0), student, row_stats [N, 8]
+    # float64 (DENSE_ROW with U) -> grad - kd_grad_weight gradient_u(U) q, the same dtype.
+    "dense_kd_finish": "(Tensor grad, Tensor student, Tensor row_stats, float temperature, float kd_grad_weight) "
+                       "-> Tensor",
     # sparse_kd_stats: indices [N, k] int64, logprobs [N, k] fp32 -> [N, 6] float64 (SPARSE_STATS).
     "sparse_kd_stats": "(Tensor student, Tensor indices, Tensor logprobs, float temperature, bool hard) -> Tensor",
     # sparse_kd_shard: row_stats [N, 8] float64 (SPARSE_ROW) -> grad [N, V_slice] like sparse_kd's.
@@ -116,6 +120,7 @@ FAKES = {
     "sample_teacher_draws": lambda logits, uniforms, temperature: uniforms.new_empty(uniforms.shape, dtype=torch.long),
     "dense_kd_stats": lambda *args: _stats_fake(*args, columns=len(DENSE_STATS)),
     "dense_kd_shard": lambda student, *args: (_stats_fake(student, columns=2), row_loss_outputs(student, args[-1])[1]),
+    "dense_kd_finish": lambda grad, *args: torch.empty_like(grad),
     "sparse_kd_stats": lambda *args: _stats_fake(*args, columns=len(SPARSE_STATS)),
     "sparse_kd_shard": lambda student, *args: row_loss_outputs(student, True)[1],
     "unpack_bits": lambda stream, width, start, stop: stream.new_empty(stop - start, dtype=torch.long),

@@ -13,7 +13,7 @@ import torch
 
 from . import _math, backends
 from ._math import NEG_INF, log_normaliser
-from ._ops import DENSE_ROW, DENSE_STATS, SPARSE_ROW, SPARSE_STATS, acc_dtype
+from ._ops import DENSE_ROW, DENSE_STATS, SPARSE_ROW, SPARSE_STATS, acc_dtype, grad_dtype
 
 
 def _named(x: torch.Tensor, columns):
@@ -114,7 +114,12 @@ def dense_rows(shard, layout, student, teacher, labels, divergence, temperature,
     row = torch.where(kd_on.unsqueeze(-1), row, torch.where(live.unsqueeze(-1), no_teacher, empty))
     row = torch.where(poisoned.unsqueeze(-1), math.nan, row)
     op = backends.kernel("dense_kd_shard", backend, device)
-    one_pass = compute_grad and divergence == "forward_kl"  # U = -1 is known: the gradient comes with the shares
+    # forward KL's U = -1 is known: the gradient comes with the shares. The others' needs the row's U:
+    # the shares' pass gives it with U = 0 (w u + the hard part) and dense_kd_finish subtracts w U q
+    # -- except for bf16, whose gradient, rounded between the two, could lose what u - q U keeps
+    # when they nearly cancel: it runs dense_kd_shard again once U is known.
+    finish = compute_grad and divergence != "forward_kl" and grad_dtype(student.dtype) != torch.bfloat16
+    one_pass = compute_grad and (divergence == "forward_kl" or finish)
     parts, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
                      scale_by_t2, grad_scale, one_pass)
     shares = torch.cat([parts, _label_logit(student, local).unsqueeze(-1)], -1)
@@ -125,11 +130,14 @@ def dense_rows(shard, layout, student, teacher, labels, divergence, temperature,
     if hard:
         loss = loss + torch.where(live, w.hard * (m_1 + log_s_1 - x_label), 0.0)
     loss = _finish(loss, kept, poisoned, student)
-    if compute_grad and not one_pass:
+    if compute_grad and divergence != "forward_kl":
         u = DENSE_ROW.index("u")
         row[:, u] = torch.where(kd_on, big_u, row[:, u])
-        _, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
-                     scale_by_t2, grad_scale, True)
+        if finish:
+            grad = backends.kernel("dense_kd_finish", backend, device)(grad, student, row, temperature, w.kd_grad)
+        else:
+            _, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
+                         scale_by_t2, grad_scale, True)
     return loss, grad if compute_grad else None
 
 

@@ -31,6 +31,7 @@ OPS = {
     "sample_teacher_draws": ("torch", "cpu", "triton", "cuda"),
     "dense_kd_stats": ("torch", "cpu"),
     "dense_kd_shard": ("torch", "cpu"),
+    "dense_kd_finish": ("torch", "cpu"),
     "sparse_kd_stats": ("torch", "cpu"),
     "sparse_kd_shard": ("torch", "cpu"),
     "unpack_bits": ("torch", "cpu"),

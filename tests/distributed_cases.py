@@ -83,10 +83,13 @@ def dense_cases(shard, cols, vocab):
             _pair(lambda x: fastkd.kd_loss(x, t, backend="torch", **kw),
                   lambda x: fastkd.kd_loss(x, t[:, cols], vocab_shard=shard, **kw), s, cols, f"dense {kw}", 1e-10)
     # fp32 and bf16 logits: the same as the unsharded loss to their rounding
+    # (JSD: its gradient needs U -- dense_kd_finish after the shares for fp32, a second shard pass for bf16)
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-3)):
         s, t, labels = _data(5, vocab, dtype, seed=1)
-        _pair(lambda x: fastkd.kd_loss(x, t, labels=labels, backend="torch"),
-              lambda x: fastkd.kd_loss(x, t[:, cols], labels=labels, vocab_shard=shard), s, cols, f"dense {dtype}", tol)
+        for div in ("forward_kl", "jsd"):
+            _pair(lambda x: fastkd.kd_loss(x, t, labels=labels, divergence=div, hard_weight=0.1, backend="torch"),
+                  lambda x: fastkd.kd_loss(x, t[:, cols], labels=labels, divergence=div, hard_weight=0.1,
+                                           vocab_shard=shard), s, cols, f"dense {dtype} {div}", tol)
     # masked entries, a row fully masked, a NaN row, 1e4-scale logits, a close (converged) row
     s, t, labels = _data(6, vocab, torch.float64, seed=2)
     s[:, ::5] = NEG_INF
@@ -95,7 +98,7 @@ def dense_cases(shard, cols, vocab):
     t[3, vocab // 2] = math.nan
     s[4] *= 3e3
     t[5] = s[5] + 1e-3 * torch.randn(vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    for div in ("forward_kl", "jsd", "tvd"):
+    for div in ("forward_kl", "jsd", "tvd", "reverse_kl"):  # (reverse KL: teacher masks under student mass, U = inf)
         _pair(lambda x: fastkd.kd_loss(x, t, divergence=div, reduction="none", backend="torch"),
               lambda x: fastkd.kd_loss(x, t[:, cols], divergence=div, reduction="none", vocab_shard=shard),
               s, cols, f"dense edge rows {div}", 1e-9)

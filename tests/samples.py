@@ -129,6 +129,17 @@ def dense_kd_shard(dtype=torch.float32):
             ("no-grad", (s, t, None, row, "tvd", 2.0, 0.5, -1, 0.0, True, 1.0, False))]
 
 
+def dense_kd_finish(dtype=torch.float32):
+    s, t = logits((6, 40), dtype), logits((6, 40), dtype, seed=1)
+    row = _dense_row(s, t, 2.0)
+    row[:, -1] = torch.tensor([0.3, -0.2, 0.0, 1.5, 2.0, -0.7], dtype=torch.float64)  # the rows' U
+    row[2, 2] = float("-inf")  # a row without a teacher distribution: left as it is
+    grad = logits((6, 40), torch.float32 if dtype == torch.float16 else dtype, seed=2) * 0.01
+    masked = row.clone()  # (an infinite U makes its row NaN: opcheck cannot compare NaN outputs; the
+    masked[1] = float("nan")  # distributed suite covers it) a row that read a NaN on some rank: left as it is
+    return [("jsd", (grad, s, row, 2.0, 0.7)), ("masked", (grad, s, masked, 1.0, 0.5))]
+
+
 def _sparse_slice_teacher(n):
     idx = torch.tensor([[0, 7, 50, -3]] * n)  # 50 and -3 lie in other slices
     return idx, torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]] * n))
@@ -149,6 +160,7 @@ def sparse_kd_shard(dtype=torch.float32):
 SAMPLES = {"dense_kd": dense_kd, "sparse_kd": sparse_kd, "topk_teacher": topk_teacher,
            "sample_teacher_draws": sample_teacher_draws, "unpack_bits": unpack_bits,
            "unpack_monotone": unpack_monotone, "dense_kd_stats": dense_kd_stats, "dense_kd_shard": dense_kd_shard,
+           "dense_kd_finish": dense_kd_finish,
            "sparse_kd_stats": sparse_kd_stats, "sparse_kd_shard": sparse_kd_shard}
-PARTIAL_OPS = ("dense_kd_stats", "dense_kd_shard", "sparse_kd_stats", "sparse_kd_shard")
+PARTIAL_OPS = ("dense_kd_stats", "dense_kd_shard", "dense_kd_finish", "sparse_kd_stats", "sparse_kd_shard")
 FLOAT_OPS = ("dense_kd", "sparse_kd", "topk_teacher", "sample_teacher_draws") + PARTIAL_OPS

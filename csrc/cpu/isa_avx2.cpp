@@ -9,6 +9,7 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define FASTKD_ISA_NS isa_avx2
+#include "dense_kd_finish_kernel.h"
 #include "dense_kd_kernel.h"
 #include "dense_kd_shard_kernel.h"
 #include "dense_kd_stats_kernel.h"

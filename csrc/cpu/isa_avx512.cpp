@@ -13,6 +13,7 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define FASTKD_ISA_NS isa_avx512
+#include "dense_kd_finish_kernel.h"
 #include "dense_kd_kernel.h"
 #include "dense_kd_shard_kernel.h"
 #include "dense_kd_stats_kernel.h"

@@ -44,6 +44,7 @@ inline const char* isa_name(Isa isa) {
   void dense_kd_rows(const DenseArgs& a);       \
   void dense_kd_stats_rows(const DenseStatsArgs& a); \
   void dense_kd_shard_rows(const DenseShardArgs& a); \
+  void dense_kd_finish_rows(const DenseFinishArgs& a); \
   void sparse_kd_stats_rows(const SparseStatsArgs& a); \
   void sparse_kd_shard_rows(const SparseShardArgs& a); \
   void sparse_kd_rows(const SparseArgs& a);     \
