@@ -168,12 +168,7 @@ def shard_teacher(op, student, indices, logprobs):
 
 def finish(op, grad, student, stats, temperature):
     """dense_kd_finish's arguments: grad [N, V] in the student's gradient dtype, row_stats [N, 8]."""
-    if student.dim() != 2:
-        _fail(op, f"student must be [N, V], got {tuple(student.shape)}")
-    if not student.is_floating_point():
-        _fail(op, f"logits must be floating point, got {student.dtype}", TypeError)
-    if not (math.isfinite(temperature) and temperature > 0):
-        _fail(op, f"temperature must be positive and finite, got {temperature}")
+    row_loss(op, student, None, temperature, -100, 0.0)
     if grad.shape != student.shape or grad.dtype != _ops.grad_dtype(student.dtype):
         _fail(op, f"grad must be {_ops.grad_dtype(student.dtype)} {tuple(student.shape)} (the student's gradient), "
                   f"got {grad.dtype} {tuple(grad.shape)}")
