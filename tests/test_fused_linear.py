@@ -222,3 +222,19 @@ def test_metrics_add_up_and_survive_edge_rows():
     assert m.means() == {} and "rows=0" in repr(m)
     with pytest.raises(TypeError, match="return_metrics"):
         fastkd.fused_linear_kd_loss(h, w, **{**kw, "return_metrics": 1})
+
+
+def test_metrics_from_the_module_and_in_bf16():
+    """FusedLinearKDLoss(..., return_metrics=True) gives the function's metrics; in bf16 they are
+    those of the fp32 computation to bf16's rounding."""
+    h, w, th, tw = _rand(16, 8), _rand(40, 8), _rand(16, 8), _rand(40, 8)
+    labels = torch.randint(0, 40, (16,), generator=G)
+    kw = dict(teacher_hidden=th, teacher_weight=tw, labels=labels)
+    loss, m = fastkd.FusedLinearKDLoss(temperature=2.0, chunk_size=5)(h, w, return_metrics=True, **kw)
+    want_loss, want = fastkd.fused_linear_kd_loss(h, w, temperature=2.0, chunk_size=5, return_metrics=True, **kw)
+    assert torch.equal(loss, want_loss) and m.means() == want.means()
+    bf = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kw.items()}
+    _, low = fastkd.fused_linear_kd_loss(h.to(torch.bfloat16), w.to(torch.bfloat16), temperature=2.0,
+                                         return_metrics=True, **bf)
+    for name, value in want.means().items():
+        assert low.means()[name] == pytest.approx(value, rel=0.05, abs=0.05), name

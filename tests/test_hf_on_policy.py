@@ -227,3 +227,21 @@ def test_bad_on_policy_arguments(tmp_path):
         fastkd.hf.DistillationTrainer(teacher_model=_model(1), on_policy=1.5, **kw)
     with pytest.raises(ValueError, match="seq_kd=True"):
         fastkd.hf.DistillationTrainer(teacher=lambda ids: None, seq_kd=True, **kw)
+
+
+def test_rows_with_empty_completions_carry_no_loss():
+    """A completion of no tokens packs to the prompt alone, every label ignored; a batch of such rows
+    is loss 0 (reduction 'mean' over no kept row), never NaN."""
+    collate = fastkd.hf.PromptCompletionCollator(PAD)
+    batch = collate([{"prompt_input_ids": [5, 6, 7], "completion_input_ids": []},
+                     {"prompt_input_ids": [8, 9], "completion_input_ids": [10, 11]}])
+    assert batch["prompt_input_ids"].tolist() == [[5, 6, 7], [PAD, 8, 9]]
+    assert batch["completion_attention_mask"].tolist() == [[0, 0], [1, 1]]
+    ids, mask, labels = fastkd.hf.pack_prompt_completion(*(batch[k] for k in (
+        "prompt_input_ids", "prompt_attention_mask", "completion_input_ids", "completion_attention_mask")), PAD)
+    assert ids.tolist() == [[5, 6, 7, PAD], [8, 9, 10, 11]] and mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert labels.tolist() == [[-100] * 4, [-100, -100, 10, 11]]
+    student, teacher = _model(0), _model(1)
+    loss = fastkd.hf.causal_lm_kd_loss(student, ids[:1], teacher_model=teacher, attention_mask=mask[:1],
+                                       labels=labels[:1])
+    assert loss.item() == 0.0
