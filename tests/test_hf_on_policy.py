@@ -245,3 +245,29 @@ def test_rows_with_empty_completions_carry_no_loss():
     loss = fastkd.hf.causal_lm_kd_loss(student, ids[:1], teacher_model=teacher, attention_mask=mask[:1],
                                        labels=labels[:1])
     assert loss.item() == 0.0
+
+
+def test_on_policy_under_torchrun(tmp_path):
+    """2 DDP processes (gloo, a deadline): every rank draws alike, so they generate in the same steps
+    and none is left waiting in DDP's all-reduce; the losses are finite and the same on both."""
+    import json
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), str(root / "tests" / "on_policy_ddp_case.py"), str(tmp_path)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / f"result-{i}.json").read_text()) for i in range(2)]
+    assert all(x["wrapped"] == "DistributedDataParallel" for x in ranks)
+    assert ranks[0]["fractions"] == ranks[1]["fractions"] and 0 < sum(ranks[0]["fractions"]) < 6
+    assert ranks[0]["losses"] == ranks[1]["losses"] and all(v == v and v > 0 for v in ranks[0]["losses"])
