@@ -46,6 +46,7 @@ class ChunkMetrics:
 
     def __init__(self, o, has_labels: bool, device):
         self.o, self.has_labels = o, has_labels
+        self.done = False  # set after the first run of the chunk loop: a replayed backward adds nothing
         self.rows = torch.zeros((), dtype=torch.float64, device=device)
         self.sums = torch.zeros(len(NAMES), dtype=torch.float64, device=device)
 

@@ -60,7 +60,7 @@ class _Chunked:
         self.dense, self.teacher_rows, self.row_op = c.dense, c.teacher_rows, row_op
         self.softcap, self.chunk, self.vocab, self.dtype = c.softcap, chunk, vocab, c.dtype
         self.shard = shard  # a VocabShard: the head holds one slice of the vocabulary, grad_h is summed
-        self.metrics = None  # a ChunkMetrics to fill on the next run (fastkd/_metrics.py), then its result
+        self.metrics = None  # a ChunkMetrics (fastkd/_metrics.py), filled by the first run
 
     def teacher(self, a, b, logits_dtype):
         """The teacher's rows a:b for the row op: dense, its logits (under no_grad); sparse, its entries."""
@@ -104,7 +104,7 @@ class _Chunked:
                     raise
                 raise ValueError(f"{e} (rows counted from row {a} of the call's {n}: a chunk of {self.chunk})") from None
             rows[a:a + hc.shape[0]] = loss
-            if isinstance(self.metrics, ChunkMetrics):  # from the chunk's logits while they are here
+            if self.metrics is not None and not self.metrics.done:  # from the chunk's logits while they are here
                 with torch.no_grad():
                     self.metrics.add(z, _teacher_top1(t, self.dense), lab, loss)
             if not compute_grad:
@@ -120,8 +120,8 @@ class _Chunked:
                 grad_w[:self.vocab] += (g.t() @ hc.to(gdt)).to(grad_w.dtype)
             if grad_b is not None:
                 grad_b[:self.vocab] += g.sum(0, dtype=grad_b.dtype)
-        if isinstance(self.metrics, ChunkMetrics):  # (once: a replayed backward does not add again)
-            self.metrics = self.metrics.result()
+        if self.metrics is not None:  # (once: a replayed backward does not add again)
+            self.metrics.done = True
         if self.shard is not None and grad_h is not None:
             self.shard.all_reduce(grad_h, "sum")  # [N, H]: the one collective of O(N H)
             grad_h = grad_h.to(grad_dtype(h.dtype))
@@ -211,7 +211,7 @@ def fused_linear_loss(heads: Heads, labels, options, vocab_shard=None, return_me
     if return_metrics:
         loop.metrics = ChunkMetrics(o, c.labels is not None, c.h.device)
     loss = run(c, o, loop)
-    return (loss, loop.metrics) if return_metrics else loss
+    return (loss, loop.metrics.result()) if return_metrics else loss
 
 
 def _sharded(vocab_shard, heads: Heads, labels, options, return_metrics=False):

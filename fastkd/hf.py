@@ -157,13 +157,19 @@ def _softcap_of(config):
     return cap
 
 
+def _logits_of(out):
+    """A causal LM's forward output's `logits` (or its first element, for a tuple output)."""
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    return logits
+
+
 def _head_transform(model, out):
     """(scale, softcap): the model maps its head's output z to softcap * tanh(scale * z / softcap)
     (or scale * z without a cap), read from what it made of the probes; any other transform is
     refused, naming what the model did."""
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out:
-        logits = out[0]
+    logits = _logits_of(out)
     if not torch.is_tensor(logits) or logits.shape[-1] != len(PROBES):
         raise TypeError(f"{type(model).__name__}'s forward does not return its head's output as `logits`: "
                         "fastkd.hf cannot see what it does after the LM head")
@@ -197,7 +203,7 @@ def _hidden(model, input_ids, attention_mask):
     finally:
         del head.forward
     scale, softcap = _head_transform(inner, out)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = _logits_of(out)
     # 0 * the model's output, added to the loss: the engine's hooks on the forward's outputs run in
     # backward (ZeRO-3's on the head's output; without them its gradients never reach the partitions:
     # tests/test_hf_ddp.py), as they would for a loss of the model's logits
@@ -216,6 +222,14 @@ class Captured(NamedTuple):
     scale: float
     softcap: float | None
     anchor: torch.Tensor | None
+
+    def shifted(self):
+        """(hidden states [B, L - 1, H] of the positions that predict a next token, bias), the head's
+        scale folded in: the model's logits are scale * (h W^T + b)."""
+        hidden, bias = self.hidden[:, :-1], self.bias
+        if self.scale != 1.0:
+            hidden, bias = hidden * self.scale, None if bias is None else bias * self.scale
+        return hidden, bias
 
 
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
@@ -238,9 +252,7 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
         shifted[(attention_mask[:, :-1] == 0) | (attention_mask[:, 1:] == 0)] = ignore_index
     lm_head(student_model)  # (its checks: a Linear head, no adapter on it)
     seen = _hidden(student_model, input_ids, attention_mask)
-    hidden, weight, bias, scale, softcap = seen.hidden[:, :-1], seen.weight, seen.bias, seen.scale, seen.softcap
-    if scale != 1.0:  # the model's logits are scale * (h W^T + b): fold the scale into h and b
-        hidden, bias = hidden * scale, None if bias is None else bias * scale
+    (hidden, bias), weight, softcap = seen.shifted(), seen.weight, seen.softcap
     options = dict(student_bias=bias, softcap=softcap, labels=shifted, ignore_index=ignore_index,
                    return_metrics=return_metrics, **loss_options)
     if teacher_model is not None:
@@ -306,9 +318,7 @@ def sampled_reverse_kl_loss(student_model, input_ids, teacher_logprobs, *, compl
     target = input_ids[:, 1:]
     one_hot = SparseTeacher(target.unsqueeze(-1), torch.zeros(target.shape + (1,), device=target.device),
                             torch.full(target.shape, float("-inf"), device=target.device), 1.0, "sampled")
-    hidden, bias = seen.hidden[:, :-1], seen.bias
-    if seen.scale != 1.0:
-        hidden, bias = hidden * seen.scale, None if bias is None else bias * seen.scale
+    hidden, bias = seen.shifted()
     neg_logq = fused_linear_kd_loss(hidden, seen.weight, student_bias=bias, softcap=seen.softcap, teacher=one_hot,
                                     tail="renorm_teacher", reduction="none", chunk_size=chunk_size, backend=backend)
     loss = sampled_reverse_kl(-neg_logq, teacher_logprobs[:, 1:].to(neg_logq.dtype), completion_mask[:, 1:],
@@ -462,7 +472,7 @@ class DistillationTrainer(transformers.Trainer):
             max_new_tokens=64, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
             pad_token_id=_pad_id(None, self.model), eos_token_id=getattr(unwrap(self.model).config, "eos_token_id", None))
         self._draws = random.Random(self.args.seed)  # the same on every rank: all ranks generate, or none
-        self._timing = {"generation_seconds": 0.0, "loss_seconds": 0.0, "on_policy": 0, "batches": 0, "step": 0}
+        self._reset_timing()
         if teacher is not None and not callable(teacher):
             raise TypeError(f"teacher must be a callable from input_ids to a fastkd.SparseTeacher, got "
                             f"{type(teacher).__name__}")
@@ -494,6 +504,11 @@ class DistillationTrainer(transformers.Trainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self.COLUMNS]))
+
+    def _reset_timing(self):
+        """What the next training log reports of on-policy batches, from this optimizer step on."""
+        self._timing = {"generation_seconds": 0.0, "loss_seconds": 0.0, "on_policy": 0, "batches": 0,
+                        "step": self.state.global_step}
 
     def _completions(self, model, inputs):
         """(input_ids, attention_mask, labels) of a prompt/completion batch: the completions sampled
@@ -572,8 +587,7 @@ class DistillationTrainer(transformers.Trainer):
             if t["batches"]:
                 logs.update(on_policy_fraction=t["on_policy"] / t["batches"],
                             generation_seconds=t["generation_seconds"] / steps, loss_seconds=t["loss_seconds"] / steps)
-            self._timing = {"generation_seconds": 0.0, "loss_seconds": 0.0, "on_policy": 0, "batches": 0,
-                            "step": self.state.global_step}
+            self._reset_timing()
         return super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
