@@ -71,6 +71,9 @@ def main(out, optimizer, engine="ddp"):
     params = {k: v.detach().clone() for k, v in student.state_dict().items()}
     torch.save({"losses": losses, "split": split, "params": params, "world": world},
                os.path.join(out, f"result-{rank}.pt"))
+    if torch.distributed.is_initialized():  # (gloo torn down at exit can abort a process)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

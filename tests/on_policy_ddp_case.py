@@ -33,6 +33,9 @@ def main(out):
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
         json.dump(result, f)
     assert torch.distributed.is_initialized()
+    # (the Trainer leaves the group it made open; gloo torn down at exit can abort a process)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
