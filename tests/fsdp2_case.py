@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hf_ddp_case import ACCUM, GLOBAL_MICRO, STEPS, Tokens, model
+from hf_ddp_case import ACCUM, GLOBAL_MICRO, STEPS, Tokens, leave, model
 import fastkd.hf
 
 
@@ -57,8 +57,7 @@ def main(out, optimizer):
     params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
               for k, v in student.state_dict().items()}
     torch.save({"losses": losses, "params": params, "world": world}, os.path.join(out, f"result-{rank}.pt"))
-    if world > 1:
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

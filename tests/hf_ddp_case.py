@@ -50,6 +50,18 @@ ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "a
          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
 
 
+def leave():
+    """End a torchrun case once its results are written: every rank meets, the group is closed, and
+    the process exits without running C++ destructors -- gloo's threads torn down at interpreter exit
+    sometimes abort a finished process ('terminate called without an active exception', SIGABRT)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(out, optimizer, engine="ddp"):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     student, teacher = model(0, 32), model(1, 48)
@@ -71,9 +83,7 @@ def main(out, optimizer, engine="ddp"):
     params = {k: v.detach().clone() for k, v in student.state_dict().items()}
     torch.save({"losses": losses, "split": split, "params": params, "world": world},
                os.path.join(out, f"result-{rank}.pt"))
-    if torch.distributed.is_initialized():  # (gloo torn down at exit can abort a process)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import fastkd.hf
+from hf_ddp_case import leave
 from test_hf_on_policy import PromptCompletion, _generation, _model
 
 
@@ -33,9 +34,7 @@ def main(out):
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
         json.dump(result, f)
     assert torch.distributed.is_initialized()
-    # (the Trainer leaves the group it made open; gloo torn down at exit can abort a process)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave()  # (the Trainer leaves the group it made open)
 
 
 if __name__ == "__main__":
