@@ -15,13 +15,13 @@ from .sparse_kd import SparseKDLoss, sparse_kd_loss
 from .fused_linear_kd import FusedLinearKDLoss, fused_linear_kd_loss
 from ._metrics import KDMetrics
 from .on_policy import sampled_reverse_kl
-from .sparse_teacher import SparseTeacher, sample_teacher, topk_teacher
+from .sparse_teacher import SparseTeacher, draws_for_unique, expected_unique, sample_teacher, topk_teacher
 from ._version import __version__
 from . import cache  # noqa: E402  (fastkd.cache: the on-disk teacher cache)
 from . import distributed  # noqa: E402  (fastkd.distributed: VocabShard, vocab-parallel losses)
 __all__ = [
     "kd_loss", "KDLoss", "sparse_kd_loss", "SparseKDLoss", "SparseTeacher", "topk_teacher",
-    "sample_teacher", "fused_linear_kd_loss", "FusedLinearKDLoss", "KDMetrics", "sampled_reverse_kl",
+    "sample_teacher", "draws_for_unique", "expected_unique", "fused_linear_kd_loss", "FusedLinearKDLoss", "KDMetrics", "sampled_reverse_kl",
     "available_backends", "DIVERGENCES",
     "cache", "distributed", "__version__",
 ]

@@ -72,3 +72,37 @@ def sample_teacher(teacher_logits: torch.Tensor, num_samples: int = 12, temperat
     tail = torch.full(lead, float("-inf"), dtype=torch.float32, device=flat.device)
     return SparseTeacher(uniq.reshape(lead + (num_samples,)), logprobs.reshape(lead + (num_samples,)),
                          tail, temperature, "sampled")
+
+
+@torch.no_grad()
+def expected_unique(teacher_logits: torch.Tensor, num_samples: int, temperature: float = 2.0) -> float:
+    """The mean over rows of the expected number of unique ids among `num_samples` draws with
+    replacement from softmax(teacher_logits / T): sum_i 1 - (1 - p_i)^num_samples (exact, fp64)."""
+    flat, temperature, _ = _tempered(teacher_logits, temperature)
+    flat = flat[torch.isfinite(flat).any(-1) & ~not_a_number(flat)]  # rows that have a distribution
+    if not flat.shape[0]:
+        return 0.0
+    log_miss = torch.log1p(-torch.softmax(flat.double() / temperature, -1).clamp(max=1.0))  # log(1 - p_i)
+    return float((-torch.expm1(num_samples * log_miss)).sum(-1).mean())
+
+
+def draws_for_unique(teacher_logits: torch.Tensor, unique: float, temperature: float = 2.0,
+                     max_draws: int = 255) -> int:
+    """The fewest draws per row (at most `max_draws`) whose expected number of unique ids, averaged
+    over these rows, reaches `unique` -- the `num_samples` that spends a unique-id budget (a cache's
+    bytes follow its unique ids). Calibrate on a representative batch (a few thousand rows); when
+    even `max_draws` falls short, `max_draws` (expected_unique says what it reaches)."""
+    if isinstance(unique, bool) or not isinstance(unique, (int, float)) or not unique > 0:
+        raise ValueError(f"unique must be a positive number, got {unique!r}")
+    if isinstance(max_draws, bool) or not isinstance(max_draws, int) or not 1 <= max_draws <= 255:
+        raise ValueError(f"max_draws must be an int in [1, 255], got {max_draws!r}")
+    lo, hi = 1, max_draws  # expected_unique grows with the draws: the first d reaching `unique`
+    if expected_unique(teacher_logits, hi, temperature) < unique:
+        return max_draws
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if expected_unique(teacher_logits, mid, temperature) >= unique:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -10,8 +10,10 @@ to `max_delta` (coarse, for entries far below the top that carry almost no mass)
 prefix that carries 99% of the stored mass: such an entry lies less than ln(100 (k - 1)) nats
 below the top. The tail log-mass is stored as float32.
 
-sampled rows store each unique id's count (log-prob = log(count / num_samples), exact); count 0
-is padding.
+sampled rows store each unique id's count (log-prob = log(count / num_samples), exact). Format
+version 2 stores them ragged: a row's length (its number of unique ids), then only its entries, so
+a row costs what it holds, not the padded width num_samples (many draws, few unique ids: the
+unique-id budget of `sample_teacher(unique=...)`). Version 1 stored every row padded (count 0).
 """
 import math
 
@@ -67,6 +69,16 @@ def _bitmap(meta: dict) -> bool:
     return meta["logprob_quantisation"]["code_storage"] == "monotone-bitmap"
 
 
+def ragged(meta: dict) -> bool:
+    """Whether this cache stores its rows ragged (sampled rows, format version 2 on)."""
+    return meta["kind"] == "sampled" and meta.get("format_version", 1) >= 2
+
+
+def num_entries(rows: SparseTeacher, meta: dict) -> int | None:
+    """The entries a shard of these rows stores when ragged (its manifest entry's num_entries)."""
+    return int(torch.isfinite(rows.logprobs).sum()) if ragged(meta) else None
+
+
 def encode(rows: SparseTeacher, meta: dict) -> dict:
     """Flat rows ([n, k]) -> the shard's tensors."""
     ids, lp = rows.indices, rows.logprobs
@@ -82,16 +94,54 @@ def encode(rows: SparseTeacher, meta: dict) -> dict:
                "codes": _bits.pack_monotone(codes, PAD_CODE) if _bitmap(meta) else codes.contiguous()}
     else:
         counts = torch.round(lp.double().exp() * meta["num_samples"]).to(torch.int64)
-        out = {"counts": _bits.pack(counts, meta["count_bits"])}
+        if ragged(meta):  # a row's unique ids come first (sample_teacher's order): keep those only
+            real = counts > 0
+            ids, counts = ids[real], counts[real]
+            out = {"lengths": _bits.pack(real.sum(-1), meta["count_bits"])}
+        else:
+            out = {}
+        out["counts"] = _bits.pack(counts, meta["count_bits"])
     out["ids"] = _bits.pack(ids, meta["id_bits"])
     return out
+
+
+def check_ragged(arrays: dict, meta: dict, n: int, entries: int) -> str | None:
+    """Why a ragged shard of n rows does not hold the `entries` its manifest entry says (None: it does)."""
+    lengths = _bits.unpack(arrays["lengths"], meta["count_bits"], 0, n)
+    total = int(lengths.sum())
+    return None if total == entries else f"its rows hold {total} entries, the manifest says {entries}"
+
+
+def _unpack_ragged(arrays: dict, meta: dict, start: int, stop: int) -> tuple:
+    """Rows [start, stop) of a ragged shard -> (ids, counts), [n, num_samples] with padding (0, 0)."""
+    k, n, c = meta["k"], stop - start, meta["count_bits"]
+    lengths = _bits.unpack(arrays["lengths"], c, 0, stop)  # (offsets: the lengths before the range)
+    if lengths.numel() and int(lengths.max()) > k:
+        raise ValueError(f"a sampled row with {int(lengths.max())} entries, more than num_samples={k}")
+    first = int(lengths[:start].sum())
+    lengths = lengths[start:]
+    last = first + int(lengths.sum())
+    if last > arrays["ids"].numel() * 8 // meta["id_bits"]:
+        raise ValueError("row lengths that run past the shard's entries")
+    row = torch.repeat_interleave(torch.arange(n), lengths)
+    col = torch.arange(last - first) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+    ids = torch.zeros(n, k, dtype=torch.long)
+    counts = torch.zeros(n, k, dtype=torch.long)
+    ids[row, col] = _bits.unpack(arrays["ids"], meta["id_bits"], first, last)
+    counts[row, col] = _bits.unpack(arrays["counts"], c, first, last)
+    if counts.numel() and bool((counts[row, col] == 0).any()):
+        raise ValueError("a stored sampled entry with count 0")
+    return ids, counts
 
 
 def decode(arrays: dict, meta: dict, start: int, stop: int, table: torch.Tensor | None = None) -> SparseTeacher:
     """Rows [start, stop) of one shard's tensors -> SparseTeacher ([stop - start, k]). `table`:
     delta_table(meta["logprob_quantisation"]), passed by callers that decode often."""
     k, n = meta["k"], stop - start
-    ids = _bits.unpack(arrays["ids"], meta["id_bits"], start * k, stop * k).view(n, k)
+    if ragged(meta):
+        ids, counts = _unpack_ragged(arrays, meta, start, stop)
+    else:
+        ids = _bits.unpack(arrays["ids"], meta["id_bits"], start * k, stop * k).view(n, k)
     if meta["kind"] == "topk":
         top = arrays["top_logprob"][start:stop]
         table = delta_table(meta["logprob_quantisation"]) if table is None else table
@@ -102,7 +152,8 @@ def decode(arrays: dict, meta: dict, start: int, stop: int, table: torch.Tensor 
         torch.sub(top.unsqueeze(-1), table[codes], out=lp[:, 1:])
         tail = arrays["tail_logmass"][start:stop].clone()
     else:
-        counts = _bits.unpack(arrays["counts"], meta["count_bits"], start * k, stop * k).view(n, k)
+        if not ragged(meta):
+            counts = _bits.unpack(arrays["counts"], meta["count_bits"], start * k, stop * k).view(n, k)
         total = counts.sum(-1)
         if counts.numel() and (int(counts.max()) > meta["num_samples"]
                                or not ((total == meta["num_samples"]) | (total == 0)).all()):

@@ -89,22 +89,32 @@ def check_manifest(m: dict, error) -> None:
             raise error(f"{where}.sha256", f"must be 64 hex digits, got {e.get('sha256')!r}")
         if not _is_int(e.get("num_tokens")) or not 1 <= e["num_tokens"] <= 8 * e["bytes"]:
             raise error(f"{where}.num_tokens", f"must be an int in [1, 8 x the shard's bytes], got {e.get('num_tokens')!r}")
+        if _codec.ragged(m):
+            if not _is_int(e.get("num_entries")) or not 0 <= e["num_entries"] <= e["num_tokens"] * m["k"]:
+                raise error(f"{where}.num_entries", f"must be an int in [0, num_tokens x num_samples], got "
+                                                    f"{e.get('num_entries')!r}")
+        elif "num_entries" in e:
+            raise error(f"{where}.num_entries", "is for ragged (sampled, format version 2) caches only")
         total += e["num_tokens"]
     if not _is_int(m.get("num_tokens")) or m["num_tokens"] != total:
         raise error("num_tokens", f"is {m.get('num_tokens')!r}, but the shards hold {total} tokens")
 
 
-def shard_layout(m: dict, n: int) -> dict:
-    """{tensor name: (safetensors dtype, shape)} of a shard of n tokens of the cache `m`."""
+def shard_layout(m: dict, n: int, entries: int | None = None) -> dict:
+    """{tensor name: (safetensors dtype, shape)} of a shard of n tokens of the cache `m`
+    (`entries`: the ids a ragged shard stores, its manifest entry's num_entries)."""
     k, w = m["k"], m["id_bits"]
-    out = {"ids": ("U8", [_bits.packed_bytes(n * k, w)])}
+    stored = entries if _codec.ragged(m) else n * k
+    out = {"ids": ("U8", [_bits.packed_bytes(stored, w)])}
     if m["kind"] == "topk":
         bitmap = m["logprob_quantisation"]["code_storage"] == "monotone-bitmap"
         out["codes"] = ("U8", [n, _bits.monotone_bytes(k - 1, _codec.PAD_CODE) if bitmap else k - 1])
         out["top_logprob"] = ("F32", [n])
         out["tail_logmass"] = ("F32", [n])
     else:
-        out["counts"] = ("U8", [_bits.packed_bytes(n * k, m["count_bits"])])
+        out["counts"] = ("U8", [_bits.packed_bytes(stored, m["count_bits"])])
+        if _codec.ragged(m):
+            out["lengths"] = ("U8", [_bits.packed_bytes(n, m["count_bits"])])
     if m["has_tokens"]:
         out["tokens"] = ("U8", [_bits.packed_bytes(n, w)])
     return out

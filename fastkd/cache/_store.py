@@ -14,11 +14,12 @@ import struct
 
 import torch
 
-from . import _format
+from . import _codec, _format
 
 MANIFEST = "manifest.json"
 FORMAT = "fastkd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what a new cache is written as (2: sampled rows ragged)
+READS = (1, 2)  # the versions this fastkd reads (and resumes)
 _DTYPES = {"U8": torch.uint8, "F32": torch.float32}
 
 
@@ -64,9 +65,9 @@ def read_manifest(directory: str) -> dict:
         raise CacheError(f"{path}: corrupt manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS:
         raise CacheError(f"{path}: format version {manifest.get('format_version')!r}; this fastkd "
-                         f"reads version {FORMAT_VERSION}")
+                         f"reads versions {', '.join(map(str, READS))}")
     if manifest.get("checksum") != _manifest_digest(manifest):
         raise CacheError(f"{path}: checksum mismatch (the manifest was modified or corrupted)")
     _format.check_manifest(manifest, lambda field, why: CacheError(f"{path}: field {field!r} {why}"))
@@ -136,7 +137,12 @@ def read_shard(directory: str, entry: dict, meta: dict, verify: bool = True) -> 
             got += more
     if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CacheError(f"{path}: sha256 mismatch (the shard is corrupt)")
-    return _tensors(path, data, _format.shard_layout(meta, entry["num_tokens"]))
+    arrays = _tensors(path, data, _format.shard_layout(meta, entry["num_tokens"], entry.get("num_entries")))
+    if _codec.ragged(meta):
+        why = _codec.check_ragged(arrays, meta, entry["num_tokens"], entry["num_entries"])
+        if why:
+            raise CacheError(f"{path}: {why} (a corrupt or forged shard)")
+    return arrays
 
 
 def _tensors(path: str, data: bytearray, layout: dict) -> dict:

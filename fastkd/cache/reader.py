@@ -89,8 +89,9 @@ class TeacherCache:
     def _decoded(self, i: int, start: int, stop: int) -> SparseTeacher:
         """Rows [start, stop) of shard i, decoded and range-checked, else CacheError naming the shard."""
         m, why = self.manifest, None
+        arrays = self._shard(i)  # (a CacheError of its own, naming the file)
         try:
-            rows = _codec.decode(self._shard(i), m, start, stop, self._table)
+            rows = _codec.decode(arrays, m, start, stop, self._table)
         except (ValueError, RuntimeError) as e:  # a bitmap or counts that no writer makes
             raise _store.CacheError(f"{self.directory}/{m['shards'][i]['file']}: {e} (a corrupt or forged shard)") from None
         if rows.indices.numel() and int(rows.indices.max()) >= m["vocab_size"]:

@@ -162,13 +162,15 @@ class CacheWriter:
         if not n:
             return
         m = self.manifest
-        tensors = _codec.encode(_codec.cat_rows([rows for rows, _ in self._pending], m), m)
+        rows = _codec.cat_rows([rows for rows, _ in self._pending], m)
+        tensors, entries = _codec.encode(rows, m), _codec.num_entries(rows, m)
         if m["has_tokens"]:
             tensors["tokens"] = _bits.pack(torch.cat([t for _, t in self._pending]), m["id_bits"])
         name = f"shard-{len(m['shards']):05d}.safetensors"
         data = _store.shard_bytes(tensors, {"format": _store.FORMAT, "num_tokens": n, "first_token": m["num_tokens"]})
         try:
-            entry = dict(_store.write_shard(self.directory, name, data), num_tokens=n)
+            entry = dict(_store.write_shard(self.directory, name, data), num_tokens=n,
+                         **({} if entries is None else {"num_entries": entries}))
             updated = dict(m, shards=m["shards"] + [entry], num_tokens=m["num_tokens"] + n)
             _store.write_manifest(self.directory, updated)
         except BaseException as e:

@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "bench", "cache", "demo")  # each a module here: HELP, add_arguments(parser), run(args)
+COMMANDS = ("info", "bench", "cache", "demo", "study")  # each a module here: HELP, add_arguments(parser), run(args)
 
 
 class UsageError(Exception):

@@ -33,6 +33,11 @@ def add_arguments(p) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--k", type=int, help="keep the top-k entries of each row")
     what.add_argument("--num-samples", type=int, help="keep num_samples draws of each row (sampled KD)")
+    what.add_argument("--unique", type=float, help="sampled KD with the draws that give this many unique ids a "
+                                                   "row on average (calibrated on the first batch)")
+    what.add_argument("--budget-bytes", type=float, help="the scheme, and its k or draws, that the measured "
+                                                         "frontier ranks best within this many bytes per token "
+                                                         "(docs/fidelity.md)")
     p.add_argument("--temperature", type=float, required=True, help="temperature of the cached distribution")
     p.add_argument("--input-format", choices=["auto", "npy", "ids", "text"], default="auto",
                    help="auto: .npy is ids, anything else is text (default: %(default)s)")
@@ -132,6 +137,10 @@ def run(args) -> int:
     for name in ("seq_len", "batch_size", "shard_tokens", "k", "num_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("unique", "budget_bytes"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and value < float("inf")):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.num_samples is not None and args.num_samples > 255:
         raise UsageError(f"--num-samples must be at most 255, got {args.num_samples}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -153,6 +162,8 @@ def run(args) -> int:
     if tokens.min() < 0 or tokens.max() >= vocab:
         raise UsageError(f"--input: token ids must lie in [0, {vocab}) (the teacher's vocabulary), "
                          f"got [{int(tokens.min())}, {int(tokens.max())}]")
+    if args.unique is not None or args.budget_bytes is not None:
+        _size_by_budget(args, tokens, teacher)
     try:
         writer = CacheWriter(args.output, vocab_size=vocab, kind="topk" if args.k else "sampled", k=args.k,
                              num_samples=args.num_samples, temperature=args.temperature,
@@ -195,6 +206,37 @@ def run(args) -> int:
           f"bytes/token; this run {done} tokens in {took:.1f} s ({done / max(took, 1e-9):.0f} tokens/s)"
           + (f", resumed at token {start}" if start else ""))
     return 0
+
+
+def _size_by_budget(args, tokens, teacher) -> None:
+    """--unique / --budget-bytes: set --k or --num-samples from the teacher's rows on the input's
+    first batch (the same on a resumed run, so it continues the same cache)."""
+    from ..cache import budget
+    from ..sparse_teacher import draws_for_unique, expected_unique
+
+    first = tokens[:args.seq_len * args.batch_size]
+    whole = first.numel() // args.seq_len * args.seq_len
+    ids = first[:whole].view(-1, args.seq_len) if whole else first.view(1, -1)
+    with torch.no_grad():
+        probe = _logits(teacher, ids.to(args.device)).float()
+    if args.unique is not None:
+        args.num_samples = draws_for_unique(probe, args.unique, args.temperature)
+        reached = expected_unique(probe, args.num_samples, args.temperature)
+        print(f"--unique {args.unique:g}: {args.num_samples} draws a row, {reached:.1f} unique ids on average "
+              f"on the first batch" + ("" if reached >= args.unique else " (at most 255 draws: the budget is not reached)"),
+              file=sys.stderr)
+        return
+    try:
+        pick = budget.choose(args.budget_bytes, probe, args.temperature)
+    except ValueError as e:
+        raise UsageError(f"--budget-bytes: {e}") from None
+    if pick["kind"] == "topk":
+        args.k, size = pick["k"], f"top-{pick['k']} (bucket tail)"
+    else:
+        args.num_samples = pick["num_samples"]
+        size = f"sampled, {pick['num_samples']} draws ({pick['unique']:.1f} unique ids a row on average)"
+    print(f"--budget-bytes {args.budget_bytes:g}: {size}, about {pick['bytes_per_token']:.1f} bytes/token at "
+          f"V = {probe.shape[-1]}; chosen by {pick['why']}", file=sys.stderr)
 
 
 def _check_resume(args, writer, tokens) -> None:

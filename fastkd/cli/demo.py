@@ -288,7 +288,9 @@ def _one_hot_teacher(labels, args):
                                 torch.full(labels.shape, float("-inf")), args.temperature, "topk")
 
 
-def train_student(method, init, train, val, teacher, caches, args, tokens_per_student):
+def train_student(method, init, train, val, teacher, caches, args, tokens_per_student, curve_points=7):
+    """Train one student from `init` by `method` -> its validation figures, speed, peak memory and
+    loss curve (`curve_points` evaluations along the way, the last at the end; 0: none)."""
     from . import _memory
 
     model = TinyLM(**init["config"])
@@ -321,7 +323,7 @@ def train_student(method, init, train, val, teacher, caches, args, tokens_per_st
         elapsed += time.perf_counter() - t0
         seen += args.seq_len * args.batch_size
         bar.update(args.seq_len * args.batch_size)
-        if step % max(1, steps // 6) == 0 or step == steps - 1:
+        if curve_points and ((curve_points > 1 and step % max(1, steps // (curve_points - 1)) == 0) or step == steps - 1):
             curve.append((seen, evaluate(model, val, args.seq_len)[0]))  # the same windows as the table
     bar.close()
     ce, ece, agree = evaluate(model, val, args.seq_len, teacher)
@@ -391,12 +393,17 @@ def _atomic_write(path, data: bytes):
     os.replace(tmp, path)
 
 
-def run(args) -> int:
+def interruptible(main, args) -> int:
+    """main(args), and on Ctrl-C a line saying nothing was written to args.out, exit status 130."""
     try:
-        return _run(args)
+        return main(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted: no results written to {args.out} (they are written only at the end)", file=sys.stderr)
         return 130
+
+
+def run(args) -> int:
+    return interruptible(_run, args)
 
 
 def _run(args) -> int:
