@@ -173,3 +173,31 @@ def finish(op, grad, student, stats, temperature):
         _fail(op, f"grad must be {_ops.grad_dtype(student.dtype)} {tuple(student.shape)} (the student's gradient), "
                   f"got {grad.dtype} {tuple(grad.shape)}")
     row_stats(op, stats, student.shape[0], 8)
+
+
+def dense_stats(student, teacher, temperature):
+    """dense_kd_stats's arguments (every backend's Python layer)."""
+    row_loss("dense_kd_stats", student, None, temperature, -100, 0.0)
+    dense(student, teacher, "forward_kl", 0.5)
+
+
+def dense_shard(student, teacher, labels, stats, divergence, temperature, beta, ignore_index):
+    """dense_kd_shard's arguments: row_stats [N, 8] float64 (DENSE_ROW), labels of the slice."""
+    row_loss("dense_kd_shard", student, None, temperature, ignore_index, 0.0)
+    dense(student, teacher, divergence, beta)
+    shard_labels("dense_kd_shard", labels, student.shape[0])
+    row_stats("dense_kd_shard", stats, student.shape[0], len(_ops.DENSE_ROW))
+
+
+def sparse_stats(student, indices, logprobs, temperature):
+    """sparse_kd_stats's arguments."""
+    row_loss("sparse_kd_stats", student, None, temperature, -100, 0.0)
+    shard_teacher("sparse_kd_stats", student, indices, logprobs)
+
+
+def sparse_shard(student, indices, logprobs, labels, stats, temperature, ignore_index):
+    """sparse_kd_shard's arguments: row_stats [N, 8] float64 (SPARSE_ROW), labels of the slice."""
+    row_loss("sparse_kd_shard", student, None, temperature, ignore_index, 0.0)
+    shard_teacher("sparse_kd_shard", student, indices, logprobs)
+    shard_labels("sparse_kd_shard", labels, student.shape[0])
+    row_stats("sparse_kd_shard", stats, student.shape[0], len(_ops.SPARSE_ROW))

@@ -70,7 +70,7 @@ def _pair(fn_full, fn_shard, x, cols, what, tol):
     _close(b.grad, a.grad[..., cols], f"{what} gradient", tol)
 
 
-def dense_cases(shard, cols, vocab):
+def dense_cases(shard, cols, vocab, backend="auto"):
     import fastkd
 
     s, t, labels = _data(7, vocab, torch.float64)
@@ -81,7 +81,8 @@ def dense_cases(shard, cols, vocab):
                 opts = dict(opts, beta=0.7)
             kw = dict(divergence=div, **opts)
             _pair(lambda x: fastkd.kd_loss(x, t, backend="torch", **kw),
-                  lambda x: fastkd.kd_loss(x, t[:, cols], vocab_shard=shard, **kw), s, cols, f"dense {kw}", 1e-10)
+                  lambda x: fastkd.kd_loss(x, t[:, cols], vocab_shard=shard, backend=backend, **kw), s, cols,
+                  f"dense {kw}", 1e-10)
     # fp32 and bf16 logits: the same as the unsharded loss to their rounding
     # (JSD: its gradient needs U -- dense_kd_finish after the shares for fp32, a second shard pass for bf16)
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-3)):
@@ -89,7 +90,7 @@ def dense_cases(shard, cols, vocab):
         for div in ("forward_kl", "jsd"):
             _pair(lambda x: fastkd.kd_loss(x, t, labels=labels, divergence=div, hard_weight=0.1, backend="torch"),
                   lambda x: fastkd.kd_loss(x, t[:, cols], labels=labels, divergence=div, hard_weight=0.1,
-                                           vocab_shard=shard), s, cols, f"dense {dtype} {div}", tol)
+                                           vocab_shard=shard, backend=backend), s, cols, f"dense {dtype} {div}", tol)
     # masked entries, a row fully masked, a NaN row, 1e4-scale logits, a close (converged) row
     s, t, labels = _data(6, vocab, torch.float64, seed=2)
     s[:, ::5] = NEG_INF
@@ -100,11 +101,12 @@ def dense_cases(shard, cols, vocab):
     t[5] = s[5] + 1e-3 * torch.randn(vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     for div in ("forward_kl", "jsd", "tvd", "reverse_kl"):  # (reverse KL: teacher masks under student mass, U = inf)
         _pair(lambda x: fastkd.kd_loss(x, t, divergence=div, reduction="none", backend="torch"),
-              lambda x: fastkd.kd_loss(x, t[:, cols], divergence=div, reduction="none", vocab_shard=shard),
+              lambda x: fastkd.kd_loss(x, t[:, cols], divergence=div, reduction="none", vocab_shard=shard,
+                                       backend=backend),
               s, cols, f"dense edge rows {div}", 1e-9)
 
 
-def sparse_cases(shard, cols, vocab):
+def sparse_cases(shard, cols, vocab, backend="auto"):
     import fastkd
 
     s, t, labels = _data(7, vocab, torch.float64, seed=3)
@@ -115,7 +117,7 @@ def sparse_cases(shard, cols, vocab):
             for opts in (dict(), dict(labels=labels, hard_weight=0.25, reduction="none")):
                 kw = dict(tail=tail, **opts)
                 _pair(lambda x: fastkd.sparse_kd_loss(x, teacher, backend="torch", **kw),
-                      lambda x: fastkd.sparse_kd_loss(x, teacher, vocab_shard=shard, **kw), s, cols,
+                      lambda x: fastkd.sparse_kd_loss(x, teacher, vocab_shard=shard, backend=backend, **kw), s, cols,
                       f"sparse {teacher.kind} {kw}", 1e-10)
 
 
@@ -354,6 +356,22 @@ def comm_cases(shard, counted, cols, vocab):
     if per_row[1] != per_row[4] or per_row[1] > 16 * 8:
         raise AssertionError(f"bytes per row {per_row} grow with the vocabulary or exceed 16 float64")
     return per_row[1]
+
+
+def run_backend(rank, world, rendezvous, sizes, backend):
+    """mp.spawn's entry for the partial forms of one backend (e.g. triton, in its interpreter on
+    CPU tensors): the dense and sparse cases with the sharded calls on `backend`."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        from fastkd.distributed import VocabShard
+
+        start = sum(sizes[:rank])
+        cols = slice(start, start + sizes[rank])
+        dense_cases(VocabShard(), cols, sum(sizes), backend)
+        sparse_cases(VocabShard(), cols, sum(sizes), backend)
+    finally:
+        dist.destroy_process_group()
 
 
 def run(rank, world, rendezvous, sizes, report):

@@ -24,6 +24,15 @@ def test_sharded_equals_unsharded(sizes, tmp_path):
     assert per_row == {13 * 8.0}  # dense, jsd with hard labels: 13 float64 per row, on every rank
 
 
+@pytest.mark.skipif("triton" not in fastkd.available_backends(), reason="needs triton (TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("sizes", [(13, 20), (17, 0, 12)], ids=["2-ranks", "3-ranks-one-empty"])
+def test_sharded_on_triton_equals_unsharded(sizes, tmp_path):
+    """The partial forms on backend triton (its interpreter here; compiled by make triton-check) in
+    the sharded dense and sparse losses: every divergence, fp32/bf16, edge rows, every tail."""
+    mp.spawn(distributed_cases.run_backend, args=(len(sizes), str(tmp_path / "rendezvous"), list(sizes), "triton"),
+             nprocs=len(sizes))
+
+
 def test_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         VocabShard()

@@ -44,10 +44,12 @@ def listed():
 
 def test_every_launched_kernel_is_compiled(listed):
     """A kernel added to fastkd/triton is in the check the day it is launched."""
+    partial = ("dense_kd_stats", "dense_kd_shard", "dense_kd_finish", "sparse_kd_stats", "sparse_kd_shard")
     assert {j["name"] for j in listed} == _launched_kernels() == {
-        "_dense_kd_kernel", "_sparse_kd_kernel", "_topk_teacher_kernel", "_sample_teacher_kernel"}
+        "_dense_kd_kernel", "_sparse_kd_kernel", "_topk_teacher_kernel", "_sample_teacher_kernel",
+        *(f"_{op}_kernel" for op in partial)}
     subset = {j["kernel"] for j in listed if j["subset"]}
-    assert subset == {"dense_kd", "sparse_kd", "topk_teacher", "sample_teacher_draws"}
+    assert subset == {"dense_kd", "sparse_kd", "topk_teacher", "sample_teacher_draws", *partial}
 
 
 def test_the_subset_covers_every_code_path_at_the_largest_block(listed):
@@ -59,6 +61,9 @@ def test_the_subset_covers_every_code_path_at_the_largest_block(listed):
         assert {o.split()[-1] for o in dense} == {"LHG", "-"}  # every flag on, and off
         sparse = {k[1].split()[0] for k in subset if k[0] == "sparse_kd" and k[2] == dtype}
         assert sparse == {"bucket", "renorm_teacher", "renorm_both"}
+        shard = {k[1] for k in subset if k[0] == "dense_kd_shard" and k[2] == dtype}
+        assert shard == {f"{d} LHG" for d in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+                                              "tvd")}
     assert len(subset) == len({tuple(k) for k in subset})
 
 

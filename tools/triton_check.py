@@ -15,13 +15,13 @@ The configurations are the launchers' own: each launcher of fastkd/triton runs u
 fastkd.triton._config.recording() -- which records the launches instead of making them -- over a
 sweep of vocabularies, dtypes and options (sweep() below), under FASTKD_TRITON_AUTOTUNE=0 and =1,
 and every distinct launch is compiled. `--subset` keeps a covering subset: every kernel x dtype x
-code-path constexpr (divergence, tail, key width; the flags all on and all off) at the largest
-block its launcher picks. `make test` runs the subset for sm_90 with both Triton versions and
+code-path constexpr (divergence, tail, key width; the flags all on and all off -- for the
+vocab-parallel partial forms, all on) at the largest block its launcher picks. `make test` runs the subset for sm_90 with both Triton versions and
 compares it with docs/kernel-resources.md; `make triton-check` runs everything for sm_90 and sm_80
 and rewrites that table.
 
     python tools/triton_check.py [--subset] [--archs 90,80] [--triton 3.6=DIR ...] [--jobs N]
-                                 [--json FILE] [--write-docs | --check-docs]
+                                 [--json FILE] [--only A,B] [--write-docs | --check-docs | --merge-docs]
 
 `--triton NAME=DIR` compiles again with the Triton installed in DIR (`pip install --target DIR
 triton==X`); the venv's own Triton always runs, named by its version.
@@ -90,8 +90,39 @@ def _spec(kernel, args: dict) -> dict:
     return {"module": kernel.fn.__module__, "name": kernel.fn.__name__, "sig": sig, "const": const, "div16": div16}
 
 
+def partial_forms(take, record, s, on, grad, dtype, largest):
+    """The partial forms' launches at one end of the flags (on: labels, hard-label term and
+    gradient all on; else all off)."""
+    import torch
+
+    from fastkd import _math, _ops
+    from fastkd.triton.dense_kd_finish import dense_kd_finish
+    from fastkd.triton.dense_kd_shard import dense_kd_shard
+    from fastkd.triton.dense_kd_stats import dense_kd_stats
+    from fastkd.triton.sparse_kd_shard import sparse_kd_shard
+    from fastkd.triton.sparse_kd_stats import sparse_kd_stats
+
+    flags = "LHG" if on else "-"
+    row = torch.zeros(1, 8, dtype=torch.float64)
+    local = torch.full((1,), -1) if on else None
+    for div in _math.DIVERGENCES:
+        calls = record(dense_kd_shard, s, s, local, row, div, 2.0, 0.5, -1, 0.5 if on else 0.0, True, 1.0, grad)
+        take(calls, "dense_kd_shard", f"{div} {flags}", dtype, largest and on, False)
+    ids, lp = torch.arange(64).unsqueeze(0) % s.shape[1], torch.full((1, 64), -5.0)
+    if on:
+        take(record(sparse_kd_shard, s, ids, lp, local, row, 2.0, -1, 0.5, True, 1.0), "sparse_kd_shard",
+             f"k=64 {flags}", dtype, largest, False)
+        return
+    for h in (False, True):  # the statistics take no labels: the hard-label sums on and off
+        take(record(dense_kd_stats, s, s, 2.0, h), "dense_kd_stats", "H" if h else "-", dtype, largest and h, False)
+        take(record(sparse_kd_stats, s, ids, lp, 2.0, h), "sparse_kd_stats", f"k=64 {'H' if h else '-'}", dtype,
+             largest and h, False)
+    g = torch.zeros(s.shape, dtype=_ops.grad_dtype(dtype))
+    take(record(dense_kd_finish, g, s, row, 2.0, 0.5), "dense_kd_finish", "-", dtype, largest, False)
+
+
 def sweep():
-    """Every distinct launch of the four launchers over the sweep: a list of jobs (dicts) with
+    """Every distinct launch of the launchers over the sweep: a list of jobs (dicts) with
     kernel, options (a readable label), dtype, BLOCK, warps, subset flag and compile spec."""
     import torch
 
@@ -154,6 +185,11 @@ def sweep():
                                                0.5 if hard else 0.0, True, 1.0, grad)
                                 take(calls, "sparse_kd", f"{tail} k={k} {flags}", dtype, largest and edge and k == 64,
                                      autotune)
+                        # the vocab-parallel partial forms (labels: this slice's ids, -1 ignored), at the two
+                        # ends of the flags; their subset: all on (their divergence and walk code is that of
+                        # the kernels above). They are not autotuned.
+                        if edge and not autotune:
+                            partial_forms(take, record, s, lab is not None, grad, dtype, largest)
                     if autotune:
                         continue
                     for k in TOPK_KS:
@@ -221,6 +257,11 @@ def _warm():
     import fastkd.triton.sample_teacher_draws  # noqa: F401
     import fastkd.triton.sparse_kd  # noqa: F401
     import fastkd.triton.topk_teacher  # noqa: F401
+    import fastkd.triton.dense_kd_finish  # noqa: F401
+    import fastkd.triton.dense_kd_shard  # noqa: F401
+    import fastkd.triton.dense_kd_stats  # noqa: F401
+    import fastkd.triton.sparse_kd_shard  # noqa: F401
+    import fastkd.triton.sparse_kd_stats  # noqa: F401
 
 
 def worker(n_jobs: int, deadline: float) -> None:
@@ -345,10 +386,14 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--deadline", type=float, default=3600.0, help="seconds for all compiles of one Triton version")
     ap.add_argument("--json", help="write every result here")
-    ap.add_argument("--only", default="", help="keep the jobs whose kernel/options/dtype contain this")
+    ap.add_argument("--only", default="", help="keep the jobs whose kernel/options/dtype contain this "
+                                               "(several: comma-separated)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--write-docs", action="store_true", help=f"rewrite {DOC.relative_to(ROOT)} (needs the full run)")
     mode.add_argument("--check-docs", action="store_true", help=f"fail when {DOC.relative_to(ROOT)} disagrees")
+    mode.add_argument("--merge-docs", action="store_true",
+                      help=f"replace or add the compiled rows in {DOC.relative_to(ROOT)}, keep the others "
+                           "(with --only: a new kernel's rows without the whole run)")
     ap.add_argument("--list", action="store_true", help="print the configurations (JSON), compile nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -360,7 +405,9 @@ def main(argv=None):
     import triton
 
     t0 = time.time()
-    jobs = [j for j in sweep() if (j["subset"] or not a.subset) and a.only in f"{j['kernel']} {j['options']} {j['dtype']}"]
+    only = a.only.split(",")
+    jobs = [j for j in sweep() if (j["subset"] or not a.subset)
+            and any(o in f"{j['kernel']} {j['options']} {j['dtype']}" for o in only)]
     for i, j in enumerate(jobs):
         j["id"] = i
     if a.list:
@@ -391,6 +438,9 @@ def main(argv=None):
     if a.write_docs:
         write_doc(table(jobs, results, names, archs))
         print(f"triton-check: wrote {DOC.relative_to(ROOT)}")
+    elif a.merge_docs:
+        merge_doc(table(jobs, results, names, archs))
+        print(f"triton-check: merged {len(jobs)} rows into {DOC.relative_to(ROOT)}")
     elif a.check_docs:
         doc = parse_doc_table()
         for (i, arch, v), res in results.items():
@@ -408,6 +458,23 @@ def main(argv=None):
     if stale:
         print(f"  ({len(stale)} cells) the table is stale: run `make triton-check` and commit {DOC.relative_to(ROOT)}")
     return 1 if failures or stale else 0
+
+
+def merge_doc(tab):
+    """Put the rows of `tab` into the table of DOC: a row with the same kernel, options, dtype and
+    shape is replaced, a new one appended; the columns must be the table's."""
+    section = DOC.read_text().split(BEGIN)[1].split(END)[0]
+    old = [line for line in section.splitlines() if line.startswith("|")]
+    new = tab.splitlines()
+    if old and old[0] != new[0]:
+        raise SystemExit(f"--merge-docs: the columns differ from {DOC.relative_to(ROOT)}'s ({old[0]}); "
+                         "compile for the same archs and Triton versions")
+
+    def key(line):
+        return tuple(c.strip() for c in line.strip().strip("|").split("|"))[:4]
+
+    fresh = {key(line) for line in new[2:]}
+    write_doc("\n".join(new[:2] + [line for line in old[2:] if key(line) not in fresh] + new[2:]) + "\n")
 
 
 def write_doc(tab):

@@ -60,10 +60,7 @@ def dense_kd_shard(student, teacher, labels, row_stats, divergence, temperature,
     """student, teacher [N, V_slice], labels [N] (ids of this slice; others: another slice's),
     row_stats [N, 8] float64 (DENSE_ROW) -> (parts [N, 2] float64 (D, U shares), grad [N, V_slice]
     or empty)."""
-    _op_checks.row_loss("dense_kd_shard", student, None, temperature, ignore_index, 0.0)
-    _op_checks.dense(student, teacher, divergence, beta)
-    _op_checks.shard_labels("dense_kd_shard", labels, student.shape[0])
-    _op_checks.row_stats("dense_kd_shard", row_stats, student.shape[0], len(_ops.DENSE_ROW))
+    _op_checks.dense_shard(student, teacher, labels, row_stats, divergence, temperature, beta, ignore_index)
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     n, vocab = student.shape
     parts = student.new_empty(n, 2, dtype=torch.float64)

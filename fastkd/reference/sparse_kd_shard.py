@@ -44,10 +44,7 @@ def sparse_kd_shard(student, indices, logprobs, labels, row_stats, temperature, 
     """student [N, V_slice], indices/logprobs [N, k] (global ids less the slice's start), labels
     [N] (ids of this slice; others: another slice's), row_stats [N, 8] float64 (SPARSE_ROW) ->
     grad [N, V_slice] in _ops.grad_dtype."""
-    _op_checks.row_loss("sparse_kd_shard", student, None, temperature, ignore_index, 0.0)
-    _op_checks.shard_teacher("sparse_kd_shard", student, indices, logprobs)
-    _op_checks.shard_labels("sparse_kd_shard", labels, student.shape[0])
-    _op_checks.row_stats("sparse_kd_shard", row_stats, student.shape[0], len(_ops.SPARSE_ROW))
+    _op_checks.sparse_shard(student, indices, logprobs, labels, row_stats, temperature, ignore_index)
     w = _math.row_weights(temperature, hard_weight, scale_by_t2, grad_scale)
     n, vocab = student.shape
     _, grad = _ops.row_loss_outputs(student, True)

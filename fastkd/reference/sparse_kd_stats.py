@@ -34,8 +34,7 @@ def _stats_chunk(s, idx, lp, temperature, hard):
 def sparse_kd_stats(student, indices, logprobs, temperature, hard):
     """student [N, V_slice], indices/logprobs [N, k] (global ids less the slice's start) ->
     [N, 6] float64 (SPARSE_STATS)."""
-    _op_checks.row_loss("sparse_kd_stats", student, None, temperature, -100, 0.0)
-    _op_checks.shard_teacher("sparse_kd_stats", student, indices, logprobs)
+    _op_checks.sparse_stats(student, indices, logprobs, temperature)
     n, vocab = student.shape
     out = student.new_empty(n, len(_ops.SPARSE_STATS), dtype=torch.float64)
     step = chunk_rows(vocab)

@@ -6,7 +6,8 @@ largest block of each kernel is the largest at which the compiled program stays 
 budgets `make triton-check` enforces (no spill in a 16/32-bit configuration, at most 128
 registers a thread at 8 warps: two programs per SM), read from its table in docs/backends.md.
 FASTKD_TRITON_AUTOTUNE=1 times the candidates within the same limits on the first call of each
-(kernel, V, dtype) instead (triton.autotune).
+(kernel, V, dtype) instead (triton.autotune) -- for the unsharded kernels; the vocab-parallel
+partial forms always run at their largest block.
 
 Every launcher starts its kernel through launch(), so `recording()` can collect what the
 launchers choose -- the kernel, its arguments and warps -- without running anything: that is
@@ -23,6 +24,13 @@ MAX_BLOCK = {
     "dense_kd": {2: 4096, 4: 2048, 8: 1024},
     "dense_kd_mixed": {2: 2048, 4: 2048, 8: 512},  # the divergences through a mixture: jsd, skew_*
     "sparse_kd": {2: 4096, 4: 2048, 8: 1024},
+    # the vocab-parallel partial forms (fastkd.distributed)
+    "dense_kd_stats": {2: 4096, 4: 2048, 8: 1024},
+    "dense_kd_shard": {2: 4096, 4: 2048, 8: 1024},
+    "dense_kd_shard_mixed": {2: 2048, 4: 2048, 8: 512},
+    "dense_kd_finish": {2: 4096, 4: 4096, 8: 2048},
+    "sparse_kd_stats": {2: 4096, 4: 2048, 8: 1024},
+    "sparse_kd_shard": {2: 4096, 4: 2048, 8: 1024},
     "topk_teacher": {2: 2048, 4: 2048, 8: 1024},
     "sample_teacher_draws": {2: 2048, 4: 2048, 8: 1024},
 }

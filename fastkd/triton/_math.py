@@ -21,6 +21,9 @@ TVD = tl.constexpr(5)
 BUCKET = tl.constexpr(0)
 RENORM_TEACHER = tl.constexpr(1)
 RENORM_BOTH = tl.constexpr(2)
+# The ignore_index a row-loss launcher passes when there are no labels: its kernel's stand-in label
+# is -1, which must not equal it (with a user's ignore_index=-1 every row was dropped).
+NO_LABELS = -100
 DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}  # the constexprs' values
 TAIL_CODES = {name: code for code, name in enumerate(TAILS)}
 assert (DIVERGENCE_CODES["forward_kl"], DIVERGENCE_CODES["jsd"], DIVERGENCE_CODES["tvd"], TAIL_CODES["renorm_both"]) == \

@@ -16,7 +16,7 @@ import triton.language as tl
 from .. import _op_checks, _ops
 from .._math import row_weights
 from . import _config
-from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, elem, expm1_near, gradient_u, hard_label_grad, log1p,
+from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, NO_LABELS, elem, expm1_near, gradient_u, hard_label_grad, log1p,
                     log2_total, online_update, online_update_weighted)
 
 
@@ -36,19 +36,13 @@ def _block_terms(s_row, t_row, offs, mask, scale2, lse_a, lse_b, dl, kd_on, beta
 
 
 @triton.jit
-def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, kd_loss_w, kd_grad_w,
-                     hard_w, hard_grad_w, ignore_index, beta, omb, log_beta, log_omb,
-                     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
-                     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, DEGREE: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
-    g_row = G + row * stride_g
+def row_sums(s_row, t_row, V, scale2, walk, HARD: tl.constexpr, ACC: tl.constexpr, DEGREE: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """Pass 1 over a row of V entries (skipped unless `walk`): the running (max, sum of exp2) of
+    a = s / T and b = t / T in log2 units (scale2 = log2(e) / T), the close-row sum r_a at m_a and the
+    far flag (fastkd/_math.py's close_row_sum), and (max, sum) of s at T = 1 when HARD ->
+    (m_a, s_a, r_a, far, m_b, s_b, m_1, s_1); (-inf, 0) pairs for an empty row."""
     cols = tl.arange(0, BLOCK)
-    label = -1
-    if HAS_LABELS:
-        label = tl.load(L + row)
     ninf = float("-inf")
     m_a = tl.full((), ninf, ACC)
     s_a = tl.zeros((), ACC)
@@ -58,12 +52,7 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
     s_b = tl.zeros((), ACC)
     m_1 = tl.full((), ninf, ACC)
     s_1 = tl.zeros((), ACC)
-    keep = label != ignore_index
-    bad_label = label < -1  # false; a kept label outside [0, V) makes the row NaN (no host check on CUDA)
-    if HAS_LABELS:
-        bad_label = keep & ((label < 0) | (label >= V))
-    if keep & (bad_label == 0):
-        # 1. running max and sum of exp2 for a, b (and s at T = 1)
+    if walk:
         for start in range(0, V, BLOCK):
             offs = start + cols
             mask = offs < V
@@ -79,6 +68,31 @@ def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, 
             m_b, s_b = online_update(m_b, s_b, b2)
             if HARD:
                 m_1, s_1 = online_update(m_1, s_1, x * LOG2E)
+    return m_a, s_a, r_a, far, m_b, s_b, m_1, s_1
+
+
+@triton.jit
+def _dense_kd_kernel(S, T, L, LOSS, G, V, stride_s, stride_t, stride_g, scale2, kd_loss_w, kd_grad_w,
+                     hard_w, hard_grad_w, ignore_index, beta, omb, log_beta, log_omb,
+                     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+                     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, DEGREE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    g_row = G + row * stride_g
+    cols = tl.arange(0, BLOCK)
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(L + row)
+    ninf = float("-inf")
+    keep = label != ignore_index
+    bad_label = label < -1  # false; a kept label outside [0, V) makes the row NaN (no host check on CUDA)
+    if HAS_LABELS:
+        bad_label = keep & ((label < 0) | (label >= V))
+    # 1. running max and sum of exp2 for a, b (and s at T = 1)
+    m_a, s_a, r_a, far, m_b, s_b, m_1, s_1 = row_sums(s_row, t_row, V, scale2, keep & (bad_label == 0), HARD, ACC,
+                                                      DEGREE, BLOCK)
     lse_a = log2_total(m_a, s_a)  # log2 units
     lse_b = log2_total(m_b, s_b)
     # a NaN or +inf logit makes its running sum NaN: the row is NaN (docs/math.md)
@@ -159,7 +173,8 @@ def dense_kd(student, teacher, labels, divergence, temperature, beta, ignore_ind
     args = dict(S=s, T=t, L=labels if labels is not None else s, LOSS=loss, G=grad if compute_grad else s,
                 V=vocab, stride_s=s.stride(0), stride_t=t.stride(0), stride_g=vocab,
                 scale2=math.log2(math.e) / temperature, kd_loss_w=w.kd_loss, kd_grad_w=w.kd_grad,
-                hard_w=w.hard, hard_grad_w=w.hard_grad, ignore_index=ignore_index, beta=beta,
+                hard_w=w.hard, hard_grad_w=w.hard_grad,
+                ignore_index=ignore_index if labels is not None else NO_LABELS, beta=beta,
                 omb=1.0 - beta, log_beta=math.log(beta) if beta > 0 else -math.inf,
                 log_omb=math.log1p(-beta) if beta < 1 else -math.inf,
                 DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None,

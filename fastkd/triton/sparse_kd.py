@@ -16,7 +16,7 @@ import triton.language as tl
 from .. import _op_checks, _ops
 from .._math import TAILS, row_weights
 from . import _config
-from ._math import LN2, LOG2E, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
+from ._math import LN2, LOG2E, NO_LABELS, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
 
 
 @triton.jit
@@ -150,7 +150,8 @@ def sparse_kd(student, indices, logprobs, tail_logmass, labels, tail, temperatur
                 L=labels if labels is not None else s, LOSS=loss, G=grad if compute_grad else s,
                 V=vocab, K=k, stride_s=s.stride(0), stride_g=vocab, inv_t=1.0 / temperature,
                 kd_loss_w=w.kd_loss, kd_grad_w=w.kd_grad, hard_w=w.hard, hard_grad_w=w.hard_grad,
-                ignore_index=ignore_index, TAIL_MODE=TAIL_CODES[tail], HAS_LABELS=labels is not None,
+                ignore_index=ignore_index if labels is not None else NO_LABELS, TAIL_MODE=TAIL_CODES[tail],
+                HAS_LABELS=labels is not None,
                 HARD=hard_weight > 0, COMPUTE_GRAD=compute_grad,
                 ACC=tl.float64 if acc == torch.float64 else tl.float32, K_PAD=triton.next_power_of_2(max(k, 1)))
     _config.launch(_sparse_kd_kernel, (n,), args, _config.row_config("sparse_kd", vocab, student.dtype), _tuned,
