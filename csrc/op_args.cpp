@@ -166,11 +166,11 @@ void prepare_dense_finish(DenseFinishArgs& a, const at::Tensor& grad, const at::
   TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.scalar_type() == grad_type, "fastkd::dense_kd_finish: grad "
                     "must be ", grad_type, " ", student.sizes(), " (the student's gradient), got ", grad.scalar_type(),
                     " ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "fastkd::dense_kd_finish: grad must be contiguous (it is finished in place)");
   check_row_stats("dense_kd_finish", row_stats, student.size(0), 8);
-  a.grad = grad.contiguous();
+  a.grad = grad;
   a.student = shared.student;
   a.row_stats = row_stats.contiguous();
-  a.out = at::empty(student.sizes(), student.options().dtype(grad_type));
   a.temperature = temperature;
   a.kd_grad_weight = kd_grad_weight;
 }

@@ -69,9 +69,9 @@ struct DenseShardArgs : DenseArgs {
 };
 
 // dense_kd_finish: grad [N, V_slice] (dense_kd_shard's, with U = 0) in the student's gradient
-// dtype, row_stats [N, 8] float64 (DENSE_ROW with U); out the finished gradient, grad's dtype.
+// dtype, contiguous, finished in place; row_stats [N, 8] float64 (DENSE_ROW with U).
 struct DenseFinishArgs {
-  at::Tensor grad, student, row_stats, out;
+  at::Tensor grad, student, row_stats;
   double temperature, kd_grad_weight;
 };
 

@@ -167,8 +167,11 @@ def shard_teacher(op, student, indices, logprobs):
 
 
 def finish(op, grad, student, stats, temperature):
-    """dense_kd_finish's arguments: grad [N, V] in the student's gradient dtype, row_stats [N, 8]."""
+    """dense_kd_finish's arguments: grad [N, V] in the student's gradient dtype, contiguous (it is
+    finished in place), row_stats [N, 8]."""
     row_loss(op, student, None, temperature, -100, 0.0)
+    if not grad.is_contiguous():
+        _fail(op, "grad must be contiguous (it is finished in place)")
     if grad.shape != student.shape or grad.dtype != _ops.grad_dtype(student.dtype):
         _fail(op, f"grad must be {_ops.grad_dtype(student.dtype)} {tuple(student.shape)} (the student's gradient), "
                   f"got {grad.dtype} {tuple(grad.shape)}")

@@ -33,7 +33,8 @@ def row_loss_outputs(student: torch.Tensor, compute_grad: bool):
 # Vocab-parallel partial forms (fastkd.distributed, docs/distributed.md): the columns of the
 # [N, k] float64 row tensors that pass between a rank's kernels and the all-reduces.
 #   dense_kd_stats -> DENSE_STATS of the rank's slice: maxima m and sums exp(x - m) of a = s/T,
-#       b = t/T and s (temperature 1, for hard labels), r = close_row_sum's share, far (0 or 1).
+#       b = t/T and s (temperature 1, for hard labels), r = close_row_sum's share (0 for a far
+#       slice: the row is then far, and r unused), far (0 or 1).
 #   dense_kd_shard <- DENSE_ROW, the whole row's: maxima M and log sums log S (lse = M + log S),
 #       dl = lse(b) - lse(a) by the close-row rule, u = sum u (0 until known; forward KL: -1);
 #       NaN in any column marks a row that read a NaN or +inf somewhere.
@@ -79,10 +80,11 @@ SCHEMAS = {
     "dense_kd_shard": "(Tensor student, Tensor teacher, Tensor? labels, Tensor row_stats, str divergence, "
                       "float temperature, float beta, int ignore_index, float hard_weight, bool scale_by_t2, "
                       "float grad_scale, bool compute_grad) -> (Tensor, Tensor)",
-    # dense_kd_finish: grad [N, V_slice] (dense_kd_shard's with U = 0), student, row_stats [N, 8]
-    # float64 (DENSE_ROW with U) -> grad - kd_grad_weight gradient_u(U) q, the same dtype.
-    "dense_kd_finish": "(Tensor grad, Tensor student, Tensor row_stats, float temperature, float kd_grad_weight) "
-                       "-> Tensor",
+    # dense_kd_finish: grad [N, V_slice] (dense_kd_shard's with U = 0, contiguous), student, row_stats
+    # [N, 8] float64 (DENSE_ROW with U): grad -= kd_grad_weight gradient_u(U) q, in place (a new
+    # [N, V] output would cost its page faults: as much as the pass itself on the CPU).
+    "dense_kd_finish": "(Tensor(a!) grad, Tensor student, Tensor row_stats, float temperature, "
+                       "float kd_grad_weight) -> ()",
     # sparse_kd_stats: indices [N, k] int64, logprobs [N, k] fp32 -> [N, 6] float64 (SPARSE_STATS).
     "sparse_kd_stats": "(Tensor student, Tensor indices, Tensor logprobs, float temperature, bool hard) -> Tensor",
     # sparse_kd_shard: row_stats [N, 8] float64 (SPARSE_ROW) -> grad [N, V_slice] like sparse_kd's.
@@ -120,7 +122,7 @@ FAKES = {
     "sample_teacher_draws": lambda logits, uniforms, temperature: uniforms.new_empty(uniforms.shape, dtype=torch.long),
     "dense_kd_stats": lambda *args: _stats_fake(*args, columns=len(DENSE_STATS)),
     "dense_kd_shard": lambda student, *args: (_stats_fake(student, columns=2), row_loss_outputs(student, args[-1])[1]),
-    "dense_kd_finish": lambda grad, *args: torch.empty_like(grad),
+    "dense_kd_finish": lambda grad, *args: None,
     "sparse_kd_stats": lambda *args: _stats_fake(*args, columns=len(SPARSE_STATS)),
     "sparse_kd_shard": lambda student, *args: row_loss_outputs(student, True)[1],
     "unpack_bits": lambda stream, width, start, stop: stream.new_empty(stop - start, dtype=torch.long),

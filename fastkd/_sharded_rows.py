@@ -134,7 +134,7 @@ def dense_rows(shard, layout, student, teacher, labels, divergence, temperature,
         u = DENSE_ROW.index("u")
         row[:, u] = torch.where(kd_on, big_u, row[:, u])
         if finish:
-            grad = backends.kernel("dense_kd_finish", backend, device)(grad, student, row, temperature, w.kd_grad)
+            backends.kernel("dense_kd_finish", backend, device)(grad, student, row, temperature, w.kd_grad)
         else:
             _, grad = op(student, teacher, local, row, divergence, temperature, beta, -1, float(hard_weight),
                          scale_by_t2, grad_scale, True)

@@ -108,8 +108,9 @@ def _slice_labels(n):
 
 def dense_kd_stats(dtype=torch.float32):
     s, t = logits((6, 40), dtype), logits((6, 40), dtype, seed=1)
+    close = (s.double() + 0.05 * logits((6, 40), torch.float64, seed=2)).to(dtype)  # |t - s| < 1: r is used
     return [("hard", (s, t, 2.0, True)), ("masked", (_masked(s), _masked(t), 1.0, False)),
-            ("empty-slice", (s[:, :0], t[:, :0], 1.0, True))]
+            ("empty-slice", (s[:, :0], t[:, :0], 1.0, True)), ("close-hard-t1", (s, close, 1.0, True))]
 
 
 def _dense_row(s, t, temperature):

@@ -61,9 +61,24 @@ def test_partial_form_ops(op):
     for name, args in SAMPLES[op]():
         torch.library.opcheck(fn, args)
         out = fn(*args)
+        out = args[0] if out is None else out  # (dense_kd_finish writes grad in place)
         for x in (out if isinstance(out, tuple) else (out,)):
             if name != "masked" and x.numel():
                 assert not x[:, :2].isnan().any(), (op, name)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastkd.available_backends() if b in fastkd.backends.OPS["dense_kd_finish"]])
+def test_finish_refuses_a_grad_it_cannot_write_in_place(backend):
+    from fastkd import backends
+
+    grad, s, row, temperature, w = SAMPLES["dense_kd_finish"]()[0][1]
+    strided = grad.t().contiguous().t()  # the same values, column-major
+    backends.register("dense_kd_finish", backend)
+    fn = getattr(torch.ops.fastkd, backends.qualname("dense_kd_finish", backend))
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        fn(strided, s, row, temperature, w)
+    fn(grad, s, row, temperature, w)
+    assert not torch.equal(grad, SAMPLES["dense_kd_finish"]()[0][1][0])  # written in place
 
 
 def test_tensor_parallel_example_runs_as_documented():

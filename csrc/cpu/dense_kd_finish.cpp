@@ -8,15 +8,14 @@
 namespace fastkd::cpu {
 namespace {
 
-at::Tensor dense_kd_finish_cpu(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& row_stats,
-                               double temperature, double kd_grad_weight) {
+void dense_kd_finish_cpu(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& row_stats,
+                         double temperature, double kd_grad_weight) {
   DenseFinishArgs a;
   prepare_dense_finish(a, grad, student, row_stats, temperature, kd_grad_weight);
   if (a.student.size(0) > 0) {
     run_for_isa(&isa_default::dense_kd_finish_rows, &isa_avx2::dense_kd_finish_rows,
                 &isa_avx512::dense_kd_finish_rows, a);
   }
-  return a.out;
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // The vocab-parallel dense gradient's last pass on the CPU, for the divergences whose gradient
-// needs the whole row's U (fastkd.distributed, step 3): out = grad - w_kd gradient_u(U) q with
+// needs the whole row's U (fastkd.distributed, step 3): grad -= w_kd gradient_u(U) q in place, with
 // q = exp(s / T - m_a - log_s_a), one exp a column (fastkd/reference/dense_kd_finish.py).
 // dense_kd_shard gave grad with U = 0 in the same pass as its shares, so the divergence's terms
 // are evaluated once. Included per ISA by isa_<isa>.cpp.
@@ -27,8 +27,7 @@ void dense_finish_rows(const DenseFinishArgs& a) {
   const int64_t N = a.student.size(0), V = a.student.size(1);
   const int64_t Vp = (V + Vec::size() - 1) / Vec::size() * Vec::size();
   const scalar_t* S = a.student.const_data_ptr<scalar_t>();
-  const grad_t* G = a.grad.const_data_ptr<grad_t>();
-  grad_t* O = a.out.mutable_data_ptr<grad_t>();
+  grad_t* G = a.grad.mutable_data_ptr<grad_t>();  // finished in place
   const double* RS = a.row_stats.const_data_ptr<double>();
   const acc_t inv_t = acc_t(1.0 / a.temperature);
 
@@ -40,17 +39,14 @@ void dense_finish_rows(const DenseFinishArgs& a) {
       const double* rs = RS + r * 8;  // m_a, log_s_a, m_b, log_s_b, dl, m_1, log_s_1, u
       bool ok = rs[0] > -INFINITY && rs[2] > -INFINITY;
       for (int c = 0; c < 8; ++c) ok = ok && !std::isnan(rs[c]);
-      if (!ok || V == 0) {  // nothing to subtract: the row as it is
-        std::memcpy(O + r * V, G + r * V, V * sizeof(grad_t));
-        continue;
-      }
+      if (!ok || V == 0) continue;  // nothing to subtract: the row as it is
       const acc_t coef = static_cast<acc_t>(a.kd_grad_weight * gradient_u(rs[7]));
       load_scaled(S + r * V, A, V, Vp, inv_t);
       exp_sum(A, A, Vp, static_cast<acc_t>(rs[0] + rs[1]));  // A <- q (the sum unused)
       load_scaled(G + r * V, B, V, Vp, acc_t(1));
       const Vec cv(coef);
       for (int64_t j = 0; j < Vp; j += Vec::size()) (Vec::loadu(B + j) - cv * Vec::loadu(A + j)).store(B + j);
-      store_row(B, O + r * V, V);
+      store_row(B, G + r * V, V);
     }
   });
 }

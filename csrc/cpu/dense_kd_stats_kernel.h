@@ -51,11 +51,13 @@ void dense_stats_rows(const DenseStatsArgs& a) {
       o[0] = ma;
       o[1] = partial_sum(A, E, Vp, ma);
       // r = sum_j e_j expm1(b_j - a_j) over the teacher's support (-e_j off it), 0 where e_j = 0;
-      // far: some support entry with |b - a| >= kCloseRow (kd_math.h's close-row rule)
+      // far: some support entry with |b - a| >= kCloseRow (kd_math.h's close-row rule). A far
+      // slice makes the row far on every rank, where r is not used: its r is 0, and the walk stops
+      // at the first far block (a student still learning: the first block).
       const Vec ninf(kNegInf), lim(static_cast<acc_t>(kCloseRow));
       double r_sum = 0;
       Vec far(0);
-      for (int64_t j0 = 0; j0 < Vp; j0 += kBlock * Vec::size()) {
+      for (int64_t j0 = 0; j0 < Vp && reduce_max(far) == acc_t(0); j0 += kBlock * Vec::size()) {
         const int64_t j1 = std::min(Vp, j0 + kBlock * Vec::size());
         Vec rv(0);
         for (int64_t j = j0; j < j1; j += Vec::size()) {
@@ -69,11 +71,14 @@ void dense_stats_rows(const DenseStatsArgs& a) {
         }
         r_sum += reduce_sum(rv);
       }
-      o[2] = r_sum;
       o[3] = reduce_max(far) != acc_t(0) ? 1.0 : 0.0;
+      o[2] = o[3] != 0.0 ? 0.0 : r_sum;
       o[4] = mb;
       o[5] = partial_sum(B, E, Vp, mb);
-      if (a.hard) {
+      if (a.hard && inv_t == acc_t(1)) {  // s at T = 1 is a
+        o[6] = o[0];
+        o[7] = o[1];
+      } else if (a.hard) {
         const acc_t m1 = load_scaled(s, A, V, Vp, acc_t(1));
         o[6] = m1;
         o[7] = partial_sum(A, E, Vp, m1);

@@ -14,6 +14,7 @@ def _stats_chunk(s, t, temperature, hard):
     m_a, s_a, e_a = max_sum(a)
     m_b, s_b, _ = max_sum(b)
     r_a, far = _math.close_row_sum(a, b, e_a)
+    r_a = torch.where(far, 0.0, r_a)  # a far slice makes the row far, where r is not used
     if hard:
         m_1, s_1, _ = max_sum(s.to(acc))
     else:

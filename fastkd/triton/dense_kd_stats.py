@@ -29,7 +29,7 @@ def _dense_kd_stats_kernel(S, T, OUT, V, stride_s, stride_t, scale2, HARD: tl.co
     out = OUT + row * 8
     tl.store(out + 0, _natural(m_a))
     tl.store(out + 1, s_a.to(tl.float64))
-    tl.store(out + 2, r_a.to(tl.float64))
+    tl.store(out + 2, tl.where(far > 0, 0.0, r_a.to(tl.float64)))  # a far slice: the row is far, r unused
     tl.store(out + 3, far.to(tl.float64))
     tl.store(out + 4, _natural(m_b))
     tl.store(out + 5, s_b.to(tl.float64))
