@@ -1,6 +1,7 @@
 """One DistillationTrainer run of a tiny Llama student against a tiny teacher, as tests/test_hf_ddp.py
 starts it: under torchrun (DDP, or DeepSpeed ZeRO-3 with ENGINE=zero3; gloo, CPU) or as one
-process, on the same global batches.
+process, on the same global batches. On a GPU: ENGINE=fsdp, the Trainer's own FSDP2 (under
+torchrun; accelerate selects FSDP only on GPUs), and ENGINE=cuda, one process on the GPU.
 
     torchrun --nproc_per_node 2 tests/hf_ddp_case.py OUT OPTIMIZER [ENGINE]  (or: python tests/hf_ddp_case.py ...)
 
@@ -62,25 +63,35 @@ def leave():
     os._exit(0)
 
 
+# The Trainer's own FSDP2: each decoder layer a unit, the root (with the LM head) another. (The string
+# form, which transformers 5.17 -- the GPU machines' -- reads; later ones warn that it goes in 5.20.)
+FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+
+
 def main(out, optimizer, engine="ddp"):
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    on_gpu = engine in ("fsdp", "cuda")
     student, teacher = model(0, 32), model(1, 48)
     args = transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=GLOBAL_MICRO // world, gradient_accumulation_steps=ACCUM,
         max_steps=STEPS, learning_rate=0.05, optim=optimizer, lr_scheduler_type="constant", weight_decay=0.0,
-        logging_steps=1, report_to=[], use_cpu=True, ddp_backend="gloo" if world > 1 else None, save_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_drop_last=True, deepspeed=ZERO3 if engine == "zero3" and world > 1 else None)
+        logging_steps=1, report_to=[], use_cpu=not on_gpu, ddp_backend="gloo" if world > 1 and not on_gpu else None,
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_drop_last=True,
+        deepspeed=ZERO3 if engine == "zero3" and world > 1 else None, **(FSDP if engine == "fsdp" else {}))
     trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Tokens(),
                       kd_options={"temperature": 2.0, "hard_weight": 0.25})
     trainer.train()
     if engine == "zero3" and world > 1:
         assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped)
+    if engine == "fsdp":  # the Trainer's FSDP2 ran, not DDP in its place
+        assert trainer.is_fsdp_enabled and "FSDP" in type(trainer.model_wrapped).__name__, type(trainer.model_wrapped)
     rank = int(os.environ.get("RANK", "0"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # the KD / CE split, agreement and entropy of each log, summed over both ranks' rows
     split = [[e[k] for k in ("kd_loss", "ce_loss", "top1_agreement", "student_entropy")]
              for e in trainer.state.log_history if "loss" in e]
-    params = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+              for k, v in student.state_dict().items()}
     torch.save({"losses": losses, "split": split, "params": params, "world": world},
                os.path.join(out, f"result-{rank}.pt"))
     leave()

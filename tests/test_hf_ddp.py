@@ -2,8 +2,9 @@
 gradient accumulation -- the losses and the final parameters equal one process's on the same
 global batches: the DistillationTrainer under DDP (it crashed at the first step:
 'DistributedDataParallel' object has no attribute 'get_output_embeddings') and DeepSpeed ZeRO-3,
-and causal_lm_kd_loss with an FSDP2 (fully_shard) student. Plain SGD as well as AdamW: Adam's
-normalisation would hide a constant factor in the gradient. Every run has a deadline."""
+and causal_lm_kd_loss with an FSDP2 (fully_shard) student; on a GPU (make gpu-report), the Trainer's
+own FSDP2. Plain SGD as well as AdamW: Adam's normalisation would hide a constant factor in the
+gradient. Every run has a deadline."""
 import os
 import pathlib
 import socket
@@ -27,23 +28,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-_ONE_PROCESS = {}  # (case, optimizer) -> the one-process run, which every engine's test compares with
+_ONE_PROCESS = {}  # (case, optimizer, engine) -> the one-process run, which every engine's test compares with
 
 
-def _one(tmp_path, optimizer, case=CASE):
-    if (case, optimizer) not in _ONE_PROCESS:
+def _one(tmp_path, optimizer, case=CASE, engine="ddp"):
+    if (case, optimizer, engine) not in _ONE_PROCESS:
         (tmp_path / "one").mkdir()
-        (_ONE_PROCESS[case, optimizer],) = _run(tmp_path / "one", optimizer, 1, case)
-    return _ONE_PROCESS[case, optimizer]
+        (_ONE_PROCESS[case, optimizer, engine],) = _run(tmp_path / "one", optimizer, 1, case, engine)
+    return _ONE_PROCESS[case, optimizer, engine]
 
 
 def _run(out, optimizer, world, case=CASE, engine="ddp"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("TRITON_INTERPRET", None)
-    launcher = [sys.executable] if world == 1 else [
+    launcher = [sys.executable] if world == 1 and engine != "fsdp" else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
         str(_free_port())]
-    r = subprocess.run(launcher + [str(case), str(out), optimizer] + ([engine] if case == CASE else []), capture_output=True, text=True, env=env,
+    r = subprocess.run(launcher + [str(case), str(out), optimizer] + ([engine] if case == CASE else []),
+                       capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=DEADLINE)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return [torch.load(out / f"result-{rank}.pt") for rank in range(world)]
@@ -81,6 +83,25 @@ def test_fully_shard_equals_one_process(tmp_path, optimizer):
     (tmp_path / "fsdp2").mkdir()
     one = _one(tmp_path, optimizer, FSDP2_CASE)
     ranks = _run(tmp_path / "fsdp2", optimizer, 2, FSDP2_CASE)
+    start = _initial_params()
+    assert max((one["params"][k] - start[k]).abs().max() for k in start) > 1e-4  # it trained
+    tol = dict(rtol=1e-5, atol=1e-7) if optimizer == "sgd" else dict(rtol=1e-4, atol=5e-5)
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+        for name, p in one["params"].items():
+            torch.testing.assert_close(r["params"][name], p, **tol, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: accelerate selects FSDP only "
+                    "for GPUs (on a CPU the Trainer wraps the model in DDP instead); make gpu-report runs it")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_torch"])
+def test_trainer_fsdp_equals_one_process(tmp_path, optimizer):
+    """The Trainer's own FSDP2 (fsdp="full_shard auto_wrap", each decoder layer a unit; torchrun, the
+    device's GPUs, at most 2) against one process on one GPU: the losses and the parameters."""
+    world = min(torch.cuda.device_count(), 2)
+    one = _one(tmp_path, optimizer, engine="cuda")
+    (tmp_path / "fsdp").mkdir()
+    ranks = _run(tmp_path / "fsdp", optimizer, world, engine="fsdp")
     start = _initial_params()
     assert max((one["params"][k] - start[k]).abs().max() for k in start) > 1e-4  # it trained
     tol = dict(rtol=1e-5, atol=1e-7) if optimizer == "sgd" else dict(rtol=1e-4, atol=5e-5)

@@ -8,10 +8,11 @@
 # build with the CUDA kernels for this device (beside the Triton smoke test); the smoke test of
 # every op on every GPU backend against backend "torch" (tools/gpu_smoke.py); the GPU tests, each
 # under FASTKD_TEST_TIMEOUT; a short benchmark (bf16, BT 4096, V 32000 and 128256:
-# benchmarks/gpu_bench.py); compute-sanitizer memcheck of the smoke test at tiny shapes.
+# benchmarks/gpu_bench.py); compute-sanitizer memcheck of the smoke test at tiny shapes; the Hugging
+# Face Trainer's own FSDP2 against one process (tests/test_hf_ddp.py: accelerate selects FSDP only on GPUs).
 # Exit: 0 every step passed (or no GPU), 1 a step failed or ran out of time.
 # Knobs: FASTKD_REPORT_BUDGET, GPU_PY (python3), FASTKD_ARCH (the device's, e.g. 9.0a),
-# FASTKD_REPORT_SKIP (comma list of step-name prefixes: smoke,build,tests,bench,memcheck).
+# FASTKD_REPORT_SKIP (comma list of step-name prefixes: smoke,build,tests,bench,memcheck,trainer).
 set -u
 OUT=${OUT:-gpu-report}
 mkdir -p "$OUT" || exit 3
@@ -165,4 +166,14 @@ if [ "$BUILD_OK" -eq 1 ] || [ -n "$BENCH_B" ]; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --target-processes all "$PY" tools/gpu_smoke.py "$SAN_B" --tiny
   grep -E "^=+ (ERROR|Invalid|Program hit)|ERROR SUMMARY" "$OUT/memcheck.log" 2>/dev/null | head -5 | sed 's/^/   /' | tee -a "$SUMMARY"
+fi
+
+# 6. the Hugging Face Trainer's own FSDP2 under torchrun against one process on one GPU (accelerate
+# selects FSDP only for GPUs: on a CPU the Trainer wraps the model in DDP, so CI cannot run this)
+if "$PY" -c "import transformers, accelerate" 2>/dev/null; then
+  run_step trainer-fsdp 150 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_hf_ddp.py \
+    -k trainer_fsdp
+  tail -1 "$OUT/trainer-fsdp.log" 2>/dev/null | sed 's/^/   /' | tee -a "$SUMMARY"
+else
+  note "-- trainer-fsdp: transformers or accelerate is missing for $PY"
 fi
