@@ -64,7 +64,7 @@ triton-check: build $(TRITON_OLD_DIR)/.installed
 triton-check-subset: build $(TRITON_OLD_DIR)/.installed
 	$(PY) tools/triton_check.py --subset --archs 90 --triton $(TRITON_OLD)=$(TRITON_OLD_DIR) --check-docs
 
-# The main job: distil a small language model end to end (docs/demo.md); under 10 minutes on 2 cores.
+# The main job: distil a small language model end to end (docs/demo.md); about 16 minutes on 2 cores (README).
 demo: build
 	$(PY) -m fastkd demo
 
