@@ -83,13 +83,7 @@ def test_fully_shard_equals_one_process(tmp_path, optimizer):
     (tmp_path / "fsdp2").mkdir()
     one = _one(tmp_path, optimizer, FSDP2_CASE)
     ranks = _run(tmp_path / "fsdp2", optimizer, 2, FSDP2_CASE)
-    start = _initial_params()
-    assert max((one["params"][k] - start[k]).abs().max() for k in start) > 1e-4  # it trained
-    tol = dict(rtol=1e-5, atol=1e-7) if optimizer == "sgd" else dict(rtol=1e-4, atol=5e-5)
-    for r in ranks:
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
-        for name, p in one["params"].items():
-            torch.testing.assert_close(r["params"][name], p, **tol, msg=name)
+    _assert_same_as_one(one, ranks, optimizer)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: accelerate selects FSDP only "
@@ -102,6 +96,11 @@ def test_trainer_fsdp_equals_one_process(tmp_path, optimizer):
     one = _one(tmp_path, optimizer, engine="cuda")
     (tmp_path / "fsdp").mkdir()
     ranks = _run(tmp_path / "fsdp", optimizer, world, engine="fsdp")
+    _assert_same_as_one(one, ranks, optimizer)
+
+
+def _assert_same_as_one(one, ranks, optimizer):
+    """Every rank's logged losses and final parameters equal the one-process run's, which trained."""
     start = _initial_params()
     assert max((one["params"][k] - start[k]).abs().max() for k in start) > 1e-4  # it trained
     tol = dict(rtol=1e-5, atol=1e-7) if optimizer == "sgd" else dict(rtol=1e-4, atol=5e-5)
