@@ -410,12 +410,13 @@ def dtensor_rows(kind, student, teacher, vocab_shard=None):
     it; the caller returns the loss replicated (`replicated`)."""
     _no_shard_given(vocab_shard)
     local, mesh, sharded = _split("student_logits", student, -1)
+    shard = VocabShard(group=mesh.get_group()) if sharded else None
     if kind == "dense":
-        if sharded:
-            teacher = _columns("teacher_logits", teacher, student.shape[-1], mesh, -1)
+        if sharded:  # (inside the guard: a teacher that is wrong on one rank is an error on every rank)
+            teacher = refused(shard, lambda: _columns("teacher_logits", teacher, student.shape[-1], mesh, -1))
         elif _validate.is_dtensor(teacher):
             teacher = teacher.full_tensor()
-    return local, teacher, VocabShard(group=mesh.get_group()) if sharded else None, mesh
+    return local, teacher, shard, mesh
 
 
 def dtensor_heads(heads, vocab_shard=None):
@@ -428,6 +429,7 @@ def dtensor_heads(heads, vocab_shard=None):
     if not sharded:
         raise ValueError("student_weight is a replicated DTensor: pass its local tensor (student_weight.to_local())")
     total = heads.student_weight.shape[0]
+    shard = VocabShard(group=mesh.get_group())
 
     def rows(name, x):
         return _columns(name, x, total, mesh, 0)
@@ -440,10 +442,12 @@ def dtensor_heads(heads, vocab_shard=None):
             return local
         return x
 
-    t_w = heads.teacher_weight
-    t_w = rows("teacher_weight", t_w) if isinstance(t_w, torch.Tensor) else t_w
-    local = heads._replace(student_hidden=plain("student_hidden", heads.student_hidden), student_weight=local_w,
-                           student_bias=rows("student_bias", heads.student_bias),
-                           teacher_hidden=plain("teacher_hidden", heads.teacher_hidden), teacher_weight=t_w,
-                           teacher_bias=rows("teacher_bias", heads.teacher_bias))
-    return local, VocabShard(group=mesh.get_group()), mesh
+    def cut():  # (inside the guard: a head that is wrong on one rank is an error on every rank)
+        t_w = heads.teacher_weight
+        t_w = rows("teacher_weight", t_w) if isinstance(t_w, torch.Tensor) else t_w
+        return heads._replace(student_hidden=plain("student_hidden", heads.student_hidden), student_weight=local_w,
+                              student_bias=rows("student_bias", heads.student_bias),
+                              teacher_hidden=plain("teacher_hidden", heads.teacher_hidden), teacher_weight=t_w,
+                              teacher_bias=rows("teacher_bias", heads.teacher_bias))
+
+    return refused(shard, cut), shard, mesh

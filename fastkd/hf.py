@@ -28,6 +28,7 @@ and the config's `final_logit_softcapping`) go to fastkd.fused_linear_kd_loss wi
 - A sparse teacher's temperature is its own: another `temperature` is refused, as in
   fastkd.sparse_kd_loss; `num_items_in_batch=0` gives 0 with zero gradients.
 """
+import copy
 import math
 import random
 import time
@@ -38,6 +39,7 @@ import torch
 import transformers
 
 from ._metrics import NAMES as _METRIC_NAMES, KDMetrics
+from ._options import loss_options
 from .fused_linear_kd import fused_linear_kd_loss
 from .on_policy import sampled_reverse_kl
 from .sparse_teacher import SparseTeacher
@@ -232,6 +234,16 @@ class Captured(NamedTuple):
         return hidden, bias
 
 
+def shifted_labels(input_ids, attention_mask=None, labels=None, ignore_index=-100):
+    """The label each position i < L - 1 is trained against [B, L - 1]: labels (default input_ids) at
+    i + 1, ignore_index where the attention mask is 0 at i or at i + 1."""
+    labels = input_ids if labels is None else labels
+    shifted = labels[:, 1:].clone()
+    if attention_mask is not None:
+        shifted[(attention_mask[:, :-1] == 0) | (attention_mask[:, 1:] == 0)] = ignore_index
+    return shifted
+
+
 def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=None, attention_mask=None,
                       labels=None, num_items_in_batch=None, ignore_index=-100, reduction="mean", return_metrics=False,
                       **loss_options):
@@ -246,10 +258,7 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
         raise ValueError("give exactly one of teacher_model= (a causal LM) or teacher= (a SparseTeacher)")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
-    labels = input_ids if labels is None else labels
-    shifted = labels[:, 1:].clone()
-    if attention_mask is not None:
-        shifted[(attention_mask[:, :-1] == 0) | (attention_mask[:, 1:] == 0)] = ignore_index
+    shifted = shifted_labels(input_ids, attention_mask, labels, ignore_index)
     lm_head(student_model)  # (its checks: a Linear head, no adapter on it)
     seen = _hidden(student_model, input_ids, attention_mask)
     (hidden, bias), weight, softcap = seen.shifted(), seen.weight, seen.softcap
@@ -302,14 +311,15 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
 
 
 def sampled_reverse_kl_loss(student_model, input_ids, teacher_logprobs, *, completion_mask, attention_mask=None,
-                            reward_to_go=True, chunk_size=None, backend="auto"):
+                            reward_to_go=True, chunk_size=None, backend="auto", num_items_in_batch=None):
     """fastkd.sampled_reverse_kl of a causal LM on sequences it sampled: input_ids [B, L] (prompt and
     the student's completion), teacher_logprobs [B, L] (at position t, log p(x_t | x_<t), from a
     teacher that returns only the log-probs of given tokens; position 0 unused), completion_mask
     [B, L] (True at the sampled tokens). The student's log q(x_t | x_<t) come from its hidden
     states and head through the fused linear path (forward KL against a one-hot teacher at the
     token is -log q: no [B, L, V] logits), then the estimator (its value: the sequences' summed
-    log-ratios, mean over B; its gradient: unbiased for the sequence-level reverse KL)."""
+    log-ratios, mean over B -- or summed and divided by num_items_in_batch, the sequences of the
+    whole accumulated batch; its gradient: unbiased for the sequence-level reverse KL)."""
     if input_ids.dim() != 2 or teacher_logprobs.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids, teacher_logprobs and completion_mask must all be [B, L], got "
                          f"{tuple(input_ids.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(completion_mask.shape)}")
@@ -322,7 +332,10 @@ def sampled_reverse_kl_loss(student_model, input_ids, teacher_logprobs, *, compl
     neg_logq = fused_linear_kd_loss(hidden, seen.weight, student_bias=bias, softcap=seen.softcap, teacher=one_hot,
                                     tail="renorm_teacher", reduction="none", chunk_size=chunk_size, backend=backend)
     loss = sampled_reverse_kl(-neg_logq, teacher_logprobs[:, 1:].to(neg_logq.dtype), completion_mask[:, 1:],
-                              reward_to_go=reward_to_go)
+                              reward_to_go=reward_to_go, reduction="mean" if num_items_in_batch is None else "sum")
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.clamp_min(1).to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else max(num_items_in_batch, 1))
     return loss if seen.anchor is None else loss + seen.anchor.to(loss.dtype)
 
 
@@ -349,7 +362,12 @@ class PromptCompletionCollator:
             raise ValueError("PromptCompletionCollator takes rows with a 'prompt_input_ids' column")
         out = dict(zip(("prompt_input_ids", "prompt_attention_mask"),
                        self._pad([r["prompt_input_ids"] for r in rows], left=True)))
-        if "completion_input_ids" in rows[0]:
+        having = [i for i, r in enumerate(rows) if "completion_input_ids" in r]
+        if having and len(having) != len(rows):
+            missing = [i for i in range(len(rows)) if i not in having]
+            raise ValueError(f"rows {missing[:8]} of the batch have no 'completion_input_ids' while rows {having[:8]} "
+                             "have: give every row a completion, or none (then on_policy=1 samples them)")
+        if having:
             out.update(zip(("completion_input_ids", "completion_attention_mask"),
                            self._pad([r["completion_input_ids"] for r in rows], left=False)))
         return out
@@ -379,6 +397,10 @@ def generate_completions(model, prompt_ids, prompt_mask, generation_config):
     """Sample completions of left-padded prompts [B, P] from `model` (through its engine wrapper: the
     Hugging Face model inside; in eval mode, under no_grad, with its KV cache) -> (completion ids,
     their mask [B, C]: the new tokens up to and including the first EOS)."""
+    empty = (prompt_mask.sum(-1) == 0).nonzero().flatten().tolist() if prompt_ids.shape[1] else list(range(len(prompt_ids)))
+    if empty:
+        raise ValueError(f"rows {empty[:8]} of the batch have an empty prompt: generate() needs at least one "
+                         "prompt token a row (start each prompt with the BOS token)")
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
@@ -388,13 +410,23 @@ def generate_completions(model, prompt_ids, prompt_mask, generation_config):
     finally:
         inner.train(was_training)
     new = out[:, prompt_ids.shape[1]:]
-    eos = generation_config.eos_token_id
+    eos = eos_of(generation_config, inner)
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     ended = torch.zeros_like(new, dtype=torch.bool)
     if eos:
         hit = torch.isin(new, torch.tensor(eos, device=new.device))
         ended = (hit.long().cumsum(-1) - hit.long()) > 0  # after the first EOS (the EOS itself is kept)
     return new, (~ended).long()
+
+
+def eos_of(generation_config, model):
+    """The EOS id(s) generate() stops at: the config's, else (as transformers does) the model's
+    generation_config's, else its config's."""
+    for source in (generation_config, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            return eos
+    return None
 
 
 def _has_prompts(dataset) -> bool:
@@ -413,6 +445,69 @@ def _pad_id(generation_config, model) -> int:
             if isinstance(value, int):
                 return value
     return 0
+
+
+# Plain sampling from the model's distribution: what an on-policy GenerationConfig leaves unset is
+# this, not the model's generation_config (often greedy or top-k/top-p) nor transformers' global
+# defaults (top_k=50), which would sample from another distribution than the student's.
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+# settings under which generate() samples from the model's own distribution (any other value biases
+# the sampled-token estimator, whose gradient assumes x ~ q)
+NEUTRAL = {"do_sample": (True,), "temperature": (1.0,), "top_k": (None, 0), "top_p": (None, 1.0), "min_p": (None, 0.0),
+           "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+           "repetition_penalty": (None, 1.0), "num_beams": (None, 1), "no_repeat_ngram_size": (None, 0),
+           "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+           "min_new_tokens": (None, 0), "min_length": (None, 0)}
+
+
+def generation_config_for(config, model):
+    """The GenerationConfig on-policy completions are sampled with: a copy of `config` (None: 64 new
+    tokens) whose unset sampling fields are SAMPLING's, and whose unset pad / EOS ids are the model's."""
+    config = copy.deepcopy(config) if config is not None else transformers.GenerationConfig(max_new_tokens=64)
+    for name, value in SAMPLING.items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
+    if config.pad_token_id is None:
+        config.pad_token_id = _pad_id(None, model)
+    if config.eos_token_id is None:
+        config.eos_token_id = eos_of(None, unwrap(model))
+    return config
+
+
+def biased_settings(config):
+    """The settings of a GenerationConfig under which generate() does not sample from the model's own
+    distribution, as 'name=value' strings (empty: plain sampling)."""
+    return [f"{name}={getattr(config, name, None)!r}" for name, ok in NEUTRAL.items()
+            if getattr(config, name, None) not in ok]
+
+
+# the loss options a Trainer takes in kd_options (those of fused_linear_kd_loss that are not the batch's)
+KD_OPTIONS = ("temperature", "divergence", "beta", "tail", "hard_weight", "scale_by_t2", "vocab_size", "chunk_size",
+              "backend")
+
+
+def check_kd_options(kd_options, sparse):
+    """kd_options checked as the loss will check them, at the Trainer's construction: a dict of
+    KD_OPTIONS; sparse: the teacher gives SparseTeacher rows (a cache, a callable)."""
+    if kd_options is None:
+        return {}
+    if not isinstance(kd_options, dict):
+        raise TypeError(f"kd_options must be a dict of loss options, got {type(kd_options).__name__}")
+    unknown = sorted(set(kd_options) - set(KD_OPTIONS))
+    if unknown:
+        raise ValueError(f"kd_options has {unknown}, which the DistillationTrainer does not take: it sets the batch's "
+                         f"labels, ignore_index and reduction itself; the options are {list(KD_OPTIONS)}")
+    chunk = kd_options.get("chunk_size")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"kd_options['chunk_size'] must be a positive int or None, got {chunk!r}")
+    checked = {k: v for k, v in kd_options.items() if k not in ("chunk_size",)}
+    if sparse:
+        checked.setdefault("temperature", None)
+    try:
+        loss_options(**checked, sparse=sparse)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"kd_options: {e}") from e
+    return dict(kd_options)
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -467,16 +562,35 @@ class DistillationTrainer(transformers.Trainer):
         if token_teacher is not None and (on_policy != 1 or not callable(token_teacher)):
             raise ValueError("token_teacher= (a callable to the teacher's token log-probs) scores the student's own "
                              "samples with the sampled-token estimator: it needs on_policy=1")
+        if token_teacher is not None and kd_options:
+            raise ValueError(f"kd_options {sorted(kd_options)} do not apply with token_teacher=: the sampled-token "
+                             "reverse KL has no temperature, divergence or hard labels")
+        if generation_config is not None and not isinstance(generation_config, transformers.GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers.GenerationConfig, got "
+                            f"{type(generation_config).__name__}")
         self.on_policy, self.seq_kd, self.token_teacher = float(on_policy), bool(seq_kd), token_teacher
-        self.generation_config = generation_config or transformers.GenerationConfig(
-            max_new_tokens=64, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            pad_token_id=_pad_id(None, self.model), eos_token_id=getattr(unwrap(self.model).config, "eos_token_id", None))
-        self._draws = random.Random(self.args.seed)  # the same on every rank: all ranks generate, or none
+        self.generation_config = generation_config_for(generation_config, self.model)
+        biased = biased_settings(self.generation_config)
+        if token_teacher is not None and biased:
+            raise ValueError(f"generation_config has {', '.join(biased)}: the sampled-token reverse KL (token_teacher=) "
+                             "needs completions sampled from the student's own distribution (do_sample=True, "
+                             "temperature=1, no top-k/top-p or other processors)")
         self._reset_timing()
         if teacher is not None and not callable(teacher):
             raise TypeError(f"teacher must be a callable from input_ids to a fastkd.SparseTeacher, got "
                             f"{type(teacher).__name__}")
-        self.kd_options = dict(kd_options or {})
+        self.kd_options = check_kd_options(kd_options, sparse=teacher_model is None)
+        if self.args.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor}: the DistillationTrainer's "
+                             "loss is fastkd's, which has no label smoothing (the teacher's soft targets take its "
+                             "place; kd_options hard_weight mixes in the plain cross-entropy)")
+        if self.compute_loss_func is not None:
+            raise ValueError("compute_loss_func: the DistillationTrainer computes its loss with fastkd; subclass it "
+                             "and override compute_loss to change the loss")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"{self.args.n_gpu} GPUs in one process (torch.nn.DataParallel): fastkd.hf captures the "
+                             "LM head inside the model's forward, which DataParallel replicates; launch one process "
+                             "per GPU (torchrun, accelerate launch) for DDP")
         # the loss divides by num_items_in_batch itself: the Trainer must not also divide by the
         # gradient-accumulation steps (it does for models it thinks take no loss kwargs)
         self.model_accepts_loss_kwargs = True
@@ -510,14 +624,52 @@ class DistillationTrainer(transformers.Trainer):
         self._timing = {"generation_seconds": 0.0, "loss_seconds": 0.0, "on_policy": 0, "batches": 0,
                         "step": self.state.global_step}
 
-    def _completions(self, model, inputs):
+    def _key(self, micro):
+        """The seed of micro-batch `micro` of the coming optimizer step: a function of the run's seed and
+        the step alone, so every rank draws alike and a resumed run draws what the uninterrupted one did."""
+        return (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + micro
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The coming optimizer step's micro-batches -- a prompt batch packed with its completions,
+        generated here when its draw says so -- and the positions the loss keeps over all of them (the
+        sequences, with token_teacher=): over every process with average_tokens_across_devices, as
+        the Trainer counts a labels column (compute_loss then undoes the engine's mean over ranks)."""
+        batches = []
+        for micro in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            if "prompt_input_ids" in batch:
+                ids, mask, labels = self._completions(self.model, batch, key=self._key(micro))
+                batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            batches.append(batch)
+        if not batches:
+            return batches, None
+        if self.token_teacher is not None:
+            count = sum(int(b["input_ids"].shape[0]) for b in batches)
+        else:
+            count = sum(int((shifted_labels(b["input_ids"], b.get("attention_mask"), b.get("labels")) != -100).sum())
+                        for b in batches)
+        count = torch.tensor(count, dtype=torch.long, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum() // self._replicas()
+        return batches, count
+
+    def _replicas(self) -> int:
+        """How many processes see each batch (tensor-, context-, sequence-parallel ranks share theirs)."""
+        sizes = [getattr(self, name)() for name in ("get_tp_size", "get_cp_size", "get_sp_size") if hasattr(self, name)]
+        return math.prod(sizes) if sizes else 1
+
+    def _completions(self, model, inputs, key=None):
         """(input_ids, attention_mask, labels) of a prompt/completion batch: the completions sampled
-        from the student (probability on_policy, training only), from the teacher (seq_kd), or the
-        data's; packed one sequence a row, labels on the completion tokens only."""
+        from the student (probability on_policy, in training: key is the micro-batch's seed), from the
+        teacher (seq_kd), or the data's; packed one sequence a row, labels on the completion tokens only."""
         prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
         source = "data"
-        if model.training:
-            source = "student" if self._draws.random() < self.on_policy else "teacher" if self.seq_kd else "data"
+        if key is not None:
+            draw = random.Random(key).random()  # (stateless: the same on every rank, and after a resume)
+            source = "student" if draw < self.on_policy else "teacher" if self.seq_kd else "data"
             self._timing["batches"] += 1
             self._timing["on_policy"] += source == "student"
         if source == "data":
@@ -527,20 +679,31 @@ class DistillationTrainer(transformers.Trainer):
             completion, completion_mask = inputs["completion_input_ids"], inputs["completion_attention_mask"]
         else:
             start = time.perf_counter()
-            completion, completion_mask = generate_completions(model if source == "student" else self.teacher_model,
-                                                               prompt_ids.to(self.args.device if source == "student"
-                                                                             else self.teacher_model.device),
-                                                               prompt_mask.to(prompt_ids.device if source == "student"
-                                                                              else self.teacher_model.device),
-                                                               self.generation_config)
+            generator = model if source == "student" else self.teacher_model
+            where = self.args.device if source == "student" else self.teacher_model.device
+            # the sampling's RNG seeded by the micro-batch (and the rank: ranks sample alike-seeded but
+            # different rows), the global RNG left as it was: a resumed run samples the same completions
+            with torch.random.fork_rng(devices=[where] if torch.device(where).type == "cuda" else []):
+                torch.manual_seed(key * 7919 + self.args.process_index)
+                completion, completion_mask = generate_completions(generator, prompt_ids.to(where),
+                                                                   prompt_mask.to(where), self.generation_config)
             self._timing["generation_seconds"] += time.perf_counter() - start
             completion, completion_mask = completion.to(prompt_ids.device), completion_mask.to(prompt_ids.device)
         return pack_prompt_completion(prompt_ids, prompt_mask, completion, completion_mask,
                                       self.generation_config.pad_token_id or 0)
 
+    def _across_ranks(self, loss, num_items_in_batch):
+        """The loss as the engine's mean over the ranks needs it: num_items_in_batch counted over every
+        process (average_tokens_across_devices) makes each rank's loss a part of the global mean,
+        which DDP / FSDP / DeepSpeed then divide by the data-parallel world -- so it is multiplied
+        back, as transformers.Trainer does for a model's own loss."""
+        if num_items_in_batch is None or not self.args.average_tokens_across_devices or self.args.world_size <= 1:
+            return loss
+        return loss * (self.accelerator.num_processes // self._replicas())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        if "prompt_input_ids" in inputs:
+        if "prompt_input_ids" in inputs:  # (evaluation: training batches come packed from get_batch_samples)
             ids, mask, labels = self._completions(model, inputs)
             inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         start = time.perf_counter()
@@ -548,7 +711,9 @@ class DistillationTrainer(transformers.Trainer):
             labels = inputs["labels"]
             teacher_logprobs = self.token_teacher(inputs["input_ids"], inputs["attention_mask"])
             loss = sampled_reverse_kl_loss(model, inputs["input_ids"], teacher_logprobs.to(labels.device),
-                                           completion_mask=labels != -100, attention_mask=inputs["attention_mask"])
+                                           completion_mask=labels != -100, attention_mask=inputs["attention_mask"],
+                                           num_items_in_batch=num_items_in_batch)
+            loss = self._across_ranks(loss, num_items_in_batch)
             self._timing["loss_seconds"] += time.perf_counter() - start
             return (loss, None) if return_outputs else loss
         if self.token_teacher is not None:
@@ -562,6 +727,7 @@ class DistillationTrainer(transformers.Trainer):
                                           teacher=teacher, attention_mask=inputs.get("attention_mask"),
                                           labels=inputs.get("labels"), num_items_in_batch=num_items_in_batch,
                                           return_metrics=True, **self.kd_options)
+        loss = self._across_ranks(loss, num_items_in_batch)
         mode = "train" if model.training else "eval"
         if model.training:
             self._timing["loss_seconds"] += time.perf_counter() - start

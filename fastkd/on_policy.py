@@ -62,4 +62,5 @@ def sampled_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
     per_sequence = estimate + (surrogate - surrogate.detach())
     if reduction == "none":
         return per_sequence
-    return per_sequence.sum() if reduction == "sum" else per_sequence.mean()
+    # (the mean of no sequences is 0, as every fastkd "mean" over no kept row: never 0 / 0)
+    return per_sequence.sum() if reduction == "sum" else per_sequence.sum() / max(per_sequence.shape[0], 1)

@@ -78,6 +78,8 @@ def sample_teacher(teacher_logits: torch.Tensor, num_samples: int = 12, temperat
 def expected_unique(teacher_logits: torch.Tensor, num_samples: int, temperature: float = 2.0) -> float:
     """The mean over rows of the expected number of unique ids among `num_samples` draws with
     replacement from softmax(teacher_logits / T): sum_i 1 - (1 - p_i)^num_samples (exact, fp64)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int (draws per row), got {num_samples!r}")
     flat, temperature, _ = _tempered(teacher_logits, temperature)
     flat = flat[torch.isfinite(flat).any(-1) & ~not_a_number(flat)]  # rows that have a distribution
     if not flat.shape[0]:

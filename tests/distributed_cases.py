@@ -331,6 +331,14 @@ def dtensor_cases(world):
     from fastkd.distributed import VocabShard
     d = distribute_tensor(s, mesh, [Shard(-1)])
     _refused_everywhere(lambda: fastkd.kd_loss(d, t, vocab_shard=VocabShard()), "from the DTensor")
+    # a teacher that is wrong on one rank only (V + 1 columns; a head with an extra row): an error on
+    # every rank, not the others left waiting in the agreement's all_gather (they hung until the timeout)
+    wide = torch.cat([t, t[:, :1]], dim=-1) if dist.get_rank() == 1 else t
+    _refused_everywhere(lambda: fastkd.kd_loss(d, wide), "rank 1", "teacher_logits")
+    tall = torch.cat([tw, tw[:1]]) if dist.get_rank() == 1 else tw
+    _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, head.weight, student_bias=head.bias, teacher_hidden=th,
+                                                            teacher_weight=tall, chunk_size=4),
+                        "rank 1", "teacher_weight")
 
 
 def comm_cases(shard, counted, cols, vocab):

@@ -3,9 +3,12 @@ starts it: under torchrun (DDP, or DeepSpeed ZeRO-3 with ENGINE=zero3; gloo, CPU
 process, on the same global batches. On a GPU: ENGINE=fsdp, the Trainer's own FSDP2 (under
 torchrun; accelerate selects FSDP only on GPUs), and ENGINE=cuda, one process on the GPU.
 
-    torchrun --nproc_per_node 2 tests/hf_ddp_case.py OUT OPTIMIZER [ENGINE]  (or: python tests/hf_ddp_case.py ...)
+    torchrun --nproc_per_node 2 tests/hf_ddp_case.py OUT OPTIMIZER [ENGINE [VARIANTS]]  (or: python ...)
 
-Writes OUT/result-<rank>.pt: the logged losses and the student's final parameters.
+VARIANTS (comma-separated, default all of VARIANTS below), one Trainer each in the same launch:
+"plain" (no labels column), "labels" (a labels column with ignored positions, unevenly over the
+ranks: the Trainer counts them across devices), "no_average" (average_tokens_across_devices=False).
+Writes OUT/result-<rank>.pt: {variant: the logged losses and the student's final parameters}.
 """
 import os
 import sys
@@ -25,16 +28,27 @@ def model(seed, hidden):
     return transformers.LlamaForCausalLM(cfg)
 
 
+VARIANTS = ("plain", "labels", "no_average")
+
+
 class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=STEPS * ACCUM * GLOBAL_MICRO, length=16):
+    """Rows of 16 tokens; labels=True adds a labels column with about a third of the positions
+    ignored, more in some rows than others (so the ranks' counts differ)."""
+
+    def __init__(self, n=STEPS * ACCUM * GLOBAL_MICRO, length=16, labels=False):
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, V, (n, length), generator=g)
+        keep = torch.rand(n, length, generator=g) < torch.linspace(0.2, 1.0, n).unsqueeze(1)
+        self.labels = torch.where(keep, self.ids, -100) if labels else None
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+        row = {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+        if self.labels is not None:
+            row["labels"] = self.labels[i]
+        return row
 
 
 class InOrder(fastkd.hf.DistillationTrainer):
@@ -68,7 +82,13 @@ def leave():
 FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 
 
-def main(out, optimizer, engine="ddp"):
+def main(out, optimizer, engine="ddp", variants=",".join(VARIANTS)):
+    results = {variant: run(out, optimizer, engine, variant) for variant in variants.split(",")}
+    torch.save(results, os.path.join(out, f"result-{int(os.environ.get('RANK', '0'))}.pt"))
+    leave()
+
+
+def run(out, optimizer, engine, variant):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = engine in ("fsdp", "cuda")
     student, teacher = model(0, 32), model(1, 48)
@@ -77,24 +97,22 @@ def main(out, optimizer, engine="ddp"):
         max_steps=STEPS, learning_rate=0.05, optim=optimizer, lr_scheduler_type="constant", weight_decay=0.0,
         logging_steps=1, report_to=[], use_cpu=not on_gpu, ddp_backend="gloo" if world > 1 and not on_gpu else None,
         save_strategy="no", disable_tqdm=True, seed=0, dataloader_drop_last=True,
+        average_tokens_across_devices=variant != "no_average",
         deepspeed=ZERO3 if engine == "zero3" and world > 1 else None, **(FSDP if engine == "fsdp" else {}))
-    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Tokens(),
+    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Tokens(labels=variant == "labels"),
                       kd_options={"temperature": 2.0, "hard_weight": 0.25})
     trainer.train()
     if engine == "zero3" and world > 1:
         assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped)
     if engine == "fsdp":  # the Trainer's FSDP2 ran, not DDP in its place
         assert trainer.is_fsdp_enabled and "FSDP" in type(trainer.model_wrapped).__name__, type(trainer.model_wrapped)
-    rank = int(os.environ.get("RANK", "0"))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # the KD / CE split, agreement and entropy of each log, summed over both ranks' rows
     split = [[e[k] for k in ("kd_loss", "ce_loss", "top1_agreement", "student_entropy")]
              for e in trainer.state.log_history if "loss" in e]
     params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
               for k, v in student.state_dict().items()}
-    torch.save({"losses": losses, "split": split, "params": params, "world": world},
-               os.path.join(out, f"result-{rank}.pt"))
-    leave()
+    return {"losses": losses, "split": split, "params": params, "world": world}
 
 
 if __name__ == "__main__":

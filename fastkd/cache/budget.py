@@ -14,6 +14,7 @@ from ..sparse_teacher import expected_unique
 # family -> ((size, mean validation loss of the students), ...), the size being top-k's k or the
 # sampled cache's mean unique ids per row. Lower is better; dense KD (no cache) scored 3.440.
 # The whole run: benchmarks/results/cache-study.json.
+DENSE = 3.440
 FRONTIER = {
     "topk": ((8, 3.945), (16, 3.734), (32, 3.573), (64, 3.484), (128, 3.442)),
     "sampled": ((4.0, 3.613), (7.2, 3.531), (10.6, 3.523), (13.9, 3.511), (27.5, 3.478)),
@@ -51,6 +52,10 @@ def choose(budget: float, probe, temperature: float, has_tokens: bool = True) ->
     k = 0
     while k < vocab and topk_bytes(k + 1, vocab, has_tokens) <= budget:  # (grows with k)
         k += 1
+    if k == vocab:  # every id fits: the cache is the teacher's exact distribution, dense KD's quality
+        return {"kind": "topk", "k": k, "bytes_per_token": topk_bytes(k, vocab, has_tokens),
+                "why": f"top-{k} holds every id of the V = {vocab} vocabulary: the exact teacher (dense KD, "
+                       f"{DENSE:.3f} on the study's frontier), which no sampled cache beats"}
     if k:
         options.append({"kind": "topk", "k": k, "bytes_per_token": topk_bytes(k, vocab, has_tokens),
                         "expected": _measured("topk", k)})

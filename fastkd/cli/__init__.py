@@ -2,6 +2,7 @@
 add_arguments(parser) and run(args) -> exit status)."""
 import argparse
 import importlib
+import importlib.util
 import sys
 
 COMMANDS = ("info", "bench", "cache", "demo", "study")  # each a module here: HELP, add_arguments(parser), run(args)
@@ -9,6 +10,16 @@ COMMANDS = ("info", "bench", "cache", "demo", "study")  # each a module here: HE
 
 class UsageError(Exception):
     """A mistake on the command line, named by its flag: one line and exit status 2, as argparse's own."""
+
+
+def requires(command: str, needs) -> None:
+    """The optional packages a command needs -- (module, extra) pairs -- checked before any work, so a
+    missing one is one line naming it and its extra, not a traceback minutes in."""
+    missing = [(module, extra) for module, extra in needs if importlib.util.find_spec(module) is None]
+    if missing:
+        extras = sorted({extra for _, extra in missing})
+        raise UsageError(f"{command} needs {', '.join(m for m, _ in missing)}, not installed here: "
+                         f"pip install 'fastkd[{','.join(extras)}]'")
 
 
 def main(argv=None) -> int:
@@ -26,6 +37,7 @@ def main(argv=None) -> int:
         subparsers[name] = p
     args = parser.parse_args(argv)
     try:
+        requires(args.cmd, getattr(importlib.import_module(f"fastkd.cli.{args.cmd}"), "REQUIRES", ()))
         return args.fn(args)
     except UsageError as e:
         subparsers[args.cmd].error(str(e))  # prints the usage line and the error, exits 2

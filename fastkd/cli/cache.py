@@ -133,6 +133,21 @@ def load_tokens(args) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64))
 
 
+def check_device(spec: str) -> torch.device:
+    """--device as a torch.device this torch can use (before any work), else a UsageError naming it."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {spec!r} is not a device torch knows ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec!r}: this torch ({torch.__version__}) sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec!r}: only {torch.cuda.device_count()} CUDA devices here")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec!r}: fastkd's cache runs on cpu or cuda")
+    return device
+
+
 def run(args) -> int:
     for name in ("seq_len", "batch_size", "shard_tokens", "k", "num_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -143,6 +158,11 @@ def run(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.num_samples is not None and args.num_samples > 255:
         raise UsageError(f"--num-samples must be at most 255, got {args.num_samples}")
+    if not 0 < args.temperature < float("inf"):
+        raise UsageError(f"--temperature must be positive and finite, got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 40:
+        raise UsageError(f"--seed must lie in [0, 2**40), got {args.seed}")
+    check_device(args.device)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"--output {args.output!r} is a file, not a cache directory")
     tokens = load_tokens(args)

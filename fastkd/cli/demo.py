@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from . import UsageError
+from ._publish import publish
 
 HELP = "distil a small language model end to end on this machine, every method, and report"
+REQUIRES = (("tokenizers", "demo"), ("matplotlib", "demo"))  # checked before any work
 METHODS = ("hard_labels", "dense_kd", "topk_bucket", "topk_renorm_teacher", "topk_renorm_both", "sampled_kd",
            "on_policy")
 
@@ -386,13 +388,6 @@ def plot(results, path):
     plt.close(fig)
 
 
-def _atomic_write(path, data: bytes):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def interruptible(main, args) -> int:
     """main(args), and on Ctrl-C a line saying nothing was written to args.out, exit status 130."""
     try:
@@ -414,8 +409,8 @@ def _run(args) -> int:
     for name in ("vocab", "seq_len", "batch_size"):
         if getattr(args, name) < 2:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    if not 0 < args.temperature < math.inf:
+        raise UsageError(f"--temperature must be positive and finite, got {args.temperature}")
     if not 0 <= args.hard_weight <= 1:
         raise UsageError(f"--hard-weight must lie in [0, 1], got {args.hard_weight}")
     if args.device != "cpu":
@@ -481,9 +476,8 @@ def _run(args) -> int:
     report = {"methods": {k: {key: v for key, v in r.items()} for k, r in results.items()},
               "naive_dense_kd_step": naive, "config": config, "cache": cache_info,
               "wall_seconds": time.perf_counter() - began}
-    _atomic_write(os.path.join(args.out, "results.json"), json.dumps(report, indent=1, default=str).encode())
-    plot(results, os.path.join(args.out, "loss_curves.png.tmp.png"))
-    os.replace(os.path.join(args.out, "loss_curves.png.tmp.png"), os.path.join(args.out, "loss_curves.png"))
+    publish(args.out, {"results.json": json.dumps(report, indent=1, default=str).encode(),
+                       "loss_curves.png": lambda path: plot(results, path)})
     print(table(report))
     return 0
 

@@ -31,8 +31,10 @@ import time
 import torch
 
 from . import UsageError, demo
+from ._publish import publish
 
 HELP = "measure the teacher cache's quality per byte (python -m fastkd study cache)"
+REQUIRES = (("tokenizers", "demo"), ("matplotlib", "demo"))  # checked before any work
 TOPK = (8, 16, 32, 64, 128)
 UNIQUE = (4, 8, 12, 16, 32)
 QUICK_TOPK, QUICK_UNIQUE = (8, 64), (4, 12)
@@ -124,11 +126,11 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    seeds_n = args.seeds or (2 if args.quick else 3)
+    seeds_n = (2 if args.quick else 3) if args.seeds is None else args.seeds
     if seeds_n < 1:
         raise UsageError(f"--seeds must be at least 1, got {seeds_n}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    if not 0 < args.temperature < math.inf:
+        raise UsageError(f"--temperature must be positive and finite, got {args.temperature}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file; give a directory (created if missing)")
     d = _settings(args)
@@ -195,11 +197,10 @@ def _run(args) -> int:
     report = {"points": points, "teacher_val_loss": t_ce, "teacher_tokens": seen, "vocab_size": vocab,
               "student_tokens": d.student_tokens, "temperature": d.temperature, "quick": args.quick,
               "teacher": big, "student": small, "wall_seconds": time.perf_counter() - began}
-    demo._atomic_write(os.path.join(args.out, "frontier.json"), json.dumps(points, indent=1).encode())
-    demo._atomic_write(os.path.join(args.out, "study.json"), json.dumps(report, indent=1).encode())
     text = table(report)
-    demo._atomic_write(os.path.join(args.out, "frontier.md"), (text + "\n").encode())
-    plot(report, os.path.join(args.out, "frontier.png"))
+    publish(args.out, {"frontier.json": json.dumps(points, indent=1).encode(),
+                       "study.json": json.dumps(report, indent=1).encode(), "frontier.md": (text + "\n").encode(),
+                       "frontier.png": lambda path: plot(report, path)})
     print(text)
     return 0
 
