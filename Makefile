@@ -11,11 +11,16 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 TRITON_OLD ?= 3.6.0
 TRITON_OLD_DIR := build/triton-$(TRITON_OLD)
+# the linter, pinned so that `make lint` means the same on every machine (configured in pyproject.toml)
+RUFF_SPEC ?= ruff==0.17.6
+# pytest's worker processes (pytest-xdist; each test file stays on one worker, so a file's
+# fixtures and its one-process baselines are shared): one per core of the 2-core machines
+TEST_JOBS ?= 2
 # nvcc, when on the PATH, compiles the CUDA kernels as part of `make test` (cuda-check, below).
 NVCC ?= nvcc
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 
-.PHONY: all venv build test test-fast demo bench info gpu-check gpu-report gpu-sanitize cuda-check triton-check triton-check-subset clean
+.PHONY: all venv build test test-ready test-fast lint demo bench info gpu-check gpu-report gpu-sanitize cuda-check triton-check triton-check-subset clean
 
 all: test
 
@@ -23,7 +28,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate peft deepspeed "$(TRITON_SPEC)" matplotlib pytest hypothesis pytest-benchmark expecttest
+	$(PIP) install -q setuptools wheel ninja numpy tqdm safetensors transformers accelerate peft deepspeed "$(TRITON_SPEC)" matplotlib pytest pytest-xdist hypothesis pytest-benchmark expecttest "$(RUFF_SPEC)"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -45,8 +50,22 @@ build: $(VENV)/.editable
 
 # With nvcc on the PATH (this machine's and CI's), the CUDA kernels are compiled first (cuda-check);
 # then every Triton kernel through Triton's real compiler (the covering subset, both versions).
-test: build $(if $(HAVE_NVCC),cuda-check) triton-check-subset
-	$(PY) -m pytest -q tests
+# The compile checks and the linter run side by side (make -j), then the tests on TEST_JOBS workers.
+test:
+	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory -j3 test-ready
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
+
+test-ready: lint $(if $(HAVE_NVCC),cuda-check) triton-check-subset
+
+# What a developer runs on every edit: the build, then every test not marked slow (the multi-process
+# launches, the demo and study runs, the full Triton and CUDA walks): a few minutes on 2 cores.
+test-fast: build
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow" tests
+
+# ruff over the whole tree (the rules and line length in pyproject.toml)
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
 
 # Triton's compiler, ahead of time, no GPU needed (tools/triton_check.py): every kernel in every
 # configuration its launchers choose, for sm_90 and sm_80, with the pinned Triton and TRITON_OLD;

@@ -31,7 +31,8 @@ WITH_CUDA = os.environ.get("FASTKD_CUDA", "0") == "1" or bool(os.environ.get("TO
 DEBUG = os.environ.get("FASTKD_DEBUG", "0") == "1"
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
-cxx_flags += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-uninitialized", "-Wno-maybe-uninitialized", "-DTORCH_EXTENSION_NAME=_C"]
+cxx_flags += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-uninitialized",
+              "-Wno-maybe-uninitialized", "-DTORCH_EXTENSION_NAME=_C"]
 # No --use_fast_math: the kernels choose their fast paths (exp2 of prescaled values) themselves and
 # keep IEEE expm1/log1p, on which the cancellation-free forms of kd_math.h rely.
 nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]

@@ -67,7 +67,8 @@ def dense_impls(backends):
         from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
 
         kl, jsd = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerJSD(beta=0.5)
-        impls["liger-kl"] = lambda s, t: kl(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1)) * TEMPERATURE**2
+        impls["liger-kl"] = lambda s, t: kl(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE,
+                                                                                              -1)) * TEMPERATURE**2
         impls["liger-jsd"] = lambda s, t: jsd(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1))
     except ImportError as e:
         print(f"liger_kernel not importable ({e}): no Liger rows", file=sys.stderr)
@@ -152,13 +153,16 @@ def main(argv=None) -> int:
                 for b in gpu_backends:
                     fn = (lambda b: lambda x, _t: fastkd.sparse_kd_loss(x, teacher, backend=b))(b)
                     ms, peak = measure(step(fn, s, t), grad_bytes)
-                    lines.append(_row("sparse k=64", dname, bt, vocab, f"fastkd-{b}", ms, peak, 3 * s.numel() * es, bw, 2 * s.numel() * es))
+                    lines.append(_row("sparse k=64", dname, bt, vocab, f"fastkd-{b}", ms, peak, 3 * s.numel() * es, bw,
+                                      2 * s.numel() * es))
                     ms = _try(lambda: time_ms(lambda: fastkd.topk_teacher(t, k=64, temperature=TEMPERATURE, backend=b)))
-                    lines.append(_row("topk_teacher k=64", dname, bt, vocab, f"fastkd-{b}", ms, None, 2 * s.numel() * es, bw, s.numel() * es))
+                    lines.append(_row("topk_teacher k=64", dname, bt, vocab, f"fastkd-{b}", ms, None,
+                                      2 * s.numel() * es, bw, s.numel() * es))
                 ms = _try(lambda: time_ms(lambda: _torch_topk(t)))
-                lines.append(_row("topk_teacher k=64", dname, bt, vocab, "torch.topk+logsumexp", ms, None, 2 * s.numel() * es, bw, s.numel() * es))
+                lines.append(_row("topk_teacher k=64", dname, bt, vocab, "torch.topk+logsumexp", ms, None,
+                                  2 * s.numel() * es, bw, s.numel() * es))
                 print(lines[-1], flush=True)
-                del s, t, teacher
+                s = t = teacher = None  # (freed before the next shape's)
                 torch.cuda.empty_cache()
     if not args.skip_fused_linear:
         lines += fused_linear_rows(bw)
@@ -215,9 +219,11 @@ def fused_linear_rows(bw, bt=8192, hidden=4096, vocab=128256, dtype=torch.bfloat
             out.append(f"| {name} | error: {peak} | - | - |")
             continue
         tflops = "-" if ms is None else f"{flops / (ms * 1e-3) / 1e12:.0f}"
-        out.append(f"| {name} | {'OOM' if ms is None else f'{ms:.2f}'} | {'-' if peak is None else f'{peak:.2f}'} | {tflops} |")
+        cell_ms, cell_peak = "OOM" if ms is None else f"{ms:.2f}", "-" if peak is None else f"{peak:.2f}"
+        out.append(f"| {name} | {cell_ms} | {cell_peak} | {tflops} |")
     head = [f"\n## Fused linear KD, BT = {bt}, H = {hidden}, V = {vocab}, {str(dtype)[6:]}\n",
-            f"The three GEMMs alone: {'OOM' if ms_gemm is None else f'{ms_gemm:.2f} ms, {flops / (ms_gemm * 1e-3) / 1e12:.0f} TFLOP/s'}. "
+            "The three GEMMs alone: "
+            f"{'OOM' if ms_gemm is None else f'{ms_gemm:.2f} ms, {flops / (ms_gemm * 1e-3) / 1e12:.0f} TFLOP/s'}. "
             "'x inputs' is peak memory growth in units of the hidden states + the head.\n",
             "| impl | ms | x inputs | TFLOP/s (6 BT H V flops) |", "|---|---|---|---|"]
     return head + out
@@ -248,7 +254,8 @@ def _row(op, dtype, bt, vocab, impl, ms, peak, moved, bw, floor):
         return f"| {op} | {dtype} | {bt} | {vocab} | {impl} | error | {peak or '-'} | - | - | - |"
     frac, frac_floor = moved / (ms * 1e-3) / bw, floor / (ms * 1e-3) / bw
     return (f"| {op} | {dtype} | {bt} | {vocab} | {impl} | {ms:.3f} | "
-            f"{'-' if peak is None else f'{peak:.2f}'} | {moved / 1e9:.2f} | {100 * frac:.0f}% | {100 * frac_floor:.0f}% |")
+            f"{'-' if peak is None else f'{peak:.2f}'} | {moved / 1e9:.2f} | {100 * frac:.0f}% | "
+            f"{100 * frac_floor:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def test_dense_dtypes(benchmark, impls, dtype, loss_scale):
     s, t = make_inputs(1024, 32000, dtype)
     x = s.requires_grad_(True)
     benchmark.group = "dense fwd+bwd 1024x32000 fastkd by dtype"
-    benchmark.extra_info["peak_x_NV_fp32"] = bench.peak_fwd_bwd(lambda a, b: impls["fastkd"](a, b) * loss_scale, s, t) / (1024 * 32000 * 4)
+    benchmark.extra_info["peak_x_NV_fp32"] = bench.peak_fwd_bwd(lambda a, b: impls["fastkd"](a, b) * loss_scale, s,
+                                                                t) / (1024 * 32000 * 4)
 
     def step():
         x.grad = None

@@ -21,7 +21,8 @@ from . import cache  # noqa: E402  (fastkd.cache: the on-disk teacher cache)
 from . import distributed  # noqa: E402  (fastkd.distributed: VocabShard, vocab-parallel losses)
 __all__ = [
     "kd_loss", "KDLoss", "sparse_kd_loss", "SparseKDLoss", "SparseTeacher", "topk_teacher",
-    "sample_teacher", "draws_for_unique", "expected_unique", "fused_linear_kd_loss", "FusedLinearKDLoss", "KDMetrics", "sampled_reverse_kl",
+    "sample_teacher", "draws_for_unique", "expected_unique", "fused_linear_kd_loss", "FusedLinearKDLoss",
+    "KDMetrics", "sampled_reverse_kl",
     "available_backends", "DIVERGENCES",
     "cache", "distributed", "__version__",
 ]

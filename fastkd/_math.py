@@ -122,11 +122,11 @@ def not_a_number(x: torch.Tensor) -> torch.Tensor:
 # Forward KL of the student a = s / T against a teacher known on the ids I, every student quantity
 # a log-sum-exp with its own maximum (lse_all over the row, lse_in over I, lse_tail outside I).
 # With t_i = exp(lp_i - shift) the teacher's target on I:
-# 
+#
 #     loss        = sum_I t_i ((lp_i - shift) - (a_i - norm)) + extra
 #     dloss/da_j  = in_scale exp(a_j - in_norm) - t_j                               j in I
 #                 = out_scale exp(a_j - lse_all) - tail_scale exp(a_j - lse_tail)   j not in I
-# 
+#
 # Every argument and field is a float64 tensor of per-row values (any shape). Keep this file and
 # sparse_math.h line-for-line alike.
 

@@ -44,7 +44,8 @@ def row_loss(op, student, labels, temperature, ignore_index, hard_weight):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():
             r = int(bad.nonzero()[0, 0])
-            _fail(op, f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {int(labels[r])} at row {r}")
+            _fail(op, f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                      f"got {int(labels[r])} at row {r}")
 
 
 def dense(student, teacher, divergence, beta):
@@ -63,7 +64,8 @@ def dense(student, teacher, divergence, beta):
 def sparse(student, indices, logprobs, tail_logmass):
     n, vocab = student.shape
     if indices.dim() != 2 or indices.shape[0] != n or logprobs.shape != indices.shape:
-        _fail("sparse_kd", f"indices and logprobs must be [{n}, k], got {tuple(indices.shape)} and {tuple(logprobs.shape)}")
+        _fail("sparse_kd",
+              f"indices and logprobs must be [{n}, k], got {tuple(indices.shape)} and {tuple(logprobs.shape)}")
     if indices.shape[1] < 1:
         _fail("sparse_kd", "a sparse teacher needs k >= 1 entries per row")
     if tuple(tail_logmass.shape) != (n,):
@@ -120,7 +122,8 @@ def draws(logits, uniforms, temperature):
     teacher_logits("sample_teacher_draws", logits, temperature)
     n = logits.shape[0]
     if uniforms.dim() != 2 or uniforms.shape[0] != n or uniforms.dtype != torch.float64:
-        _fail("sample_teacher_draws", f"uniforms must be float64 [{n}, S], got {uniforms.dtype} {tuple(uniforms.shape)}")
+        _fail("sample_teacher_draws",
+              f"uniforms must be float64 [{n}, S], got {uniforms.dtype} {tuple(uniforms.shape)}")
     if _reads_values(uniforms) and uniforms.numel():
         if not ((uniforms >= 0) & (uniforms < 1)).all():
             _fail("sample_teacher_draws", "uniforms must lie in [0, 1)")

@@ -52,8 +52,8 @@ SCHEMAS = {
     # Dense KD, one row per leading index: student/teacher [N, V] of one float dtype, labels [N]
     # int64 or None. Returns (loss [N] fp32 (fp64 for fp64 input), grad [N, V] in the student's
     # dtype (fp32 for fp16: grad_dtype) -- grad_scale * d loss[i] / d student[i] -- or an
-    # empty tensor when compute_grad is false). grad_scale is the reduction's weight (1 / kept rows for "mean"), applied in the
-    # kernel so that a plain loss.backward() has nothing left to scale.
+    # empty tensor when compute_grad is false). grad_scale is the reduction's weight (1 / kept rows
+    # for "mean"), applied in the kernel so that a plain loss.backward() has nothing left to scale.
     "dense_kd": "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float temperature, "
                 "float beta, int ignore_index, float hard_weight, bool scale_by_t2, float grad_scale, "
                 "bool compute_grad) -> (Tensor, Tensor)",

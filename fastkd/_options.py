@@ -52,7 +52,8 @@ class LossOptions:
 
     def describe(self, exclude=()) -> str:
         """name=value, ... of the fields (an nn.Module's extra_repr)."""
-        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in exclude)
+        fields = [f.name for f in dataclasses.fields(self) if f.name not in exclude]
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in fields)
 
 
 def check_temperature(temperature) -> float:

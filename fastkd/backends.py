@@ -10,9 +10,10 @@
 An op has one schema (fastkd/_ops.py) and one implementation per backend. The compiled
 backends register theirs under the op's own name with TORCH_LIBRARY_IMPL (dispatch keys CPU and
 CUDA); a Python backend `b` defines the function `<op>` in `fastkd/<package of b>/<op>.py` (torch:
-reference/, triton: triton/), registered here as the op `<op>_<b>`. `backend="auto"` picks the fastest available backend for the tensors'
-device; asking for one that is unavailable, or that has no kernel for the op, raises: nothing
-silently falls back. Adding a backend is one directory and its entries in OPS.
+reference/, triton: triton/), registered here as the op `<op>_<b>`. `backend="auto"` picks the
+fastest available backend for the tensors' device; asking for one that is unavailable, or that has
+no kernel for the op, raises: nothing silently falls back. Adding a backend is one directory and
+its entries in OPS.
 """
 import importlib
 import importlib.util

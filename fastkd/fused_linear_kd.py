@@ -102,7 +102,8 @@ class _Chunked:
             except ValueError as e:  # the op checks what it reads (labels, teacher ids): name the call's row
                 if a == 0 and n <= self.chunk:
                     raise
-                raise ValueError(f"{e} (rows counted from row {a} of the call's {n}: a chunk of {self.chunk})") from None
+                raise ValueError(f"{e} (rows counted from row {a} of the call's {n}: a chunk of "
+                                 f"{self.chunk})") from None
             rows[a:a + hc.shape[0]] = loss
             if self.metrics is not None and not self.metrics.done:  # from the chunk's logits while they are here
                 with torch.no_grad():
@@ -302,7 +303,8 @@ def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
     elif dense:
         _validate.check_logits("teacher_weight", teacher_weight)
         if teacher_weight.dim() != 2:
-            raise ValueError(f"teacher_weight must be [V, H_t] (the teacher's LM head), got {tuple(teacher_weight.shape)}")
+            raise ValueError(f"teacher_weight must be [V, H_t] (the teacher's LM head), got "
+                             f"{tuple(teacher_weight.shape)}")
         if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
             raise ValueError(f"teacher_bias must be [{teacher_weight.shape[0]}] (teacher_weight's V), "
                              f"got {tuple(teacher_bias.shape)}")

@@ -278,7 +278,8 @@ def causal_lm_kd_loss(student_model, input_ids, *, teacher_model=None, teacher=N
             t_weight = lambda x: (head(x.to(t_device)) * t_scale_now).to(hidden.device)  # noqa: E731
             t_scale = 1.0
         elif t_device != hidden.device:  # the teacher elsewhere: its hidden states and head come here
-            t_hidden, t_weight, t_bias = (None if x is None else x.to(hidden.device) for x in (t_hidden, t_weight, t_bias))
+            t_hidden, t_weight, t_bias = (None if x is None else x.to(hidden.device) for x in (t_hidden, t_weight,
+                                                                                               t_bias))
         if t_softcap != softcap:
             raise ValueError(f"the teacher's final_logit_softcapping ({t_softcap}) differs from the student's "
                              f"({softcap}); fastkd soft-caps both sides alike")
@@ -397,7 +398,8 @@ def generate_completions(model, prompt_ids, prompt_mask, generation_config):
     """Sample completions of left-padded prompts [B, P] from `model` (through its engine wrapper: the
     Hugging Face model inside; in eval mode, under no_grad, with its KV cache) -> (completion ids,
     their mask [B, C]: the new tokens up to and including the first EOS)."""
-    empty = (prompt_mask.sum(-1) == 0).nonzero().flatten().tolist() if prompt_ids.shape[1] else list(range(len(prompt_ids)))
+    empty = (prompt_mask.sum(-1) == 0).nonzero().flatten().tolist() if prompt_ids.shape[1] else \
+        list(range(len(prompt_ids)))
     if empty:
         raise ValueError(f"rows {empty[:8]} of the batch have an empty prompt: generate() needs at least one "
                          "prompt token a row (start each prompt with the BOS token)")
@@ -437,7 +439,8 @@ def _has_prompts(dataset) -> bool:
 
 
 def _pad_id(generation_config, model) -> int:
-    for source in (generation_config, getattr(unwrap(model), "generation_config", None), getattr(unwrap(model), "config", None)):
+    for source in (generation_config, getattr(unwrap(model), "generation_config", None), getattr(unwrap(model),
+                                                                                                 "config", None)):
         for name in ("pad_token_id", "eos_token_id"):
             value = getattr(source, name, None) if source is not None else None
             if isinstance(value, (list, tuple)):
@@ -547,7 +550,8 @@ class DistillationTrainer(transformers.Trainer):
                  generation_config=None, **kwargs):
         train_data = kwargs.get("train_dataset", args[2] if len(args) > 2 else None)
         if kwargs.get("data_collator") is None and len(args) < 2 and _has_prompts(train_data):
-            kwargs["data_collator"] = PromptCompletionCollator(_pad_id(generation_config, kwargs.get("model") or args[0]))
+            kwargs["data_collator"] = PromptCompletionCollator(_pad_id(generation_config,
+                                                                       kwargs.get("model") or args[0]))
         super().__init__(*args, **kwargs)
         if sum(x is not None for x in (teacher_model, teacher_cache, teacher, token_teacher)) != 1:
             raise ValueError("give exactly one of teacher_model=, teacher_cache=, teacher= (a callable from "
@@ -572,7 +576,8 @@ class DistillationTrainer(transformers.Trainer):
         self.generation_config = generation_config_for(generation_config, self.model)
         biased = biased_settings(self.generation_config)
         if token_teacher is not None and biased:
-            raise ValueError(f"generation_config has {', '.join(biased)}: the sampled-token reverse KL (token_teacher=) "
+            raise ValueError(f"generation_config has {', '.join(biased)}: the sampled-token reverse KL "
+                             "(token_teacher=) "
                              "needs completions sampled from the student's own distribution (do_sample=True, "
                              "temperature=1, no top-k/top-p or other processors)")
         self._reset_timing()

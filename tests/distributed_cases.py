@@ -207,7 +207,8 @@ def error_cases(shard, rank, cols, vocab):
     s, t, labels = _data(6, vocab, torch.float32, seed=8)
     # a different N on one rank
     n = 5 if rank == 1 else 6
-    _refused_everywhere(lambda: fastkd.kd_loss(s[:n, cols], t[:n, cols], vocab_shard=shard), "different numbers of rows")
+    _refused_everywhere(lambda: fastkd.kd_loss(s[:n, cols], t[:n, cols], vocab_shard=shard),
+                        "different numbers of rows")
     # a bad argument on one rank only
     temp = -1.0 if rank == 1 else 1.0
     _refused_everywhere(lambda: fastkd.kd_loss(s[:, cols], t[:, cols], temperature=temp, vocab_shard=shard),
@@ -224,7 +225,8 @@ def error_cases(shard, rank, cols, vocab):
     # sparse ids outside the vocabulary
     teacher = fastkd.topk_teacher(t.double(), 3)
     teacher.indices[2, 1] = vocab
-    _refused_everywhere(lambda: fastkd.sparse_kd_loss(s[:, cols], teacher, vocab_shard=shard), "teacher.indices", "row 2")
+    _refused_everywhere(lambda: fastkd.sparse_kd_loss(s[:, cols], teacher, vocab_shard=shard), "teacher.indices",
+                        "row 2")
     # an error of any type on one rank (an AttributeError here: a teacher with no logprobs)
     broken = teacher._replace(logprobs=None) if rank == 1 else teacher
     _refused_everywhere(lambda: fastkd.sparse_kd_loss(s[:, cols], broken, vocab_shard=shard), "rank 1",
@@ -252,7 +254,8 @@ def error_cases(shard, rank, cols, vocab):
                         "different labels or sparse-teacher ids")
     h, w = torch.randn(6, 4, generator=g), torch.randn(vocab, 4, generator=g)
     _refused_everywhere(lambda: fastkd.fused_linear_kd_loss(h, w[cols], teacher=teacher, labels=other,
-                                                            vocab_shard=shard), "different labels or sparse-teacher ids")
+                                                            vocab_shard=shard),
+                        "different labels or sparse-teacher ids")
     # check=False: after its first call only N is checked, in one fixed-size collective -- a rank with
     # another N is an error on every rank, not a collective of mismatched sizes (a gloo abort, or a hang)
     quick = VocabShard(check=False)

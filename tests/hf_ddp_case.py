@@ -79,7 +79,8 @@ def leave():
 
 # The Trainer's own FSDP2: each decoder layer a unit, the root (with the LM head) another. (The string
 # form, which transformers 5.17 -- the GPU machines' -- reads; later ones warn that it goes in 5.20.)
-FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2,
+                                                        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 
 
 def main(out, optimizer, engine="ddp", variants=",".join(VARIANTS)):

@@ -21,7 +21,8 @@ from test_hf_on_policy import PromptCompletion, _generation, _model
 def main(out):
     rank = int(os.environ.get("RANK", "0"))
     student, teacher = _model(0), _model(1, hidden=48)
-    args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=6, learning_rate=0.05,
+    args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=6,
+                                          learning_rate=0.05,
                                           optim="sgd", logging_steps=1, report_to=[], use_cpu=True,
                                           ddp_backend="gloo", save_strategy="no", disable_tqdm=True, seed=0)
     trainer = fastkd.hf.DistillationTrainer(model=student, teacher_model=teacher, args=args,

@@ -36,7 +36,8 @@ def dense_kd(dtype=torch.float32):
     out.append(("jsd-masked", (sm, tm, None, "jsd", 2.0, 0.5, -100, 0.0, True, 1.0, True)))
     out.append(("forward_kl-no-grad", (s, t, _labels(n, v), "forward_kl", 2.0, 0.5, -100, 0.1, True, 1.0, False)))
     big = logits((4, 64), dtype, scale=1e4)
-    out.append(("reverse_kl-1e4", (big, logits((4, 64), dtype, scale=1e4, seed=1), None, "reverse_kl", 1.0, 0.5, -100, 0.0, True, 1.0, True)))
+    out.append(("reverse_kl-1e4", (big, logits((4, 64), dtype, scale=1e4, seed=1), None, "reverse_kl", 1.0, 0.5, -100,
+                                   0.0, True, 1.0, True)))
     out.append(("empty", (s[:0], t[:0], None, "forward_kl", 1.0, 0.5, -100, 0.0, True, 1.0, True)))
     return out
 
@@ -52,11 +53,13 @@ def sparse_kd(dtype=torch.float32):
     s = logits((n, v), dtype)
     t = logits((n, v), torch.float32, seed=1)
     idx, lp, tail = _topk(t, 17)
-    sampled = torch.tensor([[4, 9, 0, 0]] * n), torch.log(torch.tensor([[0.5, 0.5, 0.0, 0.0]] * n)), torch.full((n,), NEG_INF)
+    sampled = torch.tensor([[4, 9, 0, 0]] * n), torch.log(torch.tensor([[0.5, 0.5, 0.0, 0.0]] * n)), torch.full((n,),
+                                                                                                                NEG_INF)
     out = []
     for tail_mode in ("bucket", "renorm_teacher", "renorm_both"):
         out.append((tail_mode, (s, idx, lp, tail, None, tail_mode, 2.0, -100, 0.0, True, 1.0, True)))
-        out.append((f"{tail_mode}-labels-hard", (s, idx, lp, tail, _labels(n, v), tail_mode, 2.0, -100, 0.3, False, 0.25, True)))
+        out.append((f"{tail_mode}-labels-hard", (s, idx, lp, tail, _labels(n, v), tail_mode, 2.0, -100, 0.3, False,
+                                                 0.25, True)))
         # a padding entry (logprob -inf) whose id repeats a real one, as sample_teacher pads with id 0
         out.append((f"{tail_mode}-padding-id-repeats", (s, *sampled, None, tail_mode, 2.0, -100, 0.0, True, 1.0, True)))
     ids = torch.arange(17).expand(n, 17).contiguous()
@@ -65,10 +68,13 @@ def sparse_kd(dtype=torch.float32):
     off_i = on_i.clone()  # ... and here its mass on I does
     off_i[:, :17] -= 300.0
     off_i[:, 200] = 0.0
-    out.append(("bucket-tail-far-below-max", (on_i.to(dtype), ids, lp, tail, None, "bucket", 1.0, -100, 0.0, True, 1.0, True)))
-    out.append(("renorm_both-far-below-max", (off_i.to(dtype), ids, lp, tail, None, "renorm_both", 1.0, -100, 0.0, True, 1.0, True)))
+    out.append(("bucket-tail-far-below-max", (on_i.to(dtype), ids, lp, tail, None, "bucket", 1.0, -100, 0.0, True, 1.0,
+                                              True)))
+    out.append(("renorm_both-far-below-max", (off_i.to(dtype), ids, lp, tail, None, "renorm_both", 1.0, -100, 0.0,
+                                              True, 1.0, True)))
     empty = torch.full_like(lp, NEG_INF)
-    out.append(("no-teacher-entries", (s, idx, empty, torch.full((n,), NEG_INF), None, "renorm_teacher", 2.0, -100, 0.0, True, 1.0, True)))
+    out.append(("no-teacher-entries", (s, idx, empty, torch.full((n,), NEG_INF), None, "renorm_teacher", 2.0, -100,
+                                       0.0, True, 1.0, True)))
     out.append(("no-grad", (s, idx, lp, tail, None, "bucket", 2.0, -100, 0.0, True, 1.0, False)))
     return out
 

@@ -42,7 +42,8 @@ class _Rows:
         self.vocab = logits.shape[-1]
         t = fastkd.sample_teacher(logits, num_samples=draws, temperature=temperature,
                                   generator=torch.Generator().manual_seed(seed))
-        self.indices, self.logprobs, self.tail_logmass, self.temperature = t.indices, t.logprobs, t.tail_logmass, t.temperature
+        self.indices, self.logprobs, self.tail_logmass = t.indices, t.logprobs, t.tail_logmass
+        self.temperature = t.temperature
 
 
 def test_ragged_rows_round_trip_and_cost_what_they_hold(tmp_path):
@@ -145,7 +146,8 @@ def test_forged_ragged_shards_are_refused(tmp_path):
 def test_expected_unique_matches_the_draws():
     logits = _peaked(400, 200, scale=2.0)
     for draws in (1, 7, 40):
-        t = fastkd.sample_teacher(logits, num_samples=draws, temperature=1.5, generator=torch.Generator().manual_seed(1))
+        t = fastkd.sample_teacher(logits, num_samples=draws, temperature=1.5,
+                                  generator=torch.Generator().manual_seed(1))
         seen = torch.isfinite(t.logprobs).sum(-1).double().mean().item()
         assert abs(fastkd.expected_unique(logits, draws, 1.5) - seen) < 0.05 * seen + 0.1, draws
     assert fastkd.expected_unique(logits, 1, 1.5) == pytest.approx(1.0)

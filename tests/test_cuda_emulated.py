@@ -154,7 +154,8 @@ def test_emulated_kernels_make_untrusted_rows_nan(emu, device):
     loss, grad = run(emu, device, "dense_kd", s, t, labels, "jsd", 2.0, 0.5, -100, 0.3, True, 1.0, True)
     assert loss[[1, 2]].isnan().all() and grad[[1, 2]].isnan().all()
     assert loss[3] == 0 and (grad[3] == 0).all()
-    want, want_g = _op("dense_kd", "torch")(s[[0, 4]], t[[0, 4]], labels[[0, 4]], "jsd", 2.0, 0.5, -100, 0.3, True, 1.0, True)
+    want, want_g = _op("dense_kd", "torch")(s[[0, 4]], t[[0, 4]], labels[[0, 4]], "jsd", 2.0, 0.5, -100, 0.3, True,
+                                            1.0, True)
     torch.testing.assert_close(loss[[0, 4]], want, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(grad[[0, 4]], want_g, rtol=1e-5, atol=1e-6)
     idx = torch.tensor([[1, 2, 3]] * 5)
@@ -197,7 +198,8 @@ def _long_rows(emu, device, vocab, dtype):
         _check("sparse_kd", run(emu, device, "sparse_kd", *args), _op("sparse_kd", "torch")(*args), args)
     u = torch.rand(3, 16, dtype=torch.float64, generator=g).sort(-1).values
     args = (t, u, 2.0)
-    _check("sample_teacher_draws", run(emu, device, "sample_teacher_draws", *args), _op("sample_teacher_draws", "torch")(*args), args)
+    _check("sample_teacher_draws", run(emu, device, "sample_teacher_draws", *args), _op("sample_teacher_draws",
+                                                                                        "torch")(*args), args)
 
 
 def _cluster_cases():

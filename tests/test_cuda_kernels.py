@@ -47,7 +47,8 @@ def test_kernels_compile_with_nvcc_alone(op, arch, tmp_path):
     subprocess.run([nvcc, "-std=c++17", f"-I{ROOT / 'csrc'}", f"-I{KERNELS}", "-Werror", "all-warnings",
                     f"-arch={arch}", "-ptx", str(KERNELS / f"{op}.cu"), "-o", str(ptx)], check=True)
     text = ptx.read_text()
-    assert len(re.findall(r"^\.entry ", text, re.M)) + len(re.findall(r"^\.visible \.entry ", text, re.M)) == ENTRIES[op]
+    assert len(re.findall(r"^\.entry ", text, re.M)) + len(re.findall(r"^\.visible \.entry ", text,
+                                                                      re.M)) == ENTRIES[op]
     clustered = "barrier.cluster.wait" in text and "mapa." in text
     assert clustered == (op in CLUSTERED and arch == "sm_90a")
 

@@ -67,7 +67,8 @@ def test_bad_flags(tmp_path, flags, needle):
 def test_ctrl_c_leaves_no_half_written_results(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.Popen([sys.executable, "-m", "fastkd", "demo", *TINY[:4], "--teacher-tokens", "100000000",
-                          *TINY[6:], "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          *TINY[6:], "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     deadline = time.time() + 120
     while not (out / "work").exists() and time.time() < deadline:
         time.sleep(0.2)

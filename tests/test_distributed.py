@@ -67,7 +67,8 @@ def test_partial_form_ops(op):
                 assert not x[:, :2].isnan().any(), (op, name)
 
 
-@pytest.mark.parametrize("backend", [b for b in fastkd.available_backends() if b in fastkd.backends.OPS["dense_kd_finish"]])
+@pytest.mark.parametrize("backend",
+                         [b for b in fastkd.available_backends() if b in fastkd.backends.OPS["dense_kd_finish"]])
 def test_finish_refuses_a_grad_it_cannot_write_in_place(backend):
     from fastkd import backends
 

@@ -133,7 +133,8 @@ def test_vocab_size_on_every_loss(backend):
     with pytest.raises(ValueError, match="student_logits has V=24, teacher_logits has V=26.*vocab_size"):
         fastkd.kd_loss(s, t, backend=backend)
     got, g = loss_and_grad(fastkd.kd_loss, s, t, vocab_size=20, temperature=2.0, backend=backend)
-    want, wg = loss_and_grad(fastkd.kd_loss, s[:, :20].contiguous(), t[:, :20].contiguous(), temperature=2.0, backend="torch")
+    want, wg = loss_and_grad(fastkd.kd_loss, s[:, :20].contiguous(), t[:, :20].contiguous(), temperature=2.0,
+                             backend="torch")
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g[:, :20], wg)
     assert (g[:, 20:] == 0).all()

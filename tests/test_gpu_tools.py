@@ -77,7 +77,8 @@ def test_the_docs_table_lists_every_configuration(listed):
 
 
 def _job(dtype="bf16", warps=8):
-    return {"kernel": "dense_kd", "options": "jsd LHG", "dtype": dtype, "block": 2048, "warps": warps, "autotune": False}
+    return {"kernel": "dense_kd", "options": "jsd LHG", "dtype": dtype, "block": 2048, "warps": warps,
+            "autotune": False}
 
 
 def _res(regs=100, spill=0, seconds=1.0, ok=True):
@@ -139,7 +140,8 @@ def test_gpu_smoke_runs_on_cpu_tensors():
     """tools/gpu_smoke.py, the smoke test of make gpu-report, on CPU tensors (Triton under its
     interpreter): every case passes against backend torch, one line each."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_smoke.py"), "cpu,triton", "--tiny", "--device", "cpu"],
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_smoke.py"), "cpu,triton", "--tiny", "--device",
+                        "cpu"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]

@@ -33,9 +33,11 @@ def _cache(directory, n=40, vocab=100, k=6, shard_tokens=20, kind="topk"):
         rows, opts = fastkd.topk_teacher(logits, k=k, temperature=2.0), dict(k=k)
     else:
         rows, opts = fastkd.sample_teacher(logits, k, 2.0, generator=g), dict(kind="sampled", num_samples=k)
-    with CacheWriter(str(directory), vocab_size=vocab, temperature=2.0, teacher="t", shard_tokens=shard_tokens, **opts) as w:
+    with CacheWriter(str(directory), vocab_size=vocab, temperature=2.0, teacher="t", shard_tokens=shard_tokens,
+                     **opts) as w:
         for a in range(0, n, 10):
-            w.append(fastkd.SparseTeacher(*(f[a:a + 10] for f in rows[:3]), rows.temperature, rows.kind), tokens[a:a + 10])
+            w.append(fastkd.SparseTeacher(*(f[a:a + 10] for f in rows[:3]), rows.temperature, rows.kind),
+                     tokens[a:a + 10])
     return directory
 
 
@@ -60,7 +62,8 @@ FIELDS = ["kind", "k", "num_samples", "vocab_size", "temperature", "teacher", "s
           "count_bits", "has_tokens", "num_tokens", "shards", "logprob_quantisation"]
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**62, 2**62), st.sampled_from([0, 1, 2**58, -1, 2**24 + 1]),
                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-                   st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+                   st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                            max_size=2))
 
 
 @settings(max_examples=int(os.environ.get("FASTKD_HYPOTHESIS_EXAMPLES", 60)), deadline=None,
@@ -146,8 +149,8 @@ def test_shard_header_offsets_must_match_the_layout(tmp_path):
     directory = _cache(tmp_path)
 
     def point_ids_at_codes(h):
-        h["ids"]["data_offsets"] = h["codes"]["data_offsets"][:1] + [h["codes"]["data_offsets"][0] +
-                                                                     h["ids"]["data_offsets"][1] - h["ids"]["data_offsets"][0]]
+        ids_bytes = h["ids"]["data_offsets"][1] - h["ids"]["data_offsets"][0]
+        h["ids"]["data_offsets"] = h["codes"]["data_offsets"][:1] + [h["codes"]["data_offsets"][0] + ids_bytes]
 
     _rewrite_shard(directory, 0, point_ids_at_codes)
     with pytest.raises(CacheError, match="data_offsets"):
@@ -386,11 +389,16 @@ def test_cli_bad_inputs_are_one_line_messages(tmp_path):
     (tmp_path / "afile").write_text("x")
     t = f"{TEACHERS}:teacher"
     base = ["--temperature", 1.0]
-    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "missing.npy", "--output", tmp_path / "c", "--k", 4, *base), "no such file")
-    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "bad.txt", "--input-format", "ids", "--output", tmp_path / "c", "--k", 4, *base), "not UTF-8")
-    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "ok.npy", "--output", tmp_path / "afile", "--k", 4, *base), "is a file")
-    _clean_failure(_cli("--teacher", f"{TEACHERS}:no_vocab", "--input", tmp_path / "ok.npy", "--output", tmp_path / "c", "--k", 4, *base), "V = 0")
-    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "ok.npy", "--output", tmp_path / "c", "--k", 0, *base), "--k must be positive")
+    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "missing.npy", "--output", tmp_path / "c", "--k", 4,
+                        *base), "no such file")
+    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "bad.txt", "--input-format", "ids", "--output",
+                        tmp_path / "c", "--k", 4, *base), "not UTF-8")
+    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "ok.npy", "--output", tmp_path / "afile", "--k", 4,
+                        *base), "is a file")
+    _clean_failure(_cli("--teacher", f"{TEACHERS}:no_vocab", "--input", tmp_path / "ok.npy", "--output",
+                        tmp_path / "c", "--k", 4, *base), "V = 0")
+    _clean_failure(_cli("--teacher", t, "--input", tmp_path / "ok.npy", "--output", tmp_path / "c", "--k", 0, *base),
+                   "--k must be positive")
 
 
 # --- fused linear and the CLIs, part 3 (issue 21) -------------------------------------------------
@@ -488,7 +496,8 @@ def test_demo_out_must_be_a_directory(tmp_path):
 
 
 def test_cli_help_speaks_to_users():
-    r = subprocess.run([sys.executable, "-m", "fastkd", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "fastkd", "--help"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
     assert r.returncode == 0
     for command in ("info", "bench", "cache", "demo"):
         assert command in r.stdout

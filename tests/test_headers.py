@@ -29,7 +29,8 @@ template <fastkd::Divergence D>
 
 
 def _instantiations(qual):
-    return "\n".join(f"template {qual} float eval_one<fastkd::Divergence::{d}>(float, float, fastkd::Mix<float>);" for d in DIVS)
+    return "\n".join(f"template {qual} float eval_one<fastkd::Divergence::{d}>(float, float, fastkd::Mix<float>);"
+                     for d in DIVS)
 
 
 def test_host_compile(tmp_path):
@@ -38,7 +39,8 @@ def test_host_compile(tmp_path):
         pytest.skip("no C++ compiler")
     src = tmp_path / "host.cpp"
     src.write_text(SOURCE.format(qual="", body=_instantiations("")))
-    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", "-I", str(CSRC), "-c", str(src), "-o", str(tmp_path / "host.o")], check=True)
+    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", "-I", str(CSRC), "-c", str(src), "-o",
+                    str(tmp_path / "host.o")], check=True)
 
 
 def test_device_compile(tmp_path):

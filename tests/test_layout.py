@@ -67,7 +67,8 @@ def test_no_module_imports_a_backends_private_file():
         for target in imported:
             parts = target.split(".")
             if len(parts) == 3 and parts[1] in ("reference", "triton") and parts[2].startswith("_"):
-                assert name.startswith(f"fastkd.{parts[1]}"), f"{name} imports {target}, a private file of backend {parts[1]}"
+                assert name.startswith(f"fastkd.{parts[1]}"), \
+                    f"{name} imports {target}, a private file of backend {parts[1]}"
 
 
 def test_the_check_sees_imports():

@@ -12,7 +12,8 @@ from conftest import COMPILED_CPU_BACKENDS, loss_and_grad
 
 pytestmark = pytest.mark.skipif(not COMPILED_CPU_BACKENDS, reason="fastkd._C not built")
 
-SETTINGS = settings(max_examples=int(__import__('os').environ.get('FASTKD_HYPOTHESIS_EXAMPLES', 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(__import__('os').environ.get('FASTKD_HYPOTHESIS_EXAMPLES', 60)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

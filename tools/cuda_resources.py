@@ -41,7 +41,8 @@ def parse(paths):
     rows = []
     for path in paths:
         text = pathlib.Path(path).read_text()
-        entries = re.findall(r"Compiling entry function '(\S+)' for '(sm_\w+)'\n(.*?)(?=ptxas info    : Compiling entry|\Z)",
+        entries = re.findall(r"Compiling entry function '(\S+)' for '(sm_\w+)'\n"
+                             r"(.*?)(?=ptxas info    : Compiling entry|\Z)",
                              text, re.S)
         names = demangle([e[0] for e in entries])
         for (_, arch, body), name in zip(entries, names):
@@ -68,7 +69,8 @@ def problems(rows, c):
         if spill_st:
             out.append(f"{arch} {kernel}: spills {spill_st} B")
         if regs > cap:
-            out.append(f"{arch} {kernel}: {regs} registers, more than {cap} ({c['kMinBlocksPerSm']} blocks of {threads})")
+            out.append(f"{arch} {kernel}: {regs} registers, more than {cap} "
+                       f"({c['kMinBlocksPerSm']} blocks of {threads})")
     return out
 
 

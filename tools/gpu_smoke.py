@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                 case(f"topk_teacher k=64 {tag}", topk)
                 for tail in ("bucket", "renorm_teacher", "renorm_both"):
                     def sparse(tail=tail):
-                        moved = fastkd.SparseTeacher(*(f.to(dev) for f in teacher[:3]), teacher.temperature, teacher.kind)
+                        moved = fastkd.SparseTeacher(*(f.to(dev) for f in teacher[:3]), teacher.temperature,
+                                                     teacher.kind)
                         opts = dict(tail=tail, hard_weight=0.1, reduction="none")
                         wl, wg = grad_of(fastkd.sparse_kd_loss, s, teacher, labels=labels, backend="torch", **opts)
                         gl, gg = grad_of(fastkd.sparse_kd_loss, sd, moved, labels=ld, backend=backend, **opts)

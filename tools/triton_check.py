@@ -16,9 +16,9 @@ fastkd.triton._config.recording() -- which records the launches instead of makin
 sweep of vocabularies, dtypes and options (sweep() below), under FASTKD_TRITON_AUTOTUNE=0 and =1,
 and every distinct launch is compiled. `--subset` keeps a covering subset: every kernel x dtype x
 code-path constexpr (divergence, tail, key width; the flags all on and all off -- for the
-vocab-parallel partial forms, all on) at the largest block its launcher picks. `make test` runs the subset for sm_90 with both Triton versions and
-compares it with docs/kernel-resources.md; `make triton-check` runs everything for sm_90 and sm_80
-and rewrites that table.
+vocab-parallel partial forms, all on) at the largest block its launcher picks. `make test` runs
+the subset for sm_90 with both Triton versions and compares it with docs/kernel-resources.md;
+`make triton-check` runs everything for sm_90 and sm_80 and rewrites that table.
 
     python tools/triton_check.py [--subset] [--archs 90,80] [--triton 3.6=DIR ...] [--jobs N]
                                  [--json FILE] [--only A,B] [--write-docs | --check-docs | --merge-docs]
@@ -276,7 +276,8 @@ def worker(n_jobs: int, deadline: float) -> None:
         for f, j in futures.items():
             if not f.done():
                 print(json.dumps({"id": j["id"], "arch": j["arch"], "ok": False, "seconds": deadline,
-                                  "error": f"not finished within the check's deadline of {deadline:.0f} s"}), flush=True)
+                                  "error": f"not finished within the check's deadline of {deadline:.0f} s"}),
+                      flush=True)
         for p in list(getattr(ex, "_processes", {}).values()):
             p.kill()
     ex.shutdown(wait=False, cancel_futures=True)
@@ -292,7 +293,8 @@ def verdict(job, res) -> str:
     bad = []
     if res["spill_st"] and job["dtype"] != "fp64":
         bad.append(f"spills {res['spill_st']} B")
-    if job["warps"] == 8 and res["regs"] > MAX_REGS_8_WARPS and (job["kernel"], job["dtype"]) not in REGISTER_EXCEPTIONS:
+    if job["warps"] == 8 and res["regs"] > MAX_REGS_8_WARPS and (job["kernel"],
+                                                                 job["dtype"]) not in REGISTER_EXCEPTIONS:
         bad.append(f"{res['regs']} registers at 8 warps (> {MAX_REGS_8_WARPS})")
     if res["seconds"] > BUDGET_S:
         bad.append(f"compiled in {res['seconds']} s (> {BUDGET_S:.0f})")
@@ -308,12 +310,14 @@ def cell(res) -> str:
 
 
 def row_key(job) -> tuple:
-    return (job["kernel"], job["options"], job["dtype"], f"{job['block']}x{job['warps']}" + (" (autotune)" if job["autotune"] else ""))
+    return (job["kernel"], job["options"], job["dtype"],
+            f"{job['block']}x{job['warps']}" + (" (autotune)" if job["autotune"] else ""))
 
 
 def table(jobs, results, versions, archs) -> str:
     cols = [(a, v) for a in archs for v in versions]
-    head = ["kernel", "options", "dtype", "BLOCK x warps"] + [f"sm_{a} {v}" for a, v in cols] + ["smem (B)", "max s", "notes"]
+    head = ["kernel", "options", "dtype", "BLOCK x warps"] + [f"sm_{a} {v}" for a, v in cols] + ["smem (B)", "max s",
+                                                                                                 "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for job in jobs:
         rs = [results.get((job["id"], a, v)) for a, v in cols]
@@ -326,7 +330,8 @@ def table(jobs, results, versions, archs) -> str:
             notes.append(why)
         smem = max((r["smem"] for r in got), default="")
         secs = max((r["seconds"] for r in got), default="")
-        lines.append("| " + " | ".join(list(row_key(job)) + [cell(r) for r in rs] + [str(smem), str(secs), "; ".join(notes)]) + " |")
+        lines.append("| " + " | ".join(list(row_key(job)) + [cell(r) for r in rs] + [str(smem), str(secs),
+                                                                                     "; ".join(notes)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +383,8 @@ def run_version(label, path, jobs, archs, n_jobs, deadline):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subset", action="store_true", help="the covering subset (make test)")
     ap.add_argument("--archs", default="90,80", help="compute capabilities, e.g. 90,80")
     ap.add_argument("--triton", action="append", default=[], metavar="NAME=DIR",

@@ -88,7 +88,8 @@ def check_manifest(m: dict, error) -> None:
         if not isinstance(e.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", e["sha256"]):
             raise error(f"{where}.sha256", f"must be 64 hex digits, got {e.get('sha256')!r}")
         if not _is_int(e.get("num_tokens")) or not 1 <= e["num_tokens"] <= 8 * e["bytes"]:
-            raise error(f"{where}.num_tokens", f"must be an int in [1, 8 x the shard's bytes], got {e.get('num_tokens')!r}")
+            raise error(f"{where}.num_tokens",
+                        f"must be an int in [1, 8 x the shard's bytes], got {e.get('num_tokens')!r}")
         if _codec.ragged(m):
             if not _is_int(e.get("num_entries")) or not 0 <= e["num_entries"] <= e["num_tokens"] * m["k"]:
                 raise error(f"{where}.num_entries", f"must be an int in [0, num_tokens x num_samples], got "

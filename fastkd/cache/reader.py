@@ -93,7 +93,8 @@ class TeacherCache:
         try:
             rows = _codec.decode(arrays, m, start, stop, self._table)
         except (ValueError, RuntimeError) as e:  # a bitmap or counts that no writer makes
-            raise _store.CacheError(f"{self.directory}/{m['shards'][i]['file']}: {e} (a corrupt or forged shard)") from None
+            where = f"{self.directory}/{m['shards'][i]['file']}"
+            raise _store.CacheError(f"{where}: {e} (a corrupt or forged shard)") from None
         if rows.indices.numel() and int(rows.indices.max()) >= m["vocab_size"]:
             why = f"an id {int(rows.indices.max())} beyond vocab_size={m['vocab_size']}"
         elif rows.logprobs.isnan().any() or rows.tail_logmass.isnan().any():

@@ -25,7 +25,8 @@ def requires(command: str, needs) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastkd", description="fastkd: fused knowledge-distillation losses for large-vocabulary "
-        "language models -- the tools around them.", epilog="`python -m fastkd COMMAND --help` lists a command's options.")
+        "language models -- the tools around them.",
+        epilog="`python -m fastkd COMMAND --help` lists a command's options.")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
     subparsers = {}
     for name in COMMANDS:

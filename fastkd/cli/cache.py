@@ -243,7 +243,8 @@ def _size_by_budget(args, tokens, teacher) -> None:
         args.num_samples = draws_for_unique(probe, args.unique, args.temperature)
         reached = expected_unique(probe, args.num_samples, args.temperature)
         print(f"--unique {args.unique:g}: {args.num_samples} draws a row, {reached:.1f} unique ids on average "
-              f"on the first batch" + ("" if reached >= args.unique else " (at most 255 draws: the budget is not reached)"),
+              "on the first batch" + ("" if reached >= args.unique
+                                      else " (at most 255 draws: the budget is not reached)"),
               file=sys.stderr)
         return
     try:

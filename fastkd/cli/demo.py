@@ -49,7 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-seconds", type=float, default=None,
                    help="a guard: the teacher's training stops here even if tokens remain, and the demo says so "
                         "loudly (default: 900; quick: 300)")
-    p.add_argument("--student-tokens", type=int, default=None, help="training tokens per student (default: 400000; quick: 120000)")
+    p.add_argument("--student-tokens", type=int, default=None,
+                   help="training tokens per student (default: 400000; quick: 120000)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default: %(default)s)")
     p.add_argument("--hard-weight", type=float, default=0.0, help="CE weight mixed into the KD methods")
     p.add_argument("--seq-len", type=int, default=128)
@@ -273,8 +274,9 @@ def student_step(method, model, b, teacher, caches, starts, args, generator=None
                                            temperature=args.temperature, labels=labels, hard_weight=args.hard_weight)
     cache = caches["sampled" if method == "sampled_kd" else "topk"]
     rows = [cache[s:s + ids.shape[1]] for s in starts]
-    sparse = fastkd.SparseTeacher(torch.stack([r.indices for r in rows]), torch.stack([r.logprobs for r in rows]),
-                                  torch.stack([r.tail_logmass for r in rows]), cache.temperature, cache.manifest["kind"])
+    sparse = fastkd.SparseTeacher(*(torch.stack([getattr(r, name) for r in rows])
+                                    for name in ("indices", "logprobs", "tail_logmass")),
+                                  cache.temperature, cache.manifest["kind"])
     tail = {"topk_bucket": "bucket", "topk_renorm_teacher": "renorm_teacher", "topk_renorm_both": "renorm_both",
             "sampled_kd": "renorm_teacher"}[method]
     return fastkd.fused_linear_kd_loss(h, model.head.weight, teacher=sparse, tail=tail, labels=labels,
@@ -325,7 +327,8 @@ def train_student(method, init, train, val, teacher, caches, args, tokens_per_st
         elapsed += time.perf_counter() - t0
         seen += args.seq_len * args.batch_size
         bar.update(args.seq_len * args.batch_size)
-        if curve_points and ((curve_points > 1 and step % max(1, steps // (curve_points - 1)) == 0) or step == steps - 1):
+        if curve_points and ((curve_points > 1 and step % max(1,
+                                                              steps // (curve_points - 1)) == 0) or step == steps - 1):
             curve.append((seen, evaluate(model, val, args.seq_len)[0]))  # the same windows as the table
     bar.close()
     ce, ece, agree = evaluate(model, val, args.seq_len, teacher)
@@ -495,7 +498,8 @@ def table(report) -> str:
         lines.append(f"| {name} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} | {r['ece']:.3f} | "
                      f"{r['top1_agreement']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} |")
     n = report["naive_dense_kd_step"]
-    lines.append(f"| dense_kd, naive loss (same step) | - | - | - | - | {n['tokens_per_s']:.0f} | {n['peak_mem_mb']:.0f} |")
+    lines.append(f"| dense_kd, naive loss (same step) | - | - | - | - | {n['tokens_per_s']:.0f} | "
+                 f"{n['peak_mem_mb']:.0f} |")
     if "on_policy" in report["methods"]:
         r = report["methods"]["on_policy"]
         lines.append(f"\non_policy: the first half of each window is the prompt, the student samples the rest (T = 1) "

@@ -54,8 +54,8 @@ def _settings(args):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     quick = ["--quick", "--max-files", "120", "--teacher-tokens", "61440", "--student-tokens", "20480"]
-    d = parser.parse_args((quick if args.quick else []) + ["--temperature", str(args.temperature),
-                                                           "--out", args.out] + (["--no-progress"] if args.no_progress else []))
+    d = parser.parse_args((quick if args.quick else []) + ["--temperature", str(args.temperature), "--out", args.out]
+                          + (["--no-progress"] if args.no_progress else []))
     d.teacher_tokens = d.teacher_tokens or 983_040
     d.student_tokens = d.student_tokens or 400_000
     return d
@@ -184,14 +184,16 @@ def _run(args) -> int:
         point = {"scheme": scheme, "family": scheme.split("-")[0], "param": None, "bytes_per_token": None,
                  "val_loss_mean": loss_m, "val_loss_std": loss_s, "ece_mean": ece_m, "ece_std": ece_s,
                  "top1_agreement_mean": agree_m, "top1_agreement_std": agree_s, "seeds": seeds,
-                 "val_loss_per_seed": [r["val_loss"] for r in rs], "tokens_per_s_mean": _stats([r["tokens_per_s"] for r in rs])[0]}
+                 "val_loss_per_seed": [r["val_loss"] for r in rs],
+                 "tokens_per_s_mean": _stats([r["tokens_per_s"] for r in rs])[0]}
         if by_seed is not None:
             point["bytes_per_token"] = statistics.fmean(c.bytes_per_token for c in by_seed.values())
             if scheme.startswith("topk"):
                 point["param"] = int(scheme.split("-")[1])
             else:
                 u = int(scheme.split("-u")[1])
-                point.update(param=u, draws=draws[u], unique_mean=statistics.fmean(mean_unique(c) for c in by_seed.values()))
+                point.update(param=u, draws=draws[u],
+                             unique_mean=statistics.fmean(mean_unique(c) for c in by_seed.values()))
         points.append(point)
     paired_gaps(points)
     report = {"points": points, "teacher_val_loss": t_ce, "teacher_tokens": seen, "vocab_size": vocab,
@@ -218,8 +220,8 @@ def table(report) -> str:
     """The frontier as a markdown table, sorted by bytes per token (dense KD and hard labels last)."""
     pts = report["points"]
     n = len(pts[0]["seeds"])
-    lines = [f"V = {report['vocab_size']}, T = {report['temperature']}; {report['student_tokens']:,} training tokens per "
-             f"student; {n} seed{'s' if n > 1 else ''} per scheme (mean ± std); teacher validation loss "
+    lines = [f"V = {report['vocab_size']}, T = {report['temperature']}; {report['student_tokens']:,} training "
+             f"tokens per student; {n} seed{'s' if n > 1 else ''} per scheme (mean ± std); teacher validation loss "
              f"{report['teacher_val_loss']:.3f}; wall time {report['wall_seconds'] / 60:.1f} min", "",
              "| scheme | bytes/token | unique ids | val loss | vs dense KD, paired by seed | ECE | top-1 agree |",
              "|---|---|---|---|---|---|---|"]
@@ -228,7 +230,8 @@ def table(report) -> str:
         size = "-" if p["bytes_per_token"] is None else f"{p['bytes_per_token']:.1f}"
         uniq = f"{p['unique_mean']:.1f} ({p['draws']} draws)" if "unique_mean" in p else \
             (str(p["param"]) if p["param"] else "-")
-        gap = f"{p['gap_to_dense_pct_mean']:+.1f}% ± {p['gap_to_dense_pct_std']:.1f}%" if p["scheme"] != "dense_kd" else "-"
+        gap = "-" if p["scheme"] == "dense_kd" else \
+            f"{p['gap_to_dense_pct_mean']:+.1f}% ± {p['gap_to_dense_pct_std']:.1f}%"
         lines.append(f"| {p['scheme']} | {size} | {uniq} | {p['val_loss_mean']:.3f} ± {p['val_loss_std']:.3f} | "
                      f"{gap} | {p['ece_mean']:.3f} | {p['top1_agreement_mean']:.3f} |")
     return "\n".join(lines)
@@ -253,7 +256,8 @@ def plot(report, path) -> None:
     for name, style in (("dense_kd", "-"), ("hard_labels", ":")):
         p = next(q for q in pts if q["scheme"] == name)
         ax.axhline(p["val_loss_mean"], color="k", linestyle=style, linewidth=1, label=f"{name} (no cache)")
-        ax.axhspan(p["val_loss_mean"] - p["val_loss_std"], p["val_loss_mean"] + p["val_loss_std"], color="k", alpha=0.08)
+        ax.axhspan(p["val_loss_mean"] - p["val_loss_std"], p["val_loss_mean"] + p["val_loss_std"], color="k",
+                   alpha=0.08)
     ax.set_xscale("log")
     ax.set_xlabel("cache bytes per token (log scale)")
     ax.set_ylabel("student validation loss (nats / token)")

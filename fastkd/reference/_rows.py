@@ -6,7 +6,7 @@ chunk of temporaries (about CHUNK_ELEMENTS elements each) besides the outputs it
 """
 import torch
 
-from .. import _math, _ops
+from .. import _ops
 from .._math import NEG_INF, log_normaliser, max_sum, not_a_number  # noqa: F401  (the backend's row helpers)
 
 CHUNK_ELEMENTS = 1 << 20  # elements per fp32 temporary: 4 MiB

@@ -41,7 +41,8 @@ def _shard_chunk(s, t, labels, rs, divergence, temperature, beta, ignore_index, 
     term, u = torch.where(kd_on, term, zero), torch.where(kd_on, u, zero)
     kept, here, local = shard_labels(labels, s.shape[1], ignore_index, s.shape[0], s.device)
     nan = torch.full((), float("nan"), dtype=torch.float64, device=s.device)
-    parts = torch.cat([term.sum(-1, keepdim=True, dtype=torch.float64), u.sum(-1, keepdim=True, dtype=torch.float64)], -1)
+    parts = torch.cat([term.sum(-1, keepdim=True, dtype=torch.float64), u.sum(-1, keepdim=True, dtype=torch.float64)],
+                      -1)
     parts = torch.where(kept, torch.where(poisoned, nan, parts), 0.0)
     grad = None
     if compute_grad:

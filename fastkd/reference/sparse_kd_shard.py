@@ -33,7 +33,8 @@ def _shard_chunk(s, idx, lp, labels, rs, temperature, ignore_index, w):
     grad = w.kd_grad * grad.scatter_add_(-1, ids, -target)
     if w.hard > 0:
         grad = grad + w.hard_grad * _exp_below(s.to(acc), lse_1)
-        grad.scatter_add_(-1, local, torch.where(on_slice, -w.hard_grad, torch.zeros((), dtype=grad.dtype, device=grad.device)))
+        grad.scatter_add_(-1, local, torch.where(on_slice, -w.hard_grad, torch.zeros((), dtype=grad.dtype,
+                                                                                     device=grad.device)))
     nan = torch.full((), float("nan"), dtype=torch.float64, device=s.device)
     grad = torch.where(live, grad, 0.0)
     return torch.where(kept, torch.where(poisoned, nan, grad), 0.0).to(acc)

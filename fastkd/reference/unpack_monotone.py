@@ -15,6 +15,7 @@ def unpack_monotone(bitmap: torch.Tensor, count: int) -> torch.Tensor:
     ones = bits.sum(-1)
     if (ones != count).any():
         r = int((ones != count).nonzero()[0, 0])
-        raise ValueError(f"fastkd::unpack_monotone: row {r} holds {int(ones[r])} values, expected {count} (a corrupt bitmap)")
+        raise ValueError(f"fastkd::unpack_monotone: row {r} holds {int(ones[r])} values, expected {count} "
+                         "(a corrupt bitmap)")
     pos = bits.nonzero()[:, 1]
     return pos.view(n, count) - torch.arange(count)

@@ -26,7 +26,8 @@ RENORM_BOTH = tl.constexpr(2)
 NO_LABELS = -100
 DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}  # the constexprs' values
 TAIL_CODES = {name: code for code, name in enumerate(TAILS)}
-assert (DIVERGENCE_CODES["forward_kl"], DIVERGENCE_CODES["jsd"], DIVERGENCE_CODES["tvd"], TAIL_CODES["renorm_both"]) == \
+assert (DIVERGENCE_CODES["forward_kl"], DIVERGENCE_CODES["jsd"], DIVERGENCE_CODES["tvd"],
+        TAIL_CODES["renorm_both"]) == \
     (FORWARD_KL.value, JSD.value, TVD.value, RENORM_BOTH.value)
 
 

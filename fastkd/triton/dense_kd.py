@@ -16,7 +16,8 @@ import triton.language as tl
 from .. import _op_checks, _ops
 from .._math import row_weights
 from . import _config
-from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, NO_LABELS, elem, expm1_near, gradient_u, hard_label_grad, log1p,
+from ._math import (DIVERGENCE_CODES, FORWARD_KL, LN2, LOG2E, NO_LABELS, elem, expm1_near, gradient_u, hard_label_grad,
+                    log1p,
                     log2_total, online_update, online_update_weighted)
 
 

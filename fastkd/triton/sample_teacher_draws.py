@@ -74,5 +74,6 @@ def sample_teacher_draws(logits: torch.Tensor, uniforms: torch.Tensor, temperatu
             return draws.fill_(-1)
         args = dict(X=x, U=uniforms.contiguous(), OUT=draws, V=vocab, S=s, stride_x=x.stride(0),
                     scale2=math.log2(math.e) / temperature, S_PAD=triton.next_power_of_2(s))
-        _config.launch(_sample_teacher_kernel, (n,), args, _config.row_config("sample_teacher_draws", vocab, logits.dtype))
+        _config.launch(_sample_teacher_kernel, (n,), args, _config.row_config("sample_teacher_draws", vocab,
+                                                                              logits.dtype))
     return draws

@@ -16,7 +16,8 @@ import triton.language as tl
 from .. import _op_checks, _ops
 from .._math import TAILS, row_weights
 from . import _config
-from ._math import LN2, LOG2E, NO_LABELS, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp, online_update, sparse_term, tail_coefficients
+from ._math import (LN2, LOG2E, NO_LABELS, TAIL_CODES, exp_below, hard_label_grad, log2_total, logaddexp,
+                    online_update, sparse_term, tail_coefficients)
 
 
 @triton.jit
