@@ -102,7 +102,9 @@ CUDA_FLAGS := -std=c++17 -O3 -Icsrc -Ikernels -Werror all-warnings -Xcompiler -W
 CUDA_OBJS := $(patsubst kernels/%.cu,build/cuda-check/%.o,$(wildcard kernels/*.cu))
 CUDA_DEPS := $(wildcard kernels/*.h kernels/*.cuh) csrc/kd_math.h csrc/sparse_math.h
 
-# ptxas reports each instantiation's registers and spills (build/cuda-check/<op>.log); no spill, and
+# (-keep leaves each arch's PTX in build/cuda-check/keep/, which tests/test_cuda_kernels.py reads
+# instead of compiling again.) ptxas reports each instantiation's registers and spills
+# (build/cuda-check/<op>.log); no spill, and
 # registers for the plan's two blocks an SM, or cuda-check fails (tools/cuda_resources.py, whose
 # table docs/kernel-resources.md holds: `python3 tools/cuda_resources.py --write` to refresh it).
 cuda-check:
@@ -114,7 +116,9 @@ cuda-check:
 
 build/cuda-check/%.o: kernels/%.cu $(CUDA_DEPS)
 	@mkdir -p $(@D)
-	$(NVCC) $(CUDA_FLAGS) -Xptxas -v -c $< -o $@ 2> $(@:.o=.log) || { cat $(@:.o=.log); rm -f $@; exit 1; }
+	@mkdir -p build/cuda-check/keep
+	$(NVCC) $(CUDA_FLAGS) -Xptxas -v -keep -keep-dir build/cuda-check/keep -c $< -o $@ 2> $(@:.o=.log) || \
+		{ cat $(@:.o=.log); rm -f $@; exit 1; }
 
 # On a machine with a CUDA GPU and its own torch + triton (no venv: the CPU torch above cannot
 # see it): build in place with the CUDA kernels for this GPU, run the whole suite (the GPU backends on CUDA tensors), then the GPU
