@@ -109,6 +109,19 @@ def loss_options(*, temperature=1.0, divergence="forward_kl", beta=0.5, reductio
                        check_vocab_size(vocab_size), backend, tail)
 
 
+def as_options(options) -> LossOptions:
+    """A call's options as the layers below take them: a LossOptions as it is (a module's, checked at
+    its construction), or the keyword arguments of loss_options, checked here -- inside the
+    vocab-parallel guard when the call is sharded, so a bad option on one rank is an error on every
+    rank."""
+    if isinstance(options, LossOptions):
+        return options
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a LossOptions or a dict of loss_options' arguments, got "
+                        f"{type(options).__name__}")
+    return loss_options(**options)
+
+
 def with_teacher(options: LossOptions, teacher: SparseTeacher) -> LossOptions:
     """The options of a sparse teacher's call: its temperature (a requested one must be the same)
     and the tail to run (a sampled teacher always uses renorm_teacher, its unbiased estimator)."""

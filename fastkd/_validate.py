@@ -4,6 +4,9 @@ import torch
 
 from ._options import KINDS, SparseTeacher, check_vocab_size
 
+# a vocabulary bound for the checks made before a vocab-parallel call's total is agreed
+UNBOUNDED = 1 << 62
+
 
 def check_logits(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):

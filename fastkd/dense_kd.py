@@ -6,7 +6,7 @@ leading shape, checks the arguments, picks the backend and reduces the per-row l
 import torch
 
 from . import _validate, backends
-from ._options import loss_options
+from ._options import as_options, loss_options
 from ._reduce import reduce_rows, row_weight
 
 
@@ -36,17 +36,15 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0, divergence="forw
     `student_logits` (in its dtype) is computed in this call and kept; backward only scales it.
     See docs/math.md for the exact definitions.
     """
-    def options():
-        return loss_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
-                            ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
-                            vocab_size=vocab_size, backend=backend)
-
+    options = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
+                   ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2, vocab_size=vocab_size,
+                   backend=backend)
     return dense_loss(student_logits, teacher_logits, labels, options, vocab_shard)
 
 
 def dense_loss(student_logits, teacher_logits, labels, options, vocab_shard=None):
-    """kd_loss with its options: `options()` builds the checked LossOptions (run inside the
-    vocab-parallel agreement, so a bad option on one rank is raised on every rank)."""
+    """kd_loss with its options: a LossOptions, or loss_options' arguments (checked by as_options --
+    inside the vocab-parallel guard, so a bad option on one rank is raised on every rank)."""
     if vocab_shard is not None or _validate.is_dtensor(student_logits):
         from . import distributed
 
@@ -54,7 +52,7 @@ def dense_loss(student_logits, teacher_logits, labels, options, vocab_shard=None
             local, teacher, shard, mesh = distributed.dtensor_rows("dense", student_logits, teacher_logits, vocab_shard)
             return distributed.replicated(dense_loss(local, teacher, labels, options, shard), mesh)
         return distributed.kd_loss(vocab_shard, student_logits, teacher_logits, labels, options)
-    o = options()
+    o = as_options(options)
     student_logits, teacher_logits = _validate.vocab_columns(o.vocab_size, student_logits, teacher_logits)
     _validate.check_pair(student_logits, teacher_logits)
     _validate.check_vocab("student_logits", student_logits)  # (a vocab-parallel rank may hold V_r = 0)
@@ -87,7 +85,7 @@ class KDLoss(torch.nn.Module):
         self.vocab_shard = vocab_shard
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        return dense_loss(student_logits, teacher_logits, labels, lambda: self.options, self.vocab_shard)
+        return dense_loss(student_logits, teacher_logits, labels, self.options, self.vocab_shard)
 
     def extra_repr(self) -> str:
         shard = "" if self.vocab_shard is None else f", vocab_shard={self.vocab_shard!r}"

@@ -6,7 +6,7 @@ teacher against the student, picks the backend and reduces the per-row losses.
 import torch
 
 from . import _validate, backends
-from ._options import loss_options, with_teacher
+from ._options import as_options, loss_options, with_teacher
 from ._reduce import reduce_rows, row_weight
 
 
@@ -26,16 +26,14 @@ def sparse_kd_loss(student_logits, teacher, *, tail="bucket", reduction="mean", 
         [..., V_r] of a vocabulary split over ranks; the teacher's ids are global (docs/distributed.md).
     Other options as in fastkd.kd_loss. Returns a float32 loss in nats (float64 for fp64 logits).
     """
-    def options():
-        return loss_options(temperature=temperature, divergence=divergence, reduction=reduction, tail=tail,
-                            ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2,
-                            vocab_size=vocab_size, backend=backend, sparse=True)
-
+    options = dict(temperature=temperature, divergence=divergence, reduction=reduction, tail=tail,
+                   ignore_index=ignore_index, hard_weight=hard_weight, scale_by_t2=scale_by_t2, vocab_size=vocab_size,
+                   backend=backend, sparse=True)
     return sparse_loss(student_logits, teacher, labels, options, vocab_shard)
 
 
 def sparse_loss(student_logits, teacher, labels, options, vocab_shard=None):
-    """sparse_kd_loss with its options: `options()` builds the checked LossOptions (inside the
+    """sparse_kd_loss with its options: a LossOptions or loss_options' arguments (as_options; inside the
     vocab-parallel agreement, so a bad option on one rank is raised on every rank)."""
     if vocab_shard is not None or _validate.is_dtensor(student_logits):
         from . import distributed
@@ -44,7 +42,7 @@ def sparse_loss(student_logits, teacher, labels, options, vocab_shard=None):
             local, teacher, shard, mesh = distributed.dtensor_rows("sparse", student_logits, teacher, vocab_shard)
             return distributed.replicated(sparse_loss(local, teacher, labels, options, shard), mesh)
         return distributed.sparse_kd_loss(vocab_shard, student_logits, teacher, labels, options)
-    o = options()
+    o = as_options(options)
     _validate.check_logits("student_logits", student_logits)
     _validate.check_not_transformed(student_logits)
     student_logits, _ = _validate.vocab_columns(o.vocab_size, student_logits)
@@ -79,7 +77,7 @@ class SparseKDLoss(torch.nn.Module):
         self.vocab_shard = vocab_shard
 
     def forward(self, student_logits, teacher, labels=None):
-        return sparse_loss(student_logits, teacher, labels, lambda: self.options, self.vocab_shard)
+        return sparse_loss(student_logits, teacher, labels, self.options, self.vocab_shard)
 
     def extra_repr(self) -> str:
         shard = "" if self.vocab_shard is None else f", vocab_shard={self.vocab_shard!r}"

@@ -192,6 +192,7 @@ def _cli(*args):
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_unique_and_budget_bytes(tmp_path):
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 1000, 256))
     common = ["--teacher", TEACHER, "--input", tmp_path / "ids.npy", "--temperature", 1.0, "--seq-len", 32,
@@ -230,6 +231,7 @@ def test_budget_choice_follows_the_frontier(monkeypatch):
     assert pick["kind"] == "sampled" and "below every size" in pick["why"]
 
 
+@pytest.mark.slow
 def test_study_quick_smoke(tmp_path):
     """`python -m fastkd study cache --quick`: the whole path on a small corpus, every output."""
     r = _cli("study", "cache", "--quick", "--out", tmp_path / "s", "--no-progress")

@@ -23,6 +23,7 @@ def _demo(*args, **kw):
                           text=True, cwd=ROOT, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = _demo(*TINY, "--out", out)
@@ -43,6 +44,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert "WARNING" not in r.stderr
 
 
+@pytest.mark.slow
 def test_the_teacher_trains_to_a_token_budget_and_a_cut_says_so(tmp_path):
     """The teacher trained for a wall-clock budget: a slow machine silently got a far weaker one
     (ppl 158 instead of 13). Now it trains to --teacher-tokens, and the --teacher-seconds guard,
@@ -80,6 +82,7 @@ def test_ctrl_c_leaves_no_half_written_results(tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_one_out_with_another_seed(tmp_path):
     """The cache of the first run (another corpus split) made the second exit 1 after training its
     teacher, with a message about an --input the user never gave: the demo's scratch is its own."""

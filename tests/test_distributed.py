@@ -13,8 +13,10 @@ import fastkd
 from fastkd.distributed import VocabShard
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+slow = pytest.mark.slow  # (the spawned gloo processes)
 
 
+@slow
 @pytest.mark.parametrize("sizes", [(13, 20), (17, 0, 12)], ids=["2-ranks", "3-ranks-one-empty"])
 def test_sharded_equals_unsharded(sizes, tmp_path):
     report = tmp_path / "bytes"
@@ -24,6 +26,7 @@ def test_sharded_equals_unsharded(sizes, tmp_path):
     assert per_row == {13 * 8.0}  # dense, jsd with hard labels: 13 float64 per row, on every rank
 
 
+@slow
 @pytest.mark.skipif("triton" not in fastkd.available_backends(), reason="needs triton (TRITON_INTERPRET=1 on CPU)")
 def test_sharded_on_triton_equals_unsharded(tmp_path):
     """The partial forms on backend triton (its interpreter here; compiled by make triton-check) in
@@ -82,6 +85,7 @@ def test_finish_refuses_a_grad_it_cannot_write_in_place(backend):
     assert not torch.equal(grad, SAMPLES["dense_kd_finish"]()[0][1][0])  # written in place
 
 
+@slow
 def test_tensor_parallel_example_runs_as_documented():
     """examples/tensor_parallel.py under torchrun (2 gloo processes, a deadline): the fused loss of a
     DTensor head, the loss of its DTensor logits and that of plain slices with a VocabShard agree,

@@ -107,6 +107,7 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
 
 
+@pytest.mark.slow
 def test_distillation_trainer_30_steps_kd_loss_falls(tmp_path):
     student, teacher = _model("llama", 0), _model("llama", 1, hidden=48)
     data = _Tokens()

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASE = ROOT / "tests" / "hf_ddp_case.py"
 FSDP2_CASE = ROOT / "tests" / "fsdp2_case.py"
+pytestmark = pytest.mark.slow  # every test here starts torchrun
 DEADLINE = 300  # seconds a run may take, start-up of both processes included
 
 

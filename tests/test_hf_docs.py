@@ -8,6 +8,7 @@ import pytest
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hf.md"
 
 
+@pytest.mark.slow
 def test_hf_doc_blocks_run(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")

@@ -247,6 +247,7 @@ def test_rows_with_empty_completions_carry_no_loss():
     assert loss.item() == 0.0
 
 
+@pytest.mark.slow
 def test_on_policy_under_torchrun(tmp_path):
     """2 DDP processes (gloo, a deadline): every rank draws alike, so they generate in the same steps
     and none is left waiting in DDP's all-reduce; the losses are finite and the same on both."""

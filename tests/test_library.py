@@ -28,6 +28,7 @@ def test_torch_compile_fullgraph(backend, reduction):
     torch.testing.assert_close(got_g, want_g)
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_in_a_model():
     """fullgraph Inductor compile of a small student step: logits -> kd_loss -> backward."""
     lin = torch.nn.Linear(16, 40)

@@ -20,6 +20,7 @@ def _commands(shell_block):
     return [line[2:] for line in text.splitlines() if line.startswith("$ ")]
 
 
+@pytest.mark.slow
 def test_readme_blocks_run_top_to_bottom(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,7 @@
 [N, V_r] of the vocabulary, the few numbers per row that cross the network, and the whole rows'
 loss and this slice's gradient from them -- the steps 1-3 of docs/distributed.md. The columns of
 the [N, k] float64 tensors between the kernels and the collectives are named (the ops' layouts,
-DENSE_STATS / DENSE_ROW / SPARSE_STATS / SPARSE_ROW in fastkd/_math.py) and read by name here.
+DENSE_STATS / DENSE_ROW / SPARSE_STATS / SPARSE_ROW in fastkd/_ops.py) and read by name here.
 
 `shard` is the call's fastkd.distributed.VocabShard (its all_reduce), `layout` its Layout.
 """
@@ -11,9 +11,9 @@ from collections import namedtuple
 
 import torch
 
-from . import _math, backends
-from ._math import NEG_INF, log_normaliser
-from ._ops import DENSE_ROW, DENSE_STATS, SPARSE_ROW, SPARSE_STATS, acc_dtype, grad_dtype
+from .. import _math, backends
+from .._math import NEG_INF, log_normaliser
+from .._ops import DENSE_ROW, DENSE_STATS, SPARSE_ROW, SPARSE_STATS, acc_dtype, grad_dtype
 
 
 def _named(x: torch.Tensor, columns):
