@@ -1,4 +1,4 @@
-// fastkd/csrc/kd_math.h -- the per-element math of every dense divergence, written once.
+// csrc/kd_math.h -- the per-element math of every dense divergence, written once.
 //
 // Every backend (C++ CPU, CUDA) includes this header; fastkd/_math.py is its PyTorch twin and
 // the two are kept line-for-line alike. Per row, with p = softmax(t/T) (teacher) and
@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTKD_HD __host__ __device__ __forceinline__
@@ -27,7 +28,7 @@
 
 namespace fastkd {
 
-// The divergences of DESIGN.md section 2; names are parsed in one place (divergence_from_name).
+// The divergences of docs/design.md section 2; names are parsed in one place (divergence_from_name).
 enum class Divergence : int {
   ForwardKL = 0,
   ReverseKL = 1,
@@ -206,12 +207,30 @@ FASTKD_HD RowWeights row_weights(double temperature, double hard_weight, bool sc
   return RowWeights{kd, grad_scale * kd / temperature, hard_weight, grad_scale * hard_weight};
 }
 
+// The one switch from a runtime divergence to the compile-time one the kernels are templated on:
+// f(std::integral_constant<Divergence, D>{}) for D = d (host code: the CPU kernels' row loops and
+// the CUDA launchers; an enum value is only ever made by divergence_from_name). A new divergence
+// adds its case here and nowhere else in C++.
+template <typename F>
+inline decltype(auto) with_divergence(Divergence d, F&& f) {
+  using D = Divergence;
+  switch (d) {
+    case D::ReverseKL: return f(std::integral_constant<D, D::ReverseKL>{});
+    case D::JSD: return f(std::integral_constant<D, D::JSD>{});
+    case D::SkewForwardKL: return f(std::integral_constant<D, D::SkewForwardKL>{});
+    case D::SkewReverseKL: return f(std::integral_constant<D, D::SkewReverseKL>{});
+    case D::TVD: return f(std::integral_constant<D, D::TVD>{});
+    case D::ForwardKL: break;
+  }
+  return f(std::integral_constant<D, D::ForwardKL>{});
+}
+
 }  // namespace fastkd
 
 #if !defined(__CUDA_ARCH__)
 #include <string_view>
 namespace fastkd {
-// The public divergence names (DESIGN.md section 2), the one place C++ maps them to the enum.
+// The public divergence names (docs/design.md section 2), the one place C++ maps them to the enum.
 inline constexpr std::string_view kDivergenceNames[] = {
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"};
 
@@ -230,5 +249,6 @@ inline bool enum_from_name(const std::string_view (&names)[N], std::string_view 
 inline bool divergence_from_name(std::string_view name, Divergence* out) {
   return enum_from_name(kDivergenceNames, name, out);
 }
+
 }  // namespace fastkd
 #endif

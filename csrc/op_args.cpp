@@ -52,7 +52,7 @@ void prepare_row_loss(RowLossArgs& a, const char* op, const at::Tensor& student,
   a.student = student.contiguous();
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.loss = at::empty({N}, student.options().dtype(acc));
-  // the kept gradient: the student's dtype, float for Half (fastkd/_math.py grad_dtype)
+  // the kept gradient: the student's dtype, float for Half (fastkd/_ops.py grad_dtype)
   const auto grad_type = student.scalar_type() == at::kHalf ? at::kFloat : student.scalar_type();
   a.grad = compute_grad ? empty_hugepage_like(a.student, grad_type) : at::empty({0}, student.options());
   a.temperature = temperature;

@@ -17,7 +17,7 @@ namespace fastkd {
 // What every row-loss op (dense_kd, sparse_kd) takes and returns, validated by prepare_row_loss.
 // student: [N, V] contiguous; labels: [N] int64 or undefined. Outputs: loss [N] (float, or double
 // for double inputs) and, when compute_grad, grad [N, V] in the student's dtype (zero at ignored
-// rows), scaled by grad_scale; float for a Half student (fastkd/_math.py grad_dtype).
+// rows), scaled by grad_scale; float for a Half student (fastkd/_ops.py grad_dtype).
 struct RowLossArgs {
   at::Tensor student, labels;
   at::Tensor loss, grad;

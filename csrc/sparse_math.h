@@ -1,9 +1,9 @@
-// fastkd/csrc/sparse_math.h -- the per-row math of the sparse-teacher loss, written once.
+// csrc/sparse_math.h -- the per-row math of the sparse-teacher loss, written once.
 //
 // Every backend (C++ CPU, CUDA) includes this header; fastkd/_math.py is its PyTorch twin
 // and fastkd/triton/_math.py its Triton twin, kept line-for-line alike. Forward KL of the student
 // a = s / T against a teacher known on the ids I (entries with a finite log-prob lp_i), with
-// p_i = exp(lp_i), P = sum_I p, r_p = exp(tail_lp) the teacher's mass outside I (DESIGN.md 2):
+// p_i = exp(lp_i), P = sum_I p, r_p = exp(tail_lp) the teacher's mass outside I (docs/design.md 2):
 //
 //   bucket          sum_I p (log p - log q) + r_p (log r_p - log r_q)
 //   renorm_teacher  sum_I p^ (log p^ - log q),      p^ = p / P
@@ -88,7 +88,7 @@ FASTKD_SHD double sparse_term(double lp, double a, const TailCoef& c) {
 #if !defined(__CUDA_ARCH__)
 #include "kd_math.h"  // enum_from_name
 namespace fastkd {
-// The public tail names (DESIGN.md section 2), the one place C++ maps them to the enum.
+// The public tail names (docs/design.md section 2), the one place C++ maps them to the enum.
 inline constexpr std::string_view kTailNames[] = {"bucket", "renorm_teacher", "renorm_both"};
 
 inline bool tail_from_name(std::string_view name, Tail* out) { return enum_from_name(kTailNames, name, out); }

@@ -148,7 +148,7 @@ def unpack_monotone(bitmap, count):
 
 
 def row_stats(op, stats, n, k):
-    """The [N, k] float64 row statistics of a vocab-parallel op (fastkd/_math.py's layouts)."""
+    """The [N, k] float64 row statistics of a vocab-parallel op (fastkd/_ops.py's layouts)."""
     if stats.dtype != torch.float64 or tuple(stats.shape) != (n, k):
         _fail(op, f"row_stats must be float64 [{n}, {k}], got {stats.dtype} {tuple(stats.shape)}")
 

@@ -65,7 +65,7 @@ def check_pair(student, teacher, student_name="student_logits", teacher_name="te
 
 
 def vocab_in_use(vocab_size, *sizes: int) -> int | None:
-    """The columns the loss runs over (DESIGN 1, padded LM heads): None (all, sizes must agree)
+    """The columns the loss runs over (docs/design.md 1, padded LM heads): None (all, sizes must agree)
     or vocab_size, at most every given size."""
     if check_vocab_size(vocab_size) is None:
         return None

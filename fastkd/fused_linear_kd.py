@@ -1,5 +1,5 @@
 """`fastkd.fused_linear_kd_loss` / `fastkd.FusedLinearKDLoss`: KD straight from the last hidden
-states and the LM head, never holding the [N, V] student logits (DESIGN 1).
+states and the LM head, never holding the [N, V] student logits (docs/design.md 1).
 
 The rows are taken a chunk at a time: the chunk's student logits h_c W^T (+ b, soft-capped) go
 into one [chunk, V] buffer reused for every chunk, the teacher's logits for the chunk (its own

@@ -1,4 +1,4 @@
-"""Sparse teachers: `SparseTeacher`, `topk_teacher` and `sample_teacher` (DESIGN.md section 1).
+"""Sparse teachers: `SparseTeacher`, `topk_teacher` and `sample_teacher` (docs/design.md section 1).
 
 A sparse teacher keeps k entries of each row of the teacher's tempered distribution
 p_T = softmax(t / T): their token ids, their exact log-probabilities (from the full vocabulary)

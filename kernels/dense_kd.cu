@@ -1,4 +1,4 @@
-// fastkd/kernels/dense_kd.cu -- backend "cuda" of the op dense_kd (fastkd/_ops.py).
+// kernels/dense_kd.cu -- backend "cuda" of the op dense_kd (fastkd/_ops.py).
 //
 // One block per row, or on sm_90 a thread-block cluster per row, each block owning a slice of
 // the row (kernels/plan.h decides). The math is csrc/kd_math.h's, the same as every backend's.
@@ -174,15 +174,7 @@ cudaError_t launch(const DenseParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_for(const DenseParams& p, cudaStream_t stream) {
-  switch (p.divergence) {
-    case Divergence::ForwardKL: return launch<T, Divergence::ForwardKL>(p, stream);
-    case Divergence::ReverseKL: return launch<T, Divergence::ReverseKL>(p, stream);
-    case Divergence::JSD: return launch<T, Divergence::JSD>(p, stream);
-    case Divergence::SkewForwardKL: return launch<T, Divergence::SkewForwardKL>(p, stream);
-    case Divergence::SkewReverseKL: return launch<T, Divergence::SkewReverseKL>(p, stream);
-    case Divergence::TVD: return launch<T, Divergence::TVD>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_divergence(p.divergence, [&](auto d) { return launch<T, decltype(d)::value>(p, stream); });
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// fastkd/kernels/launch.h -- what the CUDA kernels take, and their host entry points.
+// kernels/launch.h -- what the CUDA kernels take, and their host entry points.
 //
 // Plain C++ and CUDA runtime types only (no torch header): kernels/*.cu implement these entry
 // points and nvcc alone compiles them (`make cuda-check`); the ATen launchers in csrc/cuda/ check
@@ -16,7 +16,7 @@
 namespace fastkd::cuda {
 
 // The logits' element type. The accumulation type is float (double for Float64); the kept
-// gradient is the logits' type, float for Float16 (fastkd/_math.py grad_dtype).
+// gradient is the logits' type, float for Float16 (fastkd/_ops.py grad_dtype).
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
 inline int dtype_bytes(DType t) { return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2; }

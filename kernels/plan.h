@@ -1,4 +1,4 @@
-// fastkd/kernels/plan.h -- how the CUDA row kernels split a row over the GPU, chosen on the host.
+// kernels/plan.h -- how the CUDA row kernels split a row over the GPU, chosen on the host.
 //
 // Plain C++ (no CUDA or torch header): kernels/*.cu call it at launch, and fastkd._C exposes it
 // to Python (fastkd._C.cuda_plan) on every build, so docs/backends.md's table of choices per
@@ -39,7 +39,7 @@ struct DeviceFacts {
 // registers at 64 (fp64: 128) so two blocks of the largest size always fit. Without the second
 // bound ptxas chose 32 registers and spilled (sample_teacher_draws, 16/32-bit) or 82-84 and fit one
 // 512-thread fp64 block; `make cuda-check` reports each kernel's registers and spills
-// (docs/cuda-resources.md) and fails on a spill.
+// (docs/kernel-resources.md) and fails on a spill.
 constexpr int kMaxThreads = 512;
 constexpr int kMaxThreadsFp64 = 256;
 constexpr int kMinBlocksPerSm = 2;

@@ -1,4 +1,4 @@
-// fastkd/kernels/rows.cuh -- the row machinery every CUDA kernel shares: element types and
+// kernels/rows.cuh -- the row machinery every CUDA kernel shares: element types and
 // 16-byte vector loads, walks over a block's slice of a row (from global memory, optionally
 // caching it in shared memory, or from that cache), online max/sum-of-exp2 states, and their
 // reductions across a warp (shuffles), a block (shared memory) and a thread-block cluster
@@ -31,7 +31,7 @@ template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using acc_t = typename AccOf<T>::type;
 
-// The kept gradient's type: the logits', float for half (fastkd/_math.py grad_dtype).
+// The kept gradient's type: the logits', float for half (fastkd/_ops.py grad_dtype).
 template <typename T> struct GradOf { using type = T; };
 template <> struct GradOf<__half> { using type = float; };
 template <typename T> using grad_t = typename GradOf<T>::type;

@@ -1,4 +1,4 @@
-// fastkd/kernels/sample_teacher_draws.cu -- backend "cuda" of the op sample_teacher_draws
+// kernels/sample_teacher_draws.cu -- backend "cuda" of the op sample_teacher_draws
 // (fastkd/_ops.py): sampled KD's draws by inverse CDF, like every backend, so one generator's
 // uniforms give the same draws on each (the uniforms come from the caller's generator -- Philox,
 // seed and offset, on CUDA -- sorted per row by fastkd.sample_teacher).

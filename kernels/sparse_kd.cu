@@ -1,7 +1,7 @@
-// fastkd/kernels/sparse_kd.cu -- backend "cuda" of the op sparse_kd (fastkd/_ops.py).
+// kernels/sparse_kd.cu -- backend "cuda" of the op sparse_kd (fastkd/_ops.py).
 //
 // Forward KL against a sparse teacher; the per-row math is csrc/sparse_math.h's (every tail exact
-// in log space, DESIGN.md 2). One block (or, on sm_90, a cluster) per row, each block owning a
+// in log space, docs/design.md 2). One block (or, on sm_90, a cluster) per row, each block owning a
 // slice of the row as kernels/plan.h decides, with a bitmap of the teacher's ids in its slice:
 //   0. the k teacher entries: ids set in the bitmap (a repeated id, an id outside [0, V), a
 //      log-prob above 0 or NaN make the row NaN -- the checks the CPU op makes on the host);

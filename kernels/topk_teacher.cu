@@ -1,4 +1,4 @@
-// fastkd/kernels/topk_teacher.cu -- backend "cuda" of the op topk_teacher (fastkd/_ops.py).
+// kernels/topk_teacher.cu -- backend "cuda" of the op topk_teacher (fastkd/_ops.py).
 //
 // One block per row. The k largest logits are found by a radix select on order-preserving 32-bit
 // keys of the logits as floats, 8 bits a pass (2 passes for bf16, whose keys have 16 significant

@@ -1,4 +1,4 @@
-"""An independent oracle: the textbook formulas of DESIGN.md section 2, differentiated by autograd.
+"""An independent oracle: the textbook formulas of docs/design.md section 2, differentiated by autograd.
 
 Nothing here is shared with fastkd's implementation: no closed-form gradient, no chunking.
 Gradients are valid for inputs without -inf (the edge-case tests check those separately).

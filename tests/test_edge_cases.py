@@ -1,4 +1,4 @@
-"""DESIGN.md section 2's edge cases: -inf logits, ignored rows, extreme scales, empty inputs."""
+"""docs/design.md section 2's edge cases: -inf logits, ignored rows, extreme scales, empty inputs."""
 import pytest
 import torch
 

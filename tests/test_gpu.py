@@ -43,7 +43,7 @@ def test_large_vocab_matches_reference(backend, dtype, vocab, divergence):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_no_host_sync(backend):
-    """DESIGN 3: no .item() or data-dependent Python branch in any loss path on CUDA."""
+    """docs/design.md 3: no .item() or data-dependent Python branch in any loss path on CUDA."""
     s, t = _pair(64, 5000, torch.bfloat16)
     labels = torch.randint(0, 5000, (64,), device="cuda")
     teacher = fastkd.topk_teacher(t, k=16, temperature=2.0, backend=backend)

@@ -1,4 +1,4 @@
-"""The tree's shape (DESIGN.md section 4): fastkd's modules import one another without a cycle --
+"""The tree's shape (docs/design.md section 4): fastkd's modules import one another without a cycle --
 lazy imports inside functions count -- and no module outside a backend's directory imports that
 backend's private files (reference/_rows.py, triton/_math.py, ...)."""
 import ast

@@ -10,7 +10,7 @@ TAILS = ["bucket", "renorm_teacher", "renorm_both"]
 
 
 def oracle_sparse(s, teacher, tail, reduction="mean", labels=None, hard_weight=0.0, ignore_index=-100):
-    """DESIGN.md section 2's sparse table, written plainly and differentiated by autograd (fp64)."""
+    """docs/design.md section 2's sparse table, written plainly and differentiated by autograd (fp64)."""
     T = teacher.temperature
     v = s.shape[-1]
     s2 = s.reshape(-1, v)
@@ -267,7 +267,7 @@ def _far_rows(gap, dtype, tail):
 @pytest.mark.parametrize("tail", ["bucket", "renorm_both"])
 @pytest.mark.parametrize("gap, dtype", [(150.0, torch.float32), (69.0, torch.float64), (690.0, torch.float64)])
 def test_parts_far_below_the_row_maximum(backend, tail, gap, dtype):
-    """DESIGN 2: every tail quantity is a log-sum-exp at its own maximum, so a row whose exact
+    """docs/design.md 2: every tail quantity is a log-sum-exp at its own maximum, so a row whose exact
     loss is finite gets a finite loss and gradient, equal to the float64 oracle's, however far
     its parts lie below the row maximum (relative masses 1e-65 in fp32, 1e-30 and 1e-300 in fp64)."""
     s, teacher = _far_rows(gap, dtype, tail)

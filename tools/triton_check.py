@@ -4,7 +4,7 @@ Triton's interpreter (TRITON_INTERPRET=1, how the tests run the kernels on CPU t
 nothing. This compiles each kernel, in every configuration its launchers choose, for real targets
 (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, Triton's whole pipeline down
 to a cubin with its bundled ptxas), reads each program's registers, spills and shared memory
-(`ptxas -v`, the ptxas Triton used), and holds it to the budgets of DESIGN.md section 3:
+(`ptxas -v`, the ptxas Triton used), and holds it to the budgets of docs/design.md section 3:
   - it compiles, with every Triton version named;
   - no spill store in a bf16/fp16/fp32 configuration (fp64 may spill: the table lists it);
   - at most 128 registers a thread in an 8-warp program (two programs per SM), unless

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> dense_kd_cpu(
   DenseArgs a;
   prepare_dense(a, student, teacher, labels, std::string_view(divergence.data(), divergence.size()), temperature,
                 beta, ignore_index, hard_weight, scale_by_t2, grad_scale, compute_grad);
-  return run_row_loss(&isa_default::dense_kd_rows, &isa_avx2::dense_kd_rows, &isa_avx512::dense_kd_rows, a);
+  return run_row_loss(FASTKD_ISA_KERNELS(dense_kd_rows), a);
 }
 
 }  // namespace

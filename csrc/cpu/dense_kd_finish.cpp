@@ -13,8 +13,7 @@ void dense_kd_finish_cpu(const at::Tensor& grad, const at::Tensor& student, cons
   DenseFinishArgs a;
   prepare_dense_finish(a, grad, student, row_stats, temperature, kd_grad_weight);
   if (a.student.size(0) > 0) {
-    run_for_isa(&isa_default::dense_kd_finish_rows, &isa_avx2::dense_kd_finish_rows,
-                &isa_avx512::dense_kd_finish_rows, a);
+    run_for_isa(FASTKD_ISA_KERNELS(dense_kd_finish_rows), a);
   }
 }
 

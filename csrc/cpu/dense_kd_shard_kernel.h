@@ -129,15 +129,7 @@ void dense_shard_rows(const DenseShardArgs& a) {
 
 template <typename scalar_t>
 void dense_shard_rows_for(const DenseShardArgs& a) {
-  switch (a.divergence) {
-    case Divergence::ForwardKL: return dense_shard_rows<scalar_t, Divergence::ForwardKL>(a);
-    case Divergence::ReverseKL: return dense_shard_rows<scalar_t, Divergence::ReverseKL>(a);
-    case Divergence::JSD: return dense_shard_rows<scalar_t, Divergence::JSD>(a);
-    case Divergence::SkewForwardKL: return dense_shard_rows<scalar_t, Divergence::SkewForwardKL>(a);
-    case Divergence::SkewReverseKL: return dense_shard_rows<scalar_t, Divergence::SkewReverseKL>(a);
-    case Divergence::TVD: return dense_shard_rows<scalar_t, Divergence::TVD>(a);
-  }
-  TORCH_CHECK(false, "fastkd: unknown divergence code ", static_cast<int>(a.divergence));
+  with_divergence(a.divergence, [&](auto d) { dense_shard_rows<scalar_t, decltype(d)::value>(a); });
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ at::Tensor dense_kd_stats_cpu(const at::Tensor& student, const at::Tensor& teach
   DenseStatsArgs a;
   prepare_dense_stats(a, student, teacher, temperature, hard);
   if (a.student.size(0) > 0) {
-    run_for_isa(&isa_default::dense_kd_stats_rows, &isa_avx2::dense_kd_stats_rows, &isa_avx512::dense_kd_stats_rows,
+    run_for_isa(FASTKD_ISA_KERNELS(dense_kd_stats_rows),
                 a);
   }
   return a.out;

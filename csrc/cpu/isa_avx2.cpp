@@ -9,13 +9,5 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define FASTKD_ISA_NS isa_avx2
-#include "dense_kd_finish_kernel.h"
-#include "dense_kd_kernel.h"
-#include "dense_kd_shard_kernel.h"
-#include "dense_kd_stats_kernel.h"
-#include "sparse_kd_kernel.h"
-#include "sparse_kd_shard_kernel.h"
-#include "sparse_kd_stats_kernel.h"
-#include "sample_teacher_draws_kernel.h"
-#include "topk_teacher_kernel.h"
+#include "isa_kernels.h"
 static_assert(at::vec::Vectorized<float>::size() == 8, "fastkd: AVX2 build did not get 256-bit vectors");

@@ -13,13 +13,5 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define FASTKD_ISA_NS isa_avx512
-#include "dense_kd_finish_kernel.h"
-#include "dense_kd_kernel.h"
-#include "dense_kd_shard_kernel.h"
-#include "dense_kd_stats_kernel.h"
-#include "sparse_kd_kernel.h"
-#include "sparse_kd_shard_kernel.h"
-#include "sparse_kd_stats_kernel.h"
-#include "sample_teacher_draws_kernel.h"
-#include "topk_teacher_kernel.h"
+#include "isa_kernels.h"
 static_assert(at::vec::Vectorized<float>::size() == 16, "fastkd: AVX-512 build did not get 512-bit vectors");

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "../op_args.h"
+#include "isa_kernels.h"
 
 namespace fastkd::cpu {
 
@@ -39,22 +40,16 @@ inline const char* isa_name(Isa isa) {
 }
 
 // The kernels, one per instruction set (isa_*.cpp); the ops pick one with cpu_isa().
-#define FASTKD_DECLARE_KERNELS(ns)              \
-  namespace ns {                                \
-  void dense_kd_rows(const DenseArgs& a);       \
-  void dense_kd_stats_rows(const DenseStatsArgs& a); \
-  void dense_kd_shard_rows(const DenseShardArgs& a); \
-  void dense_kd_finish_rows(const DenseFinishArgs& a); \
-  void sparse_kd_stats_rows(const SparseStatsArgs& a); \
-  void sparse_kd_shard_rows(const SparseShardArgs& a); \
-  void sparse_kd_rows(const SparseArgs& a);     \
-  void topk_teacher_rows(const TopkArgs& a);    \
-  void sample_teacher_rows(const SampleArgs& a); \
-  }
-FASTKD_DECLARE_KERNELS(isa_default)
-FASTKD_DECLARE_KERNELS(isa_avx2)
-FASTKD_DECLARE_KERNELS(isa_avx512)
-#undef FASTKD_DECLARE_KERNELS
+// (the list: isa_kernels.h)
+#define FASTKD_DECLARE_KERNEL(fn, Args) void fn(const Args& a);
+namespace isa_default { FASTKD_CPU_KERNELS(FASTKD_DECLARE_KERNEL) }
+namespace isa_avx2 { FASTKD_CPU_KERNELS(FASTKD_DECLARE_KERNEL) }
+namespace isa_avx512 { FASTKD_CPU_KERNELS(FASTKD_DECLARE_KERNEL) }
+#undef FASTKD_DECLARE_KERNEL
+
+// The three ISA builds of kernel `fn`, as run_for_isa and run_row_loss take them.
+#define FASTKD_ISA_KERNELS(fn) &::fastkd::cpu::isa_default::fn, &::fastkd::cpu::isa_avx2::fn, \
+                               &::fastkd::cpu::isa_avx512::fn
 
 // Calls ns::fn(args) for the ISA this machine runs.
 template <typename Args>

@@ -19,8 +19,7 @@ at::Tensor sample_teacher_draws_cpu(const at::Tensor& logits, const at::Tensor& 
     TORCH_CHECK_VALUE(i % S == 0 || u[i] >= u[i - 1], "fastkd::sample_teacher_draws: uniforms must ascend along each row");
   }
   if (N > 0 && logits.size(1) > 0 && uniforms.size(1) > 0)
-    run_for_isa(&isa_default::sample_teacher_rows, &isa_avx2::sample_teacher_rows,
-                &isa_avx512::sample_teacher_rows, a);
+    run_for_isa(FASTKD_ISA_KERNELS(sample_teacher_rows), a);
   else
     a.draws.fill_(-1);
   return a.draws;

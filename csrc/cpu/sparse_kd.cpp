@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_cpu(
   prepare_sparse(a, student, indices, logprobs, tail_logmass, labels, std::string_view(tail.data(), tail.size()),
                  temperature, ignore_index, hard_weight, scale_by_t2, grad_scale, compute_grad);
   check_teacher_values(a.indices, a.logprobs, a.tail_logmass, student.size(1));
-  return run_row_loss(&isa_default::sparse_kd_rows, &isa_avx2::sparse_kd_rows, &isa_avx512::sparse_kd_rows, a);
+  return run_row_loss(FASTKD_ISA_KERNELS(sparse_kd_rows), a);
 }
 
 }  // namespace

@@ -59,7 +59,7 @@ struct Scratch {
 template <typename scalar_t>
 struct RowLoss {
   using acc_t = at::opmath_type<scalar_t>;
-  // The kept gradient's type: the logits', but float for Half (fastkd/_math.py grad_dtype).
+  // The kept gradient's type: the logits', but float for Half (fastkd/_ops.py grad_dtype).
   using grad_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
   int64_t N, V, Vp;
   const scalar_t* S;

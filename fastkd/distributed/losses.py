@@ -17,7 +17,7 @@ from .shard import Layout, check_shard, refused
 
 def used_columns(layout: Layout, vocab_size):
     """(columns of this slice the loss runs over, the vocabulary in use): vocab_size (a padded head:
-    DESIGN 1) cuts the slices where it falls; it must not exceed the total."""
+    docs/design.md 1) cuts the slices where it falls; it must not exceed the total."""
     if vocab_size is None:
         return layout.size, layout.total
     if vocab_size > layout.total:

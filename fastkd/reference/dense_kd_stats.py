@@ -1,6 +1,6 @@
 """Backend "torch" of the op dense_kd_stats (fastkd/_ops.py): the partial statistics of one
 rank's slice of the vocabulary for the vocab-parallel dense loss (fastkd.distributed); the
-columns are fastkd/_math.py's DENSE_STATS."""
+columns are fastkd/_ops.py's DENSE_STATS."""
 import torch
 
 from .. import _math, _op_checks, _ops

@@ -1,6 +1,6 @@
 """Backend "torch" of the op sparse_kd_stats (fastkd/_ops.py): the partial statistics of one
 rank's slice of the vocabulary for the vocab-parallel sparse loss (fastkd.distributed); the
-columns are fastkd/_math.py's SPARSE_STATS."""
+columns are fastkd/_ops.py's SPARSE_STATS."""
 import torch
 
 from .. import _op_checks, _ops

@@ -1,7 +1,7 @@
 """Backend "triton" of the op dense_kd_stats (fastkd/_ops.py): one program per row of a rank's
 vocabulary slice, the dense kernel's pass 1 (dense_kd.row_sums) alone. The maxima leave in natural
 units (m = m2 ln 2, formed in float64, so the shard kernel's m ln2 -> log2 round trip is exact);
-the columns are fastkd/_math.py's DENSE_STATS."""
+the columns are fastkd/_ops.py's DENSE_STATS."""
 import math
 
 import torch

@@ -2,7 +2,7 @@
 vocabulary slice. The launcher sorts the slice's teacher ids (those in [0, V_slice) with a finite
 log-prob) ascending, the rest last as id V_slice, as sparse_kd's does; one pass walks the row's
 blocks and the ids together (walk_ids) and folds a = s / T on the ids of I and off them, and s at
-T = 1, into running (max, sum of exp2). The columns are fastkd/_math.py's SPARSE_STATS, the maxima
+T = 1, into running (max, sum of exp2). The columns are fastkd/_ops.py's SPARSE_STATS, the maxima
 in natural units."""
 import torch
 import triton
