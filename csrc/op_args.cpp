@@ -1,5 +1,6 @@
 // The compiled ops' argument checks and output allocation (declared in op_args.h).
 #include "op_args.h"
+#include "row_columns.h"
 
 #include <ATen/ATen.h>
 
@@ -142,7 +143,7 @@ void prepare_dense_stats(DenseStatsArgs& a, const at::Tensor& student, const at:
               student.scalar_type(), " != teacher dtype ", teacher.scalar_type());
   a.student = shared.student;
   a.teacher = teacher.contiguous();
-  a.out = at::empty({student.size(0), 8}, student.options().dtype(at::kDouble));
+  a.out = at::empty({student.size(0), columns::dense_stats::width}, student.options().dtype(at::kDouble));
   a.temperature = temperature;
   a.hard = hard;
 }
@@ -153,7 +154,7 @@ void prepare_dense_shard(DenseShardArgs& a, const at::Tensor& student, const at:
                          double hard_weight, bool scale_by_t2, double grad_scale, bool compute_grad) {
   prepare_dense(a, student, teacher, labels, divergence, temperature, beta, ignore_index, hard_weight, scale_by_t2,
                 grad_scale, compute_grad);
-  check_row_stats("dense_kd_shard", row_stats, student.size(0), 8);
+  check_row_stats("dense_kd_shard", row_stats, student.size(0), columns::dense_row::width);
   a.row_stats = row_stats.contiguous();
   a.parts = at::empty({student.size(0), 2}, student.options().dtype(at::kDouble));
 }
@@ -167,7 +168,7 @@ void prepare_dense_finish(DenseFinishArgs& a, const at::Tensor& grad, const at::
                     "must be ", grad_type, " ", student.sizes(), " (the student's gradient), got ", grad.scalar_type(),
                     " ", grad.sizes());
   TORCH_CHECK_VALUE(grad.is_contiguous(), "fastkd::dense_kd_finish: grad must be contiguous (it is finished in place)");
-  check_row_stats("dense_kd_finish", row_stats, student.size(0), 8);
+  check_row_stats("dense_kd_finish", row_stats, student.size(0), columns::dense_row::width);
   a.grad = grad;
   a.student = shared.student;
   a.row_stats = row_stats.contiguous();
@@ -199,7 +200,7 @@ void prepare_sparse_stats(SparseStatsArgs& a, const at::Tensor& student, const a
   a.student = shared.student;
   a.indices = indices.contiguous();
   a.logprobs = logprobs.contiguous();
-  a.out = at::empty({student.size(0), 6}, student.options().dtype(at::kDouble));
+  a.out = at::empty({student.size(0), columns::sparse_stats::width}, student.options().dtype(at::kDouble));
   a.temperature = temperature;
   a.hard = hard;
 }
@@ -211,7 +212,7 @@ void prepare_sparse_shard(SparseShardArgs& a, const at::Tensor& student, const a
   prepare_row_loss(a, "sparse_kd_shard", student, labels, temperature, ignore_index, hard_weight, scale_by_t2,
                    grad_scale, true);
   check_shard_teacher("sparse_kd_shard", student, indices, logprobs);
-  check_row_stats("sparse_kd_shard", row_stats, student.size(0), 8);
+  check_row_stats("sparse_kd_shard", row_stats, student.size(0), columns::sparse_row::width);
   a.indices = indices.contiguous();
   a.logprobs = logprobs.contiguous();
   a.row_stats = row_stats.contiguous();

@@ -19,10 +19,33 @@ import importlib
 import importlib.util
 import os
 
+from dataclasses import dataclass
+
 import torch
 
-BACKENDS = ("torch", "cpu", "triton", "cuda")
-COMPILED = ("cpu", "cuda")  # kernels in fastkd._C, registered under the op's own name
+@dataclass(frozen=True)
+class Backend:
+    """One backend: the device types whose tensors its kernels take ("cpu" for triton only in its
+    interpreter, TRITON_INTERPRET=1), whether its kernels are compiled into fastkd._C (registered
+    under the op's own name) or are Python functions in fastkd/<package>/<op>.py (registered as
+    <op>_<name> for the dispatch keys `keys`)."""
+
+    name: str
+    devices: tuple
+    compiled: bool
+    package: str | None = None
+    keys: tuple = ()
+    interpreted_on: tuple = ()  # device types it runs on only through an interpreter
+
+
+RECORDS = {
+    "torch": Backend("torch", ("cpu", "cuda"), False, "reference", ("CompositeExplicitAutograd",)),
+    "cpu": Backend("cpu", ("cpu",), True),
+    "triton": Backend("triton", ("cuda", "cpu"), False, "triton", ("CUDA", "CPU"), interpreted_on=("cpu",)),
+    "cuda": Backend("cuda", ("cuda",), True),
+}
+BACKENDS = tuple(RECORDS)
+COMPILED = tuple(b.name for b in RECORDS.values() if b.compiled)
 
 # op -> the backends that implement it.
 OPS = {
@@ -47,7 +70,7 @@ AUTO_WHY = {"cuda": "the Triton kernels are the GPU path until the CUDA C++ back
                     "hardware; name backend='cuda' to use it"}
 
 # A Python backend's package (fastkd/<package>/<op>.py) and the dispatch keys its functions serve.
-_PYTHON = {"torch": ("reference", ("CompositeExplicitAutograd",)), "triton": ("triton", ("CUDA", "CPU"))}
+_PYTHON = {b.name: (b.package, b.keys) for b in RECORDS.values() if not b.compiled}
 
 
 def qualname(op: str, backend: str) -> str:
@@ -110,6 +133,14 @@ def _interpreter_problem() -> str | None:
 def available_backends() -> list[str]:
     """The backends usable on this machine, e.g. ["torch", "cpu"]."""
     return [b for b in BACKENDS if _why_unavailable(b) is None]
+
+
+def available_for(device_type: str, interpreted: bool = True) -> list:
+    """The backends available here whose kernels take tensors of `device_type` ("cpu", "cuda"), in
+    BACKENDS order; interpreted=False leaves out those that would run in an interpreter (triton on
+    CPU tensors). What the tests walk, instead of lists of their own."""
+    return [b for b in available_backends() if device_type in RECORDS[b].devices
+            and (interpreted or device_type not in RECORDS[b].interpreted_on)]
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():  # run the Triton kernels on CPU tensors, in T
 import fastkd  # noqa: E402
 
 # Every backend that runs on CPU tensors here; the reference is "torch".
-CPU_BACKENDS = [b for b in fastkd.available_backends() if b in ("torch", "cpu")]
-COMPILED_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
+CPU_BACKENDS = fastkd.backends.available_for("cpu", interpreted=False)
+COMPILED_CPU_BACKENDS = [b for b in CPU_BACKENDS if fastkd.backends.RECORDS[b].compiled]
 
 
 def pytest_report_header(config):

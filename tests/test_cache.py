@@ -327,6 +327,7 @@ def test_cli_writes_what_topk_teacher_computes(tmp_path):
         assert _mass99_error(_sorted(exact)[1], got.logprobs) <= 0.02
 
 
+@pytest.mark.slow
 def test_cli_killed_writer_resumes_to_the_same_cache(tmp_path):
     (tmp_path / "ids.txt").write_text(" ".join(map(str, np.random.default_rng(1).integers(0, 1000, 500))))
     common = ["--teacher", TEACHER, "--input", tmp_path / "ids.txt", "--input-format", "ids",
@@ -349,6 +350,7 @@ def test_cli_killed_writer_resumes_to_the_same_cache(tmp_path):
     assert [e["sha256"] for e in a.manifest["shards"]] == [e["sha256"] for e in b.manifest["shards"]]
 
 
+@pytest.mark.slow
 def test_cli_interrupted_keeps_whole_shards_and_resumes_byte_for_byte(tmp_path):
     np.save(tmp_path / "ids.npy", np.random.default_rng(3).integers(0, 1000, 300))
     common = ["--teacher", TEACHER, "--input", tmp_path / "ids.npy", "--k", 8, "--temperature", 1.0,
@@ -376,6 +378,7 @@ def test_one_writer_at_a_time_and_empty_caches(tmp_path):
     assert len(TeacherCache(str(tmp_path))) == 3
 
 
+@pytest.mark.slow
 def test_cli_refuses_what_it_cannot_use(tmp_path):
     np.save(tmp_path / "ids.npy", np.array([1, 2, 5000]))
     r = _cli("--teacher", TEACHER, "--input", tmp_path / "ids.npy", "--output", tmp_path / "c",
@@ -394,6 +397,7 @@ def test_cli_refuses_what_it_cannot_use(tmp_path):
     assert r.returncode != 0 and "float logits [B, L, V]" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_with_a_local_hugging_face_model_and_text(tmp_path):
     """A tiny random-weight Llama and a word-level tokenizer, built here (nothing downloaded)."""
     transformers = pytest.importorskip("transformers")  # installed by `make test`

@@ -30,6 +30,8 @@ DEVICES = {"cached": 0, "uncached": 1}  # emulated: an A100's shared memory, and
 H100 = 2  # emulated: compute capability 9, an H100's shared memory (plans may use clusters)
 I64, F64, INT, PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
 
+pytestmark = pytest.mark.slow  # (g++ builds the emulation of every CUDA kernel)
+
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):

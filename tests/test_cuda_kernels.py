@@ -39,6 +39,7 @@ def test_every_cuda_op_has_its_kernel_and_launcher():
         assert re.search(rf'TORCH_LIBRARY_IMPL\(fastkd, CUDA, m\) {{ m\.impl\("{op}"', launcher)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize("op", sorted(ENTRIES))

@@ -61,11 +61,13 @@ def test_the_teacher_trains_to_a_token_budget_and_a_cut_says_so(tmp_path):
 @pytest.mark.parametrize("flags, needle", [(["--methods", "bogus"], "--methods: unknown bogus"),
                                            (["--vocab", "1"], "--vocab must be at least 2"),
                                            (["--hard-weight", "2"], "--hard-weight must lie in [0, 1]")])
+@pytest.mark.slow
 def test_bad_flags(tmp_path, flags, needle):
     r = _demo(*flags, "--out", tmp_path / "x")
     assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_half_written_results(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.Popen([sys.executable, "-m", "fastkd", "demo", *TINY[:4], "--teacher-tokens", "100000000",

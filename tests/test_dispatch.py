@@ -11,7 +11,7 @@ from fastkd import backends
 from samples import DTYPES, FLOAT_OPS, PARTIAL_OPS, SAMPLES
 
 AVAILABLE = fastkd.available_backends()
-GPU_BACKENDS = ("triton", "cuda")
+GPU_BACKENDS = tuple(b.name for b in backends.RECORDS.values() if "cuda" in b.devices and b.name != "torch")
 
 
 def device_of(backend):

@@ -22,7 +22,7 @@ from conftest import device_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHERS = os.path.join(ROOT, "tests", "cache_teacher.py")
-OPS = [b for b in ("torch", "cpu") if b in fastkd.available_backends()]
+OPS = fastkd.backends.available_for("cpu", interpreted=False)
 
 
 def _cache(directory, n=40, vocab=100, k=6, shard_tokens=20, kind="topk"):
@@ -267,7 +267,7 @@ def test_bench_refuses_unknown_implementations():
 
 # --- teacher rows that are not numbers --------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [b for b in fastkd.available_backends() if b in ("torch", "cpu", "triton")])
+@pytest.mark.parametrize("backend", fastkd.backends.available_for("cpu"))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_teacher_rows_with_nan_or_inf_are_nan(backend, bad):
     """sample_teacher made a NaN row a confident one-hot (cpu) or an empty row (torch); topk gave
@@ -360,6 +360,7 @@ def _clean_failure(r, needle):
     assert r.returncode not in (0, 130) and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_mix_two_corpora(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "a.npy", rng.integers(0, 1000, 200))
@@ -374,6 +375,7 @@ def test_cli_refuses_to_mix_two_corpora(tmp_path):
     assert sorted(os.listdir(tmp_path / "c")) == before
 
 
+@pytest.mark.slow
 def test_cli_stops_on_a_nan_teacher_or_a_changing_vocabulary(tmp_path):
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 1000, 100))
     common = ["--input", tmp_path / "ids.npy", "--k", 4, "--temperature", 1.0, "--seq-len", 10, "--batch-size", 1]
@@ -383,6 +385,7 @@ def test_cli_stops_on_a_nan_teacher_or_a_changing_vocabulary(tmp_path):
     _clean_failure(r, "vocabulary changed from V = 1000 to V = 999")
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_are_one_line_messages(tmp_path):
     np.save(tmp_path / "ok.npy", np.array([1, 2, 3]))
     (tmp_path / "bad.txt").write_bytes(b"1 2 \xff\xfe 3")
@@ -480,6 +483,7 @@ def test_an_empty_vocabulary_is_a_value_error_naming_v(call):
     (["--shapes", "10x"], "--shapes"), (["--shapes", "32x32,"], "--shapes"), (["--repeats", "0"], "--repeats"),
     (["--temperature", "0"], "--temperature"), (["--output", "."], "--output"), (["--impls", "bogus"], "--impls"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device")]))
+@pytest.mark.slow
 def test_bench_cli_mistakes_end_in_one_line_and_status_2(argv, flag):
     r = subprocess.run([sys.executable, "-m", "fastkd", "bench", *argv, "--no-progress"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)

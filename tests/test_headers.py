@@ -50,3 +50,18 @@ def test_device_compile(tmp_path):
     src = tmp_path / "device.cu"
     src.write_text(SOURCE.format(qual="__device__", body=_instantiations("__device__")))
     subprocess.run([nvcc, "-std=c++17", "-I", str(CSRC), "-c", str(src), "-o", str(tmp_path / "device.o")], check=True)
+
+
+def test_row_columns_header_matches_the_ops_layouts():
+    """csrc/row_columns.h names the vocab-parallel row tensors' columns as fastkd/_ops.py does, in its
+    order, with the width last (the C++ kernels read them by these names)."""
+    import re
+
+    from fastkd import _ops
+
+    text = (CSRC / "row_columns.h").read_text()
+    for layout in ("DENSE_STATS", "DENSE_ROW", "SPARSE_STATS", "SPARSE_ROW"):
+        found = re.search(rf"namespace {layout.lower()} {{[^\n]*\nenum : int {{ ([^}}]*) }};", text)
+        assert found, f"csrc/row_columns.h has no enum for {layout}"
+        names = [n.strip() for n in found.group(1).split(",")]
+        assert names == list(getattr(_ops, layout)) + ["width"], (layout, names)

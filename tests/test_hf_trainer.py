@@ -17,17 +17,6 @@ class InOrder(fastkd.hf.DistillationTrainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def _args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=0.1, optim="sgd",
                 lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
@@ -39,11 +28,12 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_accumulation_weights_micro_batches_by_their_tokens(tmp_path):
     """Completions of 1 and 6 tokens: batch 1 x 2 accumulation steps trains as batch 2 x 1 (the
     micro-batch means were averaged: 85% off), with the data's completions and with the student's."""
-    rows = Rows([{"prompt_input_ids": [5, 6, 7], "completion_input_ids": [9]},
-                 {"prompt_input_ids": [8, 9], "completion_input_ids": [10, 11, 12, 13, 14, 15]}] * 2)
+    rows = [{"prompt_input_ids": [5, 6, 7], "completion_input_ids": [9]},
+            {"prompt_input_ids": [8, 9], "completion_input_ids": [10, 11, 12, 13, 14, 15]}] * 2  # (a list is a Dataset)
     for on_policy in (0.0, 1.0):
         got = {}
         for batch, accum in ((2, 1), (1, 2)):
@@ -140,7 +130,7 @@ def test_bad_options_fail_at_construction(tmp_path, kwargs, error, match):
 def test_empty_prompts_and_mixed_rows_are_named(tmp_path):
     """An empty prompt with on_policy=1 (IndexError from inside generate()); a batch where only some rows
     have completions (a bare KeyError, or in the other order the completions silently dropped)."""
-    empty = Rows([{"prompt_input_ids": [4, 5]}, {"prompt_input_ids": []}])
+    empty = [{"prompt_input_ids": [4, 5]}, {"prompt_input_ids": []}]
     trainer = InOrder(model=_model(0), teacher_model=_model(1), train_dataset=empty, on_policy=1.0,
                       generation_config=_generation(), args=_args(tmp_path, max_steps=1))
     with pytest.raises(ValueError, match=r"rows \[1\] of the batch have an empty prompt"):

@@ -13,11 +13,13 @@
 #include <cmath>
 #include <cstring>
 
+#include "../row_columns.h"
 #include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
+namespace DR = ::fastkd::columns::dense_row;
 
 template <typename scalar_t>
 void dense_finish_rows(const DenseFinishArgs& a) {
@@ -36,13 +38,13 @@ void dense_finish_rows(const DenseFinishArgs& a) {
     acc_t* A = scratch.data;
     acc_t* B = A + Vp;
     for (int64_t r = begin; r < end; ++r) {
-      const double* rs = RS + r * 8;  // m_a, log_s_a, m_b, log_s_b, dl, m_1, log_s_1, u
-      bool ok = rs[0] > -INFINITY && rs[2] > -INFINITY;
-      for (int c = 0; c < 8; ++c) ok = ok && !std::isnan(rs[c]);
+      const double* rs = RS + r * DR::width;
+      bool ok = rs[DR::m_a] > -INFINITY && rs[DR::m_b] > -INFINITY;
+      for (int c = 0; c < DR::width; ++c) ok = ok && !std::isnan(rs[c]);
       if (!ok || V == 0) continue;  // nothing to subtract: the row as it is
-      const acc_t coef = static_cast<acc_t>(a.kd_grad_weight * gradient_u(rs[7]));
+      const acc_t coef = static_cast<acc_t>(a.kd_grad_weight * gradient_u(rs[DR::u]));
       load_scaled(S + r * V, A, V, Vp, inv_t);
-      exp_sum(A, A, Vp, static_cast<acc_t>(rs[0] + rs[1]));  // A <- q (the sum unused)
+      exp_sum(A, A, Vp, static_cast<acc_t>(rs[DR::m_a] + rs[DR::log_s_a]));  // A <- q (the sum unused)
       load_scaled(G + r * V, B, V, Vp, acc_t(1));
       const Vec cv(coef);
       for (int64_t j = 0; j < Vp; j += Vec::size()) (Vec::loadu(B + j) - cv * Vec::loadu(A + j)).store(B + j);

@@ -15,11 +15,13 @@
 #include <cmath>
 #include <limits>
 
+#include "../row_columns.h"
 #include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
+namespace DR = ::fastkd::columns::dense_row;
 
 // X[0:Vp] <- exp(X - m - log_s) (probabilities, formed as the reference's _probs) and LX <- their
 // logs, X - m - log_s; m, log_s finite.
@@ -54,14 +56,14 @@ void dense_shard_rows(const DenseShardArgs& a) {
     acc_t* B = LA + p.Vp;     // b, then p, then u, then the gradient
     acc_t* LB = B + p.Vp;     // log p
     for (int64_t r = begin; r < end; ++r) {
-      const double* rs = RS + r * 8;  // m_a, log_s_a, m_b, log_s_b, dl, m_1, log_s_1, u
+      const double* rs = RS + r * DR::width;
       auto* g = p.G ? p.G + r * p.V : nullptr;
       const int64_t label = p.L ? p.L[r] : -1;
       const bool kept = !p.L || label != a.ignore_index;
       const bool here = p.L && kept && label >= 0 && label < p.V;
       bool poisoned = false;
-      for (int c = 0; c < 8; ++c) poisoned = poisoned || std::isnan(rs[c]);
-      if (!kept || (!poisoned && !(rs[0] > kNegInf))) {  // ignored, or no finite student logit anywhere
+      for (int c = 0; c < DR::width; ++c) poisoned = poisoned || std::isnan(rs[c]);
+      if (!kept || (!poisoned && !(rs[DR::m_a] > kNegInf))) {  // ignored, or no finite student logit anywhere
         parts[2 * r] = parts[2 * r + 1] = 0.0;
         if (g) std::fill(g, g + p.V, typename RowLoss<scalar_t>::grad_t(0));
         continue;
@@ -71,20 +73,20 @@ void dense_shard_rows(const DenseShardArgs& a) {
         if (g) std::fill(g, g + p.V, typename RowLoss<scalar_t>::grad_t(kNaN));
         continue;
       }
-      const bool kd_on = rs[2] > kNegInf;
+      const bool kd_on = rs[DR::m_b] > kNegInf;
       const scalar_t* s = p.S + r * p.V;
       load_scaled(s, A, p.V, p.Vp, p.inv_t);
       double d_sum = 0, u_sum = 0;
       if (kd_on) {
         load_scaled(T + r * p.V, B, p.V, p.Vp, p.inv_t);
         // d_j = (b_j - a_j) - dl, formed before A and B turn into probabilities
-        const Vec dl(static_cast<acc_t>(rs[4]));
+        const Vec dl(static_cast<acc_t>(rs[DR::dl]));
         acc_t* Dv = LB;  // (LB holds d until probs() writes log p: d is read first, below)
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) (Vec::loadu(B + j) - Vec::loadu(A + j) - dl).store(Dv + j);
-        probs(A, LA, p.Vp, rs[0], rs[1]);
+        probs(A, LA, p.Vp, rs[DR::m_a], rs[DR::log_s_a]);
         // p and log p, with d kept: log p goes to the gradient buffer's lanes one vector at a time
-        const Vec mb(static_cast<acc_t>(rs[2])), lsb(static_cast<acc_t>(rs[3]));
-        const Vec inv_b(static_cast<acc_t>(std::exp(-rs[3])));
+        const Vec mb(static_cast<acc_t>(rs[DR::m_b])), lsb(static_cast<acc_t>(rs[DR::log_s_b]));
+        const Vec inv_b(static_cast<acc_t>(std::exp(-rs[DR::log_s_b])));
         for (int64_t j0 = 0; j0 < p.Vp; j0 += kBlock * Vec::size()) {
           const int64_t j1 = std::min(p.Vp, j0 + kBlock * Vec::size());
           Vec dv(0), uv(0);
@@ -102,7 +104,7 @@ void dense_shard_rows(const DenseShardArgs& a) {
           u_sum += reduce_sum(uv);
         }
       } else {
-        probs(A, LA, p.Vp, rs[0], rs[1]);
+        probs(A, LA, p.Vp, rs[DR::m_a], rs[DR::log_s_a]);
         std::fill(B, B + p.Vp, acc_t(0));
       }
       parts[2 * r] = d_sum;
@@ -110,14 +112,14 @@ void dense_shard_rows(const DenseShardArgs& a) {
       if (!g) continue;
       // the gradient in B: w_kd (u - q U) (0 without a KD term) + w_hard softmax(s), less w_hard at the label
       if (kd_on) {
-        const Vec wkd(acc_t(p.w.kd_grad_weight)), Uv(gradient_u(static_cast<acc_t>(rs[7])));
+        const Vec wkd(acc_t(p.w.kd_grad_weight)), Uv(gradient_u(static_cast<acc_t>(rs[DR::u])));
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) {
           (wkd * (Vec::loadu(B + j) - Vec::loadu(A + j) * Uv)).store(B + j);
         }
       }
       if (p.hard) {
         load_scaled(s, LA, p.V, p.Vp, acc_t(1));
-        probs(LA, LB, p.Vp, rs[5], rs[6]);
+        probs(LA, LB, p.Vp, rs[DR::m_1], rs[DR::log_s_1]);
         const Vec wh(acc_t(p.w.hard_grad_weight));
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) (Vec::loadu(B + j) + wh * Vec::loadu(LA + j)).store(B + j);
         if (here) B[label] -= acc_t(p.w.hard_grad_weight);

@@ -15,11 +15,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "../row_columns.h"
 #include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
+namespace DS = ::fastkd::columns::dense_stats;
 
 template <typename scalar_t>
 void dense_stats_rows(const DenseStatsArgs& a) {
@@ -39,17 +41,17 @@ void dense_stats_rows(const DenseStatsArgs& a) {
     acc_t* B = A + Vp;
     acc_t* E = B + Vp;
     for (int64_t r = begin; r < end; ++r) {
-      double* o = out + r * 8;  // m_a, s_a, r_a, far, m_b, s_b, m_1, s_1
+      double* o = out + r * DS::width;
       const scalar_t* s = S + r * V;
       if (V == 0) {
-        o[0] = o[4] = o[6] = -std::numeric_limits<double>::infinity();
-        o[1] = o[2] = o[3] = o[5] = o[7] = 0.0;
+        o[DS::m_a] = o[DS::m_b] = o[DS::m_1] = -std::numeric_limits<double>::infinity();
+        o[DS::s_a] = o[DS::r_a] = o[DS::far] = o[DS::s_b] = o[DS::s_1] = 0.0;
         continue;
       }
       const acc_t ma = load_scaled(s, A, V, Vp, inv_t);
       const acc_t mb = load_scaled(T + r * V, B, V, Vp, inv_t);
-      o[0] = ma;
-      o[1] = partial_sum(A, E, Vp, ma);
+      o[DS::m_a] = ma;
+      o[DS::s_a] = partial_sum(A, E, Vp, ma);
       // r = sum_j e_j expm1(b_j - a_j) over the teacher's support (-e_j off it), 0 where e_j = 0;
       // far: some support entry with |b - a| >= kCloseRow (kd_math.h's close-row rule). A far
       // slice makes the row far on every rank, where r is not used: its r is 0, and the walk stops
@@ -71,20 +73,20 @@ void dense_stats_rows(const DenseStatsArgs& a) {
         }
         r_sum += reduce_sum(rv);
       }
-      o[3] = reduce_max(far) != acc_t(0) ? 1.0 : 0.0;
-      o[2] = o[3] != 0.0 ? 0.0 : r_sum;
-      o[4] = mb;
-      o[5] = partial_sum(B, E, Vp, mb);
+      o[DS::far] = reduce_max(far) != acc_t(0) ? 1.0 : 0.0;
+      o[DS::r_a] = o[DS::far] != 0.0 ? 0.0 : r_sum;
+      o[DS::m_b] = mb;
+      o[DS::s_b] = partial_sum(B, E, Vp, mb);
       if (a.hard && inv_t == acc_t(1)) {  // s at T = 1 is a
-        o[6] = o[0];
-        o[7] = o[1];
+        o[DS::m_1] = o[DS::m_a];
+        o[DS::s_1] = o[DS::s_a];
       } else if (a.hard) {
         const acc_t m1 = load_scaled(s, A, V, Vp, acc_t(1));
-        o[6] = m1;
-        o[7] = partial_sum(A, E, Vp, m1);
+        o[DS::m_1] = m1;
+        o[DS::s_1] = partial_sum(A, E, Vp, m1);
       } else {
-        o[6] = -std::numeric_limits<double>::infinity();
-        o[7] = 0.0;
+        o[DS::m_1] = -std::numeric_limits<double>::infinity();
+        o[DS::s_1] = 0.0;
       }
     }
   });

@@ -16,12 +16,14 @@
 #include <cmath>
 #include <limits>
 
+#include "../row_columns.h"
 #include "kernels.h"
 #include "sparse_kd_stats_kernel.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
+namespace SR = ::fastkd::columns::sparse_row;
 
 template <typename scalar_t>
 void sparse_shard_rows(const SparseShardArgs& a) {
@@ -43,13 +45,13 @@ void sparse_shard_rows(const SparseShardArgs& a) {
     acc_t* E = A + p.Vp;
     for (int64_t r = begin; r < end; ++r) {
       // shift, in_scale, in_norm, out_scale, lse_all, tail_scale, lse_tail, lse_1
-      const double* rs = RS + r * 8;
+      const double* rs = RS + r * SR::width;
       grad_t* g = p.G + r * p.V;
       const int64_t label = p.L ? p.L[r] : -1;
       const bool kept = !p.L || label != a.ignore_index;
       bool poisoned = false;
-      for (int c = 0; c < 8; ++c) poisoned = poisoned || std::isnan(rs[c]);
-      if (!kept || (!poisoned && !(rs[4] > -INFINITY))) {  // ignored, or no distribution to learn
+      for (int c = 0; c < SR::width; ++c) poisoned = poisoned || std::isnan(rs[c]);
+      if (!kept || (!poisoned && !(rs[SR::lse_all] > -INFINITY))) {  // ignored, or no distribution to learn
         std::fill(g, g + p.V, grad_t(0));
         continue;
       }
@@ -72,7 +74,7 @@ void sparse_shard_rows(const SparseShardArgs& a) {
       // outside I: w_kd (out_scale exp(m - lse_all) - tail_scale exp(m - lse_tail)) exp(a_j - m)
       if (m > kNegInf) {
         exp_sum(A, E, p.Vp, m);
-        const double c_out = rs[3] * std::exp(double(m) - rs[4]) - rs[5] * std::exp(double(m) - rs[6]);
+        const double c_out = rs[SR::out_scale] * std::exp(double(m) - rs[SR::lse_all]) - rs[SR::tail_scale] * std::exp(double(m) - rs[SR::lse_tail]);
         const Vec wc(static_cast<acc_t>(p.w.kd_grad_weight * c_out));
         for (int64_t j = 0; j < p.Vp; j += Vec::size()) (wc * Vec::loadu(E + j)).store(A + j);
       } else {
@@ -81,18 +83,18 @@ void sparse_shard_rows(const SparseShardArgs& a) {
       // on I: w_kd (in_scale exp(a_j - in_norm) - the targets t_c = exp(lp_c - shift) of its entries)
       for (int64_t c = 0; c < n_in; ++c) {
         const double x = saved.data[c];
-        A[cols.data[c]] = static_cast<acc_t>(p.w.kd_grad_weight * (x > -INFINITY ? rs[1] * std::exp(x - rs[2]) : 0.0));
+        A[cols.data[c]] = static_cast<acc_t>(p.w.kd_grad_weight * (x > -INFINITY ? rs[SR::in_scale] * std::exp(x - rs[SR::in_norm]) : 0.0));
       }
       for (int64_t c = 0; c < K; ++c) {
         if (lp[c] > -INFINITY && idx[c] >= 0 && idx[c] < p.V) {
-          A[idx[c]] -= static_cast<acc_t>(p.w.kd_grad_weight * std::exp(double(lp[c]) - rs[0]));
+          A[idx[c]] -= static_cast<acc_t>(p.w.kd_grad_weight * std::exp(double(lp[c]) - rs[SR::shift]));
         }
       }
       if (p.hard) {  // + w_hard softmax(s) (lse_1 the row's), - w_hard at a label in this slice
         const acc_t m1 = load_scaled(p.S + r * p.V, E, p.V, p.Vp, acc_t(1));
         if (m1 > kNegInf) {
           exp_sum(E, E, p.Vp, m1);
-          const Vec wh(static_cast<acc_t>(p.w.hard_grad_weight * std::exp(double(m1) - rs[7])));
+          const Vec wh(static_cast<acc_t>(p.w.hard_grad_weight * std::exp(double(m1) - rs[SR::lse_1])));
           for (int64_t j = 0; j < p.Vp; j += Vec::size()) (Vec::loadu(A + j) + wh * Vec::loadu(E + j)).store(A + j);
         }
         if (p.L && label >= 0 && label < p.V) A[label] -= acc_t(p.w.hard_grad_weight);

@@ -15,11 +15,13 @@
 #include <cmath>
 #include <limits>
 
+#include "../row_columns.h"
 #include "kernels.h"
 #include "vec_row.h"
 
 namespace fastkd::cpu::FASTKD_ISA_NS {
 namespace {
+namespace SS = ::fastkd::columns::sparse_stats;
 
 // The distinct columns of this slice among a row's teacher entries (finite log-prob, id in
 // [0, V)), sorted, into cols; returns how many.
@@ -52,10 +54,10 @@ void sparse_stats_rows(const SparseStatsArgs& a) {
     acc_t* A = scratch.data;
     acc_t* E = A + Vp;
     for (int64_t r = begin; r < end; ++r) {
-      double* o = out + r * 6;  // m_in, s_in, m_out, s_out, m_1, s_1
+      double* o = out + r * SS::width;
       const scalar_t* s = S + r * V;
-      o[0] = o[2] = o[4] = -INFINITY;
-      o[1] = o[3] = o[5] = 0.0;
+      o[SS::m_in] = o[SS::m_out] = o[SS::m_1] = -INFINITY;
+      o[SS::s_in] = o[SS::s_out] = o[SS::s_1] = 0.0;
       if (V == 0) continue;
       load_scaled(s, A, V, Vp, inv_t);
       const int64_t n_in = slice_columns(IDX + r * K, LP + r * K, K, V, cols.data);
@@ -70,23 +72,23 @@ void sparse_stats_rows(const SparseStatsArgs& a) {
       if (n_in > 0 && m_in > -INFINITY && !bad_in) {
         double s_in = 0;
         for (int64_t c = 0; c < n_in; ++c) s_in += std::exp(double(A[cols.data[c]]) - m_in);
-        o[0] = m_in;
-        o[1] = s_in;
+        o[SS::m_in] = m_in;
+        o[SS::s_in] = s_in;
       } else if (bad_in) {
-        o[0] = m_in;
-        o[1] = kNaN;
+        o[SS::m_in] = m_in;
+        o[SS::s_in] = kNaN;
       }
       // the rest: the named columns masked out
       for (int64_t c = 0; c < n_in; ++c) A[cols.data[c]] = kNegInf;
       Vec mx(kNegInf);
       for (int64_t j = 0; j < Vp; j += Vec::size()) mx = at::vec::maximum(mx, Vec::loadu(A + j));
       const acc_t m_out = reduce_max(mx);
-      o[2] = m_out;
-      o[3] = partial_sum(A, E, Vp, m_out);
+      o[SS::m_out] = m_out;
+      o[SS::s_out] = partial_sum(A, E, Vp, m_out);
       if (a.hard) {
         const acc_t m1 = load_scaled(s, A, V, Vp, acc_t(1));
-        o[4] = m1;
-        o[5] = partial_sum(A, E, Vp, m1);
+        o[SS::m_1] = m1;
+        o[SS::s_1] = partial_sum(A, E, Vp, m1);
       }
     }
   });

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .. import _op_checks, _ops
 from . import _config
+from ._columns import DR_LOG_S_A, DR_M_A, DR_M_B, DR_U, DR_WIDTH
 from ._math import gradient_u
 from .dense_kd_shard import column, load_row_stats, log2_lse
 
@@ -21,11 +22,11 @@ def _dense_kd_finish_kernel(S, R, G, V, stride_s, scale2, kd_grad_w, ACC: tl.con
     g_row = G + row * V
     cols = tl.arange(0, BLOCK)
     ninf = float("-inf")
-    st, poisoned = load_row_stats(R, row, 8)
-    m_a = column(st, 0, 8)  # DENSE_ROW: m_a, log_s_a, m_b, log_s_b, dl, m_1, log_s_1, u
-    ok = (poisoned == 0) & (m_a > ninf) & (column(st, 2, 8) > ninf)
-    lse_a = log2_lse(m_a, column(st, 1, 8), ok).to(ACC)
-    coef = tl.where(ok, kd_grad_w * gradient_u(column(st, 7, 8)), 0.0).to(ACC)
+    st, poisoned = load_row_stats(R, row, DR_WIDTH)
+    m_a = column(st, DR_M_A, DR_WIDTH)
+    ok = (poisoned == 0) & (m_a > ninf) & (column(st, DR_M_B, DR_WIDTH) > ninf)
+    lse_a = log2_lse(m_a, column(st, DR_LOG_S_A, DR_WIDTH), ok).to(ACC)
+    coef = tl.where(ok, kd_grad_w * gradient_u(column(st, DR_U, DR_WIDTH)), 0.0).to(ACC)
     if ok:
         for start in range(0, V, BLOCK):
             offs = start + cols

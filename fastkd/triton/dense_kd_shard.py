@@ -12,6 +12,7 @@ import triton.language as tl
 from .. import _op_checks, _ops
 from .._math import row_weights
 from . import _config
+from ._columns import DR_DL, DR_LOG_S_1, DR_LOG_S_A, DR_LOG_S_B, DR_M_1, DR_M_A, DR_M_B, DR_U, DR_WIDTH
 from ._math import DIVERGENCE_CODES, LOG2E, gradient_u, hard_label_grad
 from .dense_kd import _block_terms, _kind
 
@@ -61,16 +62,16 @@ def _dense_kd_shard_kernel(S, T, L, R, PARTS, G, V, stride_s, stride_t, stride_g
     cols = tl.arange(0, BLOCK)
     ninf = float("-inf")
     label, kept = slice_label(L, row, ignore_index, HAS_LABELS)
-    st, poisoned = load_row_stats(R, row, 8)
-    m_a = column(st, 0, 8)  # DENSE_ROW: m_a, log_s_a, m_b, log_s_b, dl, m_1, log_s_1, u
-    m_b = column(st, 2, 8)
+    st, poisoned = load_row_stats(R, row, DR_WIDTH)
+    m_a = column(st, DR_M_A, DR_WIDTH)
+    m_b = column(st, DR_M_B, DR_WIDTH)
     live = (m_a > ninf) & (poisoned == 0)
     kd_on = live & (m_b > ninf)
-    lse_a = log2_lse(m_a, column(st, 1, 8), live).to(ACC)
-    lse_b = log2_lse(m_b, column(st, 3, 8), kd_on).to(ACC)
-    dl = tl.where(kd_on, column(st, 4, 8), 0.0).to(ACC)
-    lse_1 = log2_lse(column(st, 5, 8), column(st, 6, 8), live).to(ACC)
-    big_u = gradient_u(column(st, 7, 8)).to(ACC)
+    lse_a = log2_lse(m_a, column(st, DR_LOG_S_A, DR_WIDTH), live).to(ACC)
+    lse_b = log2_lse(m_b, column(st, DR_LOG_S_B, DR_WIDTH), kd_on).to(ACC)
+    dl = tl.where(kd_on, column(st, DR_DL, DR_WIDTH), 0.0).to(ACC)
+    lse_1 = log2_lse(column(st, DR_M_1, DR_WIDTH), column(st, DR_LOG_S_1, DR_WIDTH), live).to(ACC)
+    big_u = gradient_u(column(st, DR_U, DR_WIDTH)).to(ACC)
     d_acc = tl.zeros((BLOCK,), ACC)
     u_acc = tl.zeros((BLOCK,), ACC)
     for start in range(0, V, BLOCK):

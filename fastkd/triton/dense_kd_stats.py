@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .. import _op_checks, _ops
 from . import _config
+from ._columns import DS_FAR, DS_M_1, DS_M_A, DS_M_B, DS_R_A, DS_S_1, DS_S_A, DS_S_B, DS_WIDTH
 from ._math import LN2
 from .dense_kd import row_sums
 
@@ -26,15 +27,15 @@ def _dense_kd_stats_kernel(S, T, OUT, V, stride_s, stride_t, scale2, HARD: tl.co
     row = tl.program_id(0).to(tl.int64)
     m_a, s_a, r_a, far, m_b, s_b, m_1, s_1 = row_sums(S + row * stride_s, T + row * stride_t, V, scale2, row >= 0,
                                                       HARD, ACC, DEGREE, BLOCK)
-    out = OUT + row * 8
-    tl.store(out + 0, _natural(m_a))
-    tl.store(out + 1, s_a.to(tl.float64))
-    tl.store(out + 2, tl.where(far > 0, 0.0, r_a.to(tl.float64)))  # a far slice: the row is far, r unused
-    tl.store(out + 3, far.to(tl.float64))
-    tl.store(out + 4, _natural(m_b))
-    tl.store(out + 5, s_b.to(tl.float64))
-    tl.store(out + 6, _natural(m_1))
-    tl.store(out + 7, s_1.to(tl.float64))
+    out = OUT + row * DS_WIDTH
+    tl.store(out + DS_M_A, _natural(m_a))
+    tl.store(out + DS_S_A, s_a.to(tl.float64))
+    tl.store(out + DS_R_A, tl.where(far > 0, 0.0, r_a.to(tl.float64)))  # a far slice: the row is far, r unused
+    tl.store(out + DS_FAR, far.to(tl.float64))
+    tl.store(out + DS_M_B, _natural(m_b))
+    tl.store(out + DS_S_B, s_b.to(tl.float64))
+    tl.store(out + DS_M_1, _natural(m_1))
+    tl.store(out + DS_S_1, s_1.to(tl.float64))
 
 
 

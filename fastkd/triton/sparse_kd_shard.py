@@ -14,6 +14,8 @@ import triton.language as tl
 from .. import _op_checks, _ops
 from .._math import row_weights
 from . import _config
+from ._columns import (SR_IN_NORM, SR_IN_SCALE, SR_LSE_1, SR_LSE_ALL, SR_LSE_TAIL, SR_OUT_SCALE, SR_SHIFT,
+                       SR_TAIL_SCALE, SR_WIDTH)
 from ._math import LOG2E, exp_below, hard_label_grad
 from .dense_kd_shard import column, load_row_stats, slice_label
 from .sparse_kd_stats import sorted_slice_ids, walk_ids
@@ -31,17 +33,17 @@ def _sparse_kd_shard_kernel(S, IDX, LP, L, R, G, V, K, stride_s, stride_g, inv_t
     cols = tl.arange(0, BLOCK)
     ninf = float("-inf")
     label, kept = slice_label(L, row, ignore_index, HAS_LABELS)
-    st, poisoned = load_row_stats(R, row, 8)
+    st, poisoned = load_row_stats(R, row, SR_WIDTH)
     # SPARSE_ROW: shift, in_scale, in_norm, out_scale, lse_all, tail_scale, lse_tail, lse_1
-    lse_all = column(st, 4, 8)
+    lse_all = column(st, SR_LSE_ALL, SR_WIDTH)
     live = (lse_all > ninf) & (poisoned == 0)
-    shift = tl.where(live, column(st, 0, 8), 0.0).to(ACC)
-    in_scale = tl.where(live, column(st, 1, 8), 0.0).to(ACC)
-    in_norm = column(st, 2, 8).to(ACC)
-    out_scale = tl.where(live, column(st, 3, 8), 0.0).to(ACC)
-    tail_scale = tl.where(live, column(st, 5, 8), 0.0).to(ACC)
-    lse_tail = column(st, 6, 8).to(ACC)
-    lse_1 = tl.where(live, column(st, 7, 8) * LOG2E, 0.0).to(ACC)  # log2 units, for hard_label_grad
+    shift = tl.where(live, column(st, SR_SHIFT, SR_WIDTH), 0.0).to(ACC)
+    in_scale = tl.where(live, column(st, SR_IN_SCALE, SR_WIDTH), 0.0).to(ACC)
+    in_norm = column(st, SR_IN_NORM, SR_WIDTH).to(ACC)
+    out_scale = tl.where(live, column(st, SR_OUT_SCALE, SR_WIDTH), 0.0).to(ACC)
+    tail_scale = tl.where(live, column(st, SR_TAIL_SCALE, SR_WIDTH), 0.0).to(ACC)
+    lse_tail = column(st, SR_LSE_TAIL, SR_WIDTH).to(ACC)
+    lse_1 = tl.where(live, column(st, SR_LSE_1, SR_WIDTH) * LOG2E, 0.0).to(ACC)  # log2 units, for hard_label_grad
     lse_all = lse_all.to(ACC)
     ptr = 0
     nxt = tl.load(id_row, mask=K > 0, other=V)

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .. import _op_checks, _ops
 from . import _config
+from ._columns import SS_M_1, SS_M_IN, SS_M_OUT, SS_S_1, SS_S_IN, SS_S_OUT, SS_WIDTH
 from ._math import LOG2E, online_update
 from .dense_kd_stats import _natural
 
@@ -59,13 +60,13 @@ def _sparse_kd_stats_kernel(S, IDX, LP, OUT, V, K, stride_s, inv_t, HARD: tl.con
         m_out, s_out = online_update(m_out, s_out, tl.where(in_i, ninf, a2))
         if HARD:
             m_1, s_1 = online_update(m_1, s_1, x * LOG2E)
-    out = OUT + row * 6
-    tl.store(out + 0, _natural(m_in))
-    tl.store(out + 1, s_in.to(tl.float64))
-    tl.store(out + 2, _natural(m_out))
-    tl.store(out + 3, s_out.to(tl.float64))
-    tl.store(out + 4, _natural(m_1))
-    tl.store(out + 5, s_1.to(tl.float64))
+    out = OUT + row * SS_WIDTH
+    tl.store(out + SS_M_IN, _natural(m_in))
+    tl.store(out + SS_S_IN, s_in.to(tl.float64))
+    tl.store(out + SS_M_OUT, _natural(m_out))
+    tl.store(out + SS_S_OUT, s_out.to(tl.float64))
+    tl.store(out + SS_M_1, _natural(m_1))
+    tl.store(out + SS_S_1, s_1.to(tl.float64))
 
 
 def sorted_slice_ids(indices, logprobs, vocab):
