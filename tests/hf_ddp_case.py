@@ -7,7 +7,8 @@ torchrun; accelerate selects FSDP only on GPUs), and ENGINE=cuda, one process on
 
 VARIANTS (comma-separated, default all of VARIANTS below), one Trainer each in the same launch:
 "plain" (no labels column), "labels" (a labels column with ignored positions, unevenly over the
-ranks: the Trainer counts them across devices), "no_average" (average_tokens_across_devices=False).
+ranks: the Trainer counts them across devices), "no_average" (average_tokens_across_devices=False),
+"prompts" (prompt/completion rows: the on-policy path with the data's completions).
 Writes OUT/result-<rank>.pt: {variant: the logged losses and the student's final parameters}.
 """
 import os
@@ -28,7 +29,19 @@ def model(seed, hidden):
     return transformers.LlamaForCausalLM(cfg)
 
 
-VARIANTS = ("plain", "labels", "no_average")
+VARIANTS = ("plain", "labels", "no_average", "prompts")
+
+
+def prompt_rows(n=STEPS * ACCUM * GLOBAL_MICRO):
+    """Prompt/completion rows (prompts 2-6 tokens, completions 1-9: uneven over the ranks), as
+    PromptCompletionCollator batches them; the Trainer packs each batch and counts its completion
+    tokens in get_batch_samples (on_policy=0: the data's completions, the same in every run)."""
+    g = torch.Generator().manual_seed(1)
+
+    def ids(lo, hi):
+        return torch.randint(0, V, (int(torch.randint(lo, hi, (), generator=g)),), generator=g).tolist()
+
+    return [{"prompt_input_ids": ids(2, 7), "completion_input_ids": ids(1, 10)} for _ in range(n)]
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -100,7 +113,8 @@ def run(out, optimizer, engine, variant):
         save_strategy="no", disable_tqdm=True, seed=0, dataloader_drop_last=True,
         average_tokens_across_devices=variant != "no_average",
         deepspeed=ZERO3 if engine == "zero3" and world > 1 else None, **(FSDP if engine == "fsdp" else {}))
-    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Tokens(labels=variant == "labels"),
+    data = prompt_rows() if variant == "prompts" else Tokens(labels=variant == "labels")
+    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=data,
                       kd_options={"temperature": 2.0, "hard_weight": 0.25})
     trainer.train()
     if engine == "zero3" and world > 1:

@@ -58,13 +58,14 @@ def test_trainer_equals_one_process(tmp_path, optimizer, engine):
     """DDP, and DeepSpeed ZeRO-3 (every parameter partitioned; the head's weight is empty outside
     its module's forward, which fastkd.hf now runs inside) -- each with the variants of
     hf_ddp_case (no labels column; a labels column, whose count the Trainer gathers over the ranks:
-    the gradient was 1 / world of the right one; average_tokens_across_devices off)."""
+    the gradient was 1 / world of the right one; average_tokens_across_devices off; prompt /
+    completion rows of uneven lengths, packed and counted in get_batch_samples)."""
     if engine == "zero3":
         pytest.importorskip("deepspeed")
     (tmp_path / "ddp").mkdir()
     one = _one(tmp_path, optimizer)
     ranks = _run(tmp_path / "ddp", optimizer, 2, engine=engine)
-    assert set(one) == {"plain", "labels", "no_average"}
+    assert set(one) == {"plain", "labels", "no_average", "prompts"}
     for variant in one:
         assert len(one[variant]["losses"]) == 4 and all(r[variant]["world"] == 2 for r in ranks)
         _assert_same_as_one(one[variant], [r[variant] for r in ranks], optimizer, variant)
