@@ -12,9 +12,7 @@ void dense_kd_finish_cpu(const at::Tensor& grad, const at::Tensor& student, cons
                          double temperature, double kd_grad_weight) {
   DenseFinishArgs a;
   prepare_dense_finish(a, grad, student, row_stats, temperature, kd_grad_weight);
-  if (a.student.size(0) > 0) {
-    run_for_isa(FASTKD_ISA_KERNELS(dense_kd_finish_rows), a);
-  }
+  run_for_rows(a.student.size(0), FASTKD_ISA_KERNELS(dense_kd_finish_rows), a);
 }
 
 }  // namespace

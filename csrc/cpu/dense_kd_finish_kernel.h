@@ -55,9 +55,6 @@ void dense_finish_rows(const DenseFinishArgs& a) {
 
 }  // namespace
 
-void dense_kd_finish_rows(const DenseFinishArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(), "fastkd_dense_kd_finish",
-                                  [&] { dense_finish_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(dense_kd_finish_rows, DenseFinishArgs, student, dense_finish_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

@@ -143,16 +143,8 @@ void dense_rows(const DenseArgs& a) {
   });
 }
 
-template <typename scalar_t>
-void dense_rows_for(const DenseArgs& a) {
-  with_divergence(a.divergence, [&](auto d) { dense_rows<scalar_t, decltype(d)::value>(a); });
-}
-
 }  // namespace
 
-void dense_kd_rows(const DenseArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(),
-                                  "fastkd_dense_kd_rows", [&] { dense_rows_for<scalar_t>(a); });
-}
+FASTKD_DEFINE_DIVERGENCE_KERNEL(dense_kd_rows, DenseArgs, dense_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

@@ -15,10 +15,7 @@ std::tuple<at::Tensor, at::Tensor> dense_kd_shard_cpu(
   DenseShardArgs a;
   prepare_dense_shard(a, student, teacher, labels, row_stats, std::string_view(divergence.data(), divergence.size()),
                       temperature, beta, ignore_index, hard_weight, scale_by_t2, grad_scale, compute_grad);
-  if (a.student.size(0) > 0) {
-    run_for_isa(FASTKD_ISA_KERNELS(dense_kd_shard_rows),
-                a);
-  }
+  run_for_rows(a.student.size(0), FASTKD_ISA_KERNELS(dense_kd_shard_rows), a);
   return {a.parts, a.grad};
 }
 

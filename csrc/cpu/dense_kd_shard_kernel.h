@@ -129,16 +129,8 @@ void dense_shard_rows(const DenseShardArgs& a) {
   });
 }
 
-template <typename scalar_t>
-void dense_shard_rows_for(const DenseShardArgs& a) {
-  with_divergence(a.divergence, [&](auto d) { dense_shard_rows<scalar_t, decltype(d)::value>(a); });
-}
-
 }  // namespace
 
-void dense_kd_shard_rows(const DenseShardArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(), "fastkd_dense_kd_shard",
-                                  [&] { dense_shard_rows_for<scalar_t>(a); });
-}
+FASTKD_DEFINE_DIVERGENCE_KERNEL(dense_kd_shard_rows, DenseShardArgs, dense_shard_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

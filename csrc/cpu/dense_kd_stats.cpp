@@ -11,10 +11,7 @@ namespace {
 at::Tensor dense_kd_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature, bool hard) {
   DenseStatsArgs a;
   prepare_dense_stats(a, student, teacher, temperature, hard);
-  if (a.student.size(0) > 0) {
-    run_for_isa(FASTKD_ISA_KERNELS(dense_kd_stats_rows),
-                a);
-  }
+  run_for_rows(a.student.size(0), FASTKD_ISA_KERNELS(dense_kd_stats_rows), a);
   return a.out;
 }
 

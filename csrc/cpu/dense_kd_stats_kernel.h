@@ -94,9 +94,6 @@ void dense_stats_rows(const DenseStatsArgs& a) {
 
 }  // namespace
 
-void dense_kd_stats_rows(const DenseStatsArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(), "fastkd_dense_kd_stats",
-                                  [&] { dense_stats_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(dense_kd_stats_rows, DenseStatsArgs, student, dense_stats_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

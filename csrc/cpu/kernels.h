@@ -62,6 +62,13 @@ void run_for_isa(void (*def)(const Args&), void (*avx2)(const Args&), void (*avx
   }
 }
 
+// Calls the kernel for this machine's ISA when there is a row to run (an empty batch: nothing to do).
+template <typename Args>
+void run_for_rows(int64_t rows, void (*def)(const Args&), void (*avx2)(const Args&), void (*avx512)(const Args&),
+                  const Args& args) {
+  if (rows > 0) run_for_isa(def, avx2, avx512, args);
+}
+
 // Runs a row-loss kernel (a loss of 0 for an empty batch or vocabulary) -> (loss, grad).
 template <typename Args>
 std::tuple<at::Tensor, at::Tensor> run_row_loss(void (*def)(const Args&), void (*avx2)(const Args&),

@@ -55,9 +55,6 @@ void sample_rows(const SampleArgs& a) {
 
 }  // namespace
 
-void sample_teacher_rows(const SampleArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.logits.scalar_type(),
-                                  "fastkd_sample_teacher_rows", [&] { sample_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(sample_teacher_rows, SampleArgs, logits, sample_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

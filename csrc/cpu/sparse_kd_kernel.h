@@ -125,9 +125,6 @@ void sparse_rows(const SparseArgs& a) {
 
 }  // namespace
 
-void sparse_kd_rows(const SparseArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(),
-                                  "fastkd_sparse_kd_rows", [&] { sparse_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(sparse_kd_rows, SparseArgs, student, sparse_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

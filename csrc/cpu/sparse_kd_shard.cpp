@@ -14,9 +14,7 @@ at::Tensor sparse_kd_shard_cpu(const at::Tensor& student, const at::Tensor& indi
   SparseShardArgs a;
   prepare_sparse_shard(a, student, indices, logprobs, labels, row_stats, temperature, ignore_index, hard_weight,
                        scale_by_t2, grad_scale);
-  if (a.student.size(0) > 0) {
-    run_for_isa(FASTKD_ISA_KERNELS(sparse_kd_shard_rows), a);
-  }
+  run_for_rows(a.student.size(0), FASTKD_ISA_KERNELS(sparse_kd_shard_rows), a);
   return a.grad;
 }
 

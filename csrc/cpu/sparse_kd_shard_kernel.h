@@ -106,9 +106,6 @@ void sparse_shard_rows(const SparseShardArgs& a) {
 
 }  // namespace
 
-void sparse_kd_shard_rows(const SparseShardArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(), "fastkd_sparse_kd_shard",
-                                  [&] { sparse_shard_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(sparse_kd_shard_rows, SparseShardArgs, student, sparse_shard_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

@@ -12,9 +12,7 @@ at::Tensor sparse_kd_stats_cpu(const at::Tensor& student, const at::Tensor& indi
                                double temperature, bool hard) {
   SparseStatsArgs a;
   prepare_sparse_stats(a, student, indices, logprobs, temperature, hard);
-  if (a.student.size(0) > 0) {
-    run_for_isa(FASTKD_ISA_KERNELS(sparse_kd_stats_rows), a);
-  }
+  run_for_rows(a.student.size(0), FASTKD_ISA_KERNELS(sparse_kd_stats_rows), a);
   return a.out;
 }
 

@@ -96,9 +96,6 @@ void sparse_stats_rows(const SparseStatsArgs& a) {
 
 }  // namespace
 
-void sparse_kd_stats_rows(const SparseStatsArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(), "fastkd_sparse_kd_stats",
-                                  [&] { sparse_stats_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(sparse_kd_stats_rows, SparseStatsArgs, student, sparse_stats_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

@@ -11,7 +11,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_teacher_cpu(const at::Tensor
                                                                 double temperature) {
   TopkArgs a;
   prepare_topk(a, logits, k, temperature);
-  if (logits.size(0) > 0) run_for_isa(FASTKD_ISA_KERNELS(topk_teacher_rows), a);
+  run_for_rows(logits.size(0), FASTKD_ISA_KERNELS(topk_teacher_rows), a);
   return {a.indices, a.logprobs, a.tail_logmass};
 }
 

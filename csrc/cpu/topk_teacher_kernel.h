@@ -122,9 +122,6 @@ void topk_rows(const TopkArgs& a) {
 
 }  // namespace
 
-void topk_teacher_rows(const TopkArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.logits.scalar_type(),
-                                  "fastkd_topk_teacher_rows", [&] { topk_rows<scalar_t>(a); });
-}
+FASTKD_DEFINE_KERNEL(topk_teacher_rows, TopkArgs, logits, topk_rows)
 
 }  // namespace fastkd::cpu::FASTKD_ISA_NS

@@ -211,3 +211,22 @@ bool kept_row(const int64_t* labels, int64_t r, int64_t V, int64_t ignore_index,
 
 }  // namespace
 }  // namespace fastkd::cpu::FASTKD_ISA_NS
+
+// A CPU kernel's entry point, written once: fn(a) dispatches on the dtype of a.input to
+// impl<scalar_t>(a), for every float dtype the ops take (fp32, fp64, bf16, fp16) -- and, for the
+// divergence kernels, on a.divergence to impl<scalar_t, D>(a) through with_divergence (kd_math.h).
+// Used inside namespace fastkd::cpu::FASTKD_ISA_NS, after the kernel's impl template.
+#define FASTKD_DEFINE_KERNEL(fn, Args, input, impl)                                                   \
+  void fn(const Args& a) {                                                                            \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.input.scalar_type(), "fastkd_" #fn, \
+                                    [&] { impl<scalar_t>(a); });                                      \
+  }
+#define FASTKD_DEFINE_DIVERGENCE_KERNEL(fn, Args, impl)                                              \
+  void fn(const Args& a) {                                                                           \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.student.scalar_type(), "fastkd_" #fn, \
+                                    [&] {                                                            \
+                                      with_divergence(a.divergence, [&](auto d) {                    \
+                                        impl<scalar_t, decltype(d)::value>(a);                       \
+                                      });                                                            \
+                                    });                                                              \
+  }
