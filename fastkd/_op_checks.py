@@ -24,13 +24,18 @@ def _reads_values(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def row_loss(op, student, labels, temperature, ignore_index, hard_weight):
-    if student.dim() != 2:
-        _fail(op, f"student must be [N, V], got {tuple(student.shape)}")
-    if not student.is_floating_point():
-        _fail(op, f"logits must be floating point, got {student.dtype}", TypeError)
+def _logit_rows(op, name, x, temperature):
+    """x [N, V] floating point, at a positive finite temperature (the checks of every op over rows of logits)."""
+    if x.dim() != 2:
+        _fail(op, f"{name} must be [N, V], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        _fail(op, f"logits must be floating point, got {x.dtype}", TypeError)
     if not (math.isfinite(temperature) and temperature > 0):
         _fail(op, f"temperature must be positive and finite, got {temperature}")
+
+
+def row_loss(op, student, labels, temperature, ignore_index, hard_weight):
+    _logit_rows(op, "student", student, temperature)
     if not 0 <= hard_weight <= 1:
         _fail(op, f"hard_weight must lie in [0, 1], got {hard_weight}")
     n, vocab = student.shape
@@ -104,12 +109,7 @@ def sparse_values(indices, logprobs, tail_logmass, vocab, prefix=""):
 
 
 def teacher_logits(op, logits, temperature):
-    if logits.dim() != 2:
-        _fail(op, f"logits must be [N, V], got {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        _fail(op, f"logits must be floating point, got {logits.dtype}", TypeError)
-    if not (math.isfinite(temperature) and temperature > 0):
-        _fail(op, f"temperature must be positive and finite, got {temperature}")
+    _logit_rows(op, "logits", logits, temperature)
 
 
 def topk(logits, k, temperature):
