@@ -78,6 +78,12 @@ class Chunked:
         self.softcap, self.chunk, self.vocab, self.dtype = c.softcap, chunk, vocab, c.dtype
         self.shard = shard  # a VocabShard: the head holds one slice of the vocabulary, grad_h is summed
         self.metrics = None  # a ChunkMetrics (fastkd/_metrics.py), filled by the first run
+        self.grad_scale, self.need = 1.0, (True, True, True)  # the call's row weight and gradients (run())
+
+    def rows_and_grads(self, compute_grad: bool, row_scale=None):
+        """What KeptRows runs: (loss rows, (grad_h, grad_w, grad_b)) with the call's grad_scale and need."""
+        rows, *grads = self.run(compute_grad, self.grad_scale, row_scale, self.need)
+        return rows, tuple(grads)
 
     def teacher(self, a, b, logits_dtype, out=None):
         """The teacher's rows a:b for the row op: dense, its logits (under no_grad; into `out`, the
@@ -264,30 +270,36 @@ def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
     return Checked(h, lead, student_weight, student_bias, dense, rows, flat_labels, softcap, chunk_size, vocab, dtype)
 
 
-def row_op(dense, o, device):
-    """The fused row op of an unsharded call: dense_kd or sparse_kd of the backend."""
-    op = backends.kernel("dense_kd" if dense else "sparse_kd", o.backend, device)
-    if dense:
-        return lambda z, t, lab, grad_scale, compute_grad: op(
-            z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight, o.scale_by_t2,
-            grad_scale, compute_grad)
-    return lambda z, t, lab, grad_scale, compute_grad: op(
-        z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale, compute_grad)
+class RowOp(NamedTuple):
+    """The fused row op of an unsharded call -- the backend's dense_kd or sparse_kd -- with the call's
+    options: (z [n, V], teacher rows, labels, grad_scale, compute_grad) -> (loss [n], grad [n, V])."""
+
+    dense: bool
+    op: object
+    o: object  # the call's LossOptions
+
+    def __call__(self, z, t, lab, grad_scale, compute_grad):
+        o = self.o
+        if self.dense:
+            return self.op(z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight,
+                           o.scale_by_t2, grad_scale, compute_grad)
+        return self.op(z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale,
+                       compute_grad)
+
+
+def row_op(dense, o, device) -> RowOp:
+    """The fused row op of an unsharded call on `device`."""
+    return RowOp(dense, backends.kernel("dense_kd" if dense else "sparse_kd", o.backend, device), o)
 
 
 def run(c: Checked, o, loop, replay=True):
     """The loss of the chunk loop, through the kept-gradient autograd (KeptRows): with the
     reduction's row weight folded into the row op's gradient, as kd_loss does, so grad_h, grad_w
     and grad_b come out of the chunk loop already weighted."""
-    need = (c.h.requires_grad, c.weight.requires_grad, c.bias is not None and c.bias.requires_grad)
-    grad_scale = row_weight(c.labels, o.ignore_index, o.reduction, c.h.shape[0], c.h.device)
-
-    def rows_and_grads(compute_grad, row_scale):
-        rows, *grads = loop.run(compute_grad, grad_scale, row_scale, need)
-        return rows, tuple(grads)
-
+    loop.need = (c.h.requires_grad, c.weight.requires_grad, c.bias is not None and c.bias.requires_grad)
+    loop.grad_scale = row_weight(c.labels, o.ignore_index, o.reduction, c.h.shape[0], c.h.device)
     with torch.autocast(c.h.device.type, enabled=False):
         # grad_h is per row; grad_w and grad_b are sums over the rows (uniform for "mean" / "sum")
-        rows = KeptRows.apply(rows_and_grads, grad_scale, o.reduction != "none", replay, (True, False, False),
-                              c.h, c.weight, c.bias)
+        rows = KeptRows.apply(loop.rows_and_grads, loop.grad_scale, o.reduction != "none", replay,
+                              (True, False, False), c.h, c.weight, c.bias)
     return reduce_rows(rows, c.labels, o.ignore_index, o.reduction, c.lead)

@@ -2,6 +2,7 @@
 with vocab_shard= -- each: the rank-local checks inside the guard (shard.refused), the agreement,
 then the row math of rows.py (dense_rows / sparse_rows) through the kept-gradient autograd."""
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -25,17 +26,37 @@ def used_columns(layout: Layout, vocab_size):
     return max(0, min(layout.size, vocab_size - layout.start)), vocab_size
 
 
-def _run_rows(rows_fn, shard, layout, flat, *args, reduction, flat_labels, ignore_index, lead, backend):
-    """rows_fn over the slice's columns in use, through the kept-gradient autograd, then reduced."""
-    weight = row_weight(flat_labels, ignore_index, reduction, flat.shape[0], flat.device)
+class ShardRowOp(NamedTuple):
+    """The row op of a vocab-parallel call on one rank's slice: (z [n, V_r], the teacher's rows -- its
+    logits' slice, or a SparseTeacher's (indices, logprobs, tail) --, labels, grad_scale, compute_grad)
+    -> (loss [n], grad [n, V_r]) by dense_rows / sparse_rows over the ranks, with the call's options."""
 
-    def rows_and_grad(compute_grad, _row_scale):
-        rows, grad = rows_fn(shard, layout, flat.detach(), *args, weight, compute_grad, backend)
+    shard: object
+    layout: Layout
+    dense: bool
+    o: object  # the call's LossOptions
+
+    def __call__(self, z, t, lab, grad_scale, grad):
+        o = self.o
+        if self.dense:
+            return dense_rows(self.shard, self.layout, z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index,
+                              o.hard_weight, o.scale_by_t2, grad_scale, grad, o.backend)
+        return sparse_rows(self.shard, self.layout, z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight,
+                           o.scale_by_t2, grad_scale, grad, o.backend)
+
+
+class SliceRows(NamedTuple):
+    """What KeptRows runs for kd_loss / sparse_kd_loss on a slice: (rows, (grad,)) of the row op."""
+
+    row_op: ShardRowOp
+    flat: torch.Tensor
+    teacher: tuple | torch.Tensor
+    labels: torch.Tensor | None
+    weight: object
+
+    def __call__(self, compute_grad, _row_scale):
+        rows, grad = self.row_op(self.flat.detach(), self.teacher, self.labels, self.weight, compute_grad)
         return rows, (grad,)
-
-    # the slice's gradient is per row; its collectives cannot run again in backward (replay=False)
-    rows = KeptRows.apply(rows_and_grad, weight, reduction != "none", False, (True,), flat)
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
 
 
 def _row_checks(student, labels, o, op):
@@ -45,21 +66,26 @@ def _row_checks(student, labels, o, op):
     return flat_labels
 
 
-def _sharded_rows(shard, rows_fn, student_logits, o, teacher_args, row_args, flat_labels, agreed=(), ids=None):
-    """Agree, cut the slice to the columns in use, run rows_fn through the kept-gradient autograd
-    and reduce. teacher_args(n, vocab, used): the teacher's arguments for the cut slice; ids: a
-    sparse teacher's, which every rank must pass alike (as the labels)."""
+def _sharded_rows(shard, student_logits, o, teacher, flat_labels, dense):
+    """Agree, cut the slice to the columns in use, run the row op through the kept-gradient autograd
+    and reduce. teacher: the dense teacher's logits (cut like the student's), or a sparse teacher's
+    checked rows, whose ids every rank must pass alike (as the labels)."""
+    ids = None if dense else teacher[0]
     content = (flat_labels, ids) if shard.check else ()
     vocab = student_logits.shape[-1]
     n = math.prod(student_logits.shape[:-1])
     flat = student_logits.reshape(n, vocab)
+    agreed = () if dense else ("sparse", ids.shape[-1])
     layout = shard.agree(n, vocab, o.key() + (flat_labels is None, str(student_logits.dtype)) + agreed,
                          torch.is_grad_enabled() and flat.requires_grad, content)
     used, total = used_columns(layout, o.vocab_size)
     layout = Layout(layout.start, used, total, layout.world)
-    return _run_rows(rows_fn, shard, layout, flat[:, :used], *teacher_args(n, vocab, used), flat_labels, *row_args,
-                     reduction=o.reduction, flat_labels=flat_labels, ignore_index=o.ignore_index,
-                     lead=student_logits.shape[:-1], backend=o.backend)
+    t = teacher.reshape(n, vocab)[:, :used].detach() if dense else teacher
+    weight = row_weight(flat_labels, o.ignore_index, o.reduction, n, flat.device)
+    run = SliceRows(ShardRowOp(shard, layout, dense, o), flat[:, :used], t, flat_labels, weight)
+    # the slice's gradient is per row; its collectives cannot run again in backward (replay=False)
+    rows = KeptRows.apply(run, weight, o.reduction != "none", False, (True,), flat[:, :used])
+    return reduce_rows(rows, flat_labels, o.ignore_index, o.reduction, student_logits.shape[:-1])
 
 
 def kd_loss(vocab_shard, student_logits, teacher_logits, labels, options):
@@ -73,10 +99,7 @@ def kd_loss(vocab_shard, student_logits, teacher_logits, labels, options):
         return o, _row_checks(student_logits, labels, o, "dense_kd_shard")
 
     o, flat_labels = refused(shard, check)
-    return _sharded_rows(shard, dense_rows, student_logits, o,
-                         lambda n, vocab, used: (teacher_logits.reshape(n, vocab)[:, :used].detach(),),
-                         (o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight, o.scale_by_t2),
-                         flat_labels)
+    return _sharded_rows(shard, student_logits, o, teacher_logits, flat_labels, dense=True)
 
 
 def sparse_kd_loss(vocab_shard, student_logits, teacher, labels, options):
@@ -93,21 +116,13 @@ def sparse_kd_loss(vocab_shard, student_logits, teacher, labels, options):
         return rows, o, _row_checks(student_logits, labels, o, "sparse_kd_shard")
 
     rows, o, flat_labels = refused(shard, check)
-    return _sharded_rows(shard, sparse_rows, student_logits, o, lambda n, vocab, used: rows,
-                         (o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2), flat_labels,
-                         agreed=("sparse", rows[0].shape[-1]), ids=rows[0])
+    return _sharded_rows(shard, student_logits, o, rows, flat_labels, dense=False)
 
 
-def fused_row_op(shard, layout, dense, o):
+def fused_row_op(shard, layout, dense, o) -> ShardRowOp:
     """The row op of a vocab-parallel fused linear call: z [n, V_r] (this rank's rows of the head's
     logits), the teacher's rows, labels -> dense_rows / sparse_rows over the ranks."""
-    if dense:
-        return lambda z, t, lab, grad_scale, grad: dense_rows(
-            shard, layout, z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight,
-            o.scale_by_t2, grad_scale, grad, o.backend)
-    return lambda z, t, lab, grad_scale, grad: sparse_rows(
-        shard, layout, z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale,
-        grad, o.backend)
+    return ShardRowOp(shard, layout, dense, o)
 
 
 def fused_linear_kd_loss(vocab_shard, heads: Heads, labels, options, return_metrics=False):
