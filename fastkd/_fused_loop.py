@@ -279,12 +279,20 @@ class RowOp(NamedTuple):
     o: object  # the call's LossOptions
 
     def __call__(self, z, t, lab, grad_scale, compute_grad):
-        o = self.o
-        if self.dense:
-            return self.op(z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight,
-                           o.scale_by_t2, grad_scale, compute_grad)
-        return self.op(z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2, grad_scale,
-                       compute_grad)
+        return self.op(z, *teacher_args(t, self.dense), lab, *option_args(self.o, self.dense), grad_scale, compute_grad)
+
+
+def teacher_args(t, dense) -> tuple:
+    """The teacher's arguments of a row op: a dense teacher's logits, or a sparse one's (indices, logprobs, tail)."""
+    return (t,) if dense else tuple(t)
+
+
+def option_args(o, dense) -> tuple:
+    """The options a row op takes after its labels, in the schemas' order (fastkd/_ops.py): dense_kd's
+    and dense_kd_shard's, or sparse_kd's and sparse_kd_shard's."""
+    if dense:
+        return o.divergence, o.temperature, o.beta, o.ignore_index, o.hard_weight, o.scale_by_t2
+    return o.tail, o.temperature, o.ignore_index, o.hard_weight, o.scale_by_t2
 
 
 def row_op(dense, o, device) -> RowOp:

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validate, backends
 from .._autograd import KeptRows
-from .._fused_loop import Chunked, Heads, auto_chunk_rows, check_heads, run
+from .._fused_loop import Chunked, Heads, auto_chunk_rows, check_heads, option_args, run, teacher_args
 from .._options import as_options, with_teacher
 from .._reduce import reduce_rows, row_weight
 from .._validate import UNBOUNDED
@@ -37,12 +37,9 @@ class ShardRowOp(NamedTuple):
     o: object  # the call's LossOptions
 
     def __call__(self, z, t, lab, grad_scale, grad):
-        o = self.o
-        if self.dense:
-            return dense_rows(self.shard, self.layout, z, t, lab, o.divergence, o.temperature, o.beta, o.ignore_index,
-                              o.hard_weight, o.scale_by_t2, grad_scale, grad, o.backend)
-        return sparse_rows(self.shard, self.layout, z, *t, lab, o.tail, o.temperature, o.ignore_index, o.hard_weight,
-                           o.scale_by_t2, grad_scale, grad, o.backend)
+        rows = dense_rows if self.dense else sparse_rows
+        return rows(self.shard, self.layout, z, *teacher_args(t, self.dense), lab, *option_args(self.o, self.dense),
+                    grad_scale, grad, self.o.backend)
 
 
 class SliceRows(NamedTuple):
