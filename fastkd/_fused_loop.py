@@ -85,18 +85,25 @@ class Chunked:
         rows, *grads = self.run(compute_grad, self.grad_scale, row_scale, self.need)
         return rows, tuple(grads)
 
-    def teacher(self, a, b, logits_dtype, out=None):
-        """The teacher's rows a:b for the row op: dense, its logits (under no_grad; into `out`, the
-        loop's teacher buffer, for a head given as a tensor); sparse, its entries."""
+    def teacher_head(self, logits_dtype):
+        """A dense teacher's head (weight, bias) cut to the vocabulary in use and cast to the logits'
+        dtype, once per run; None for a sparse teacher or a head module."""
+        if not self.dense or not isinstance(self.teacher_rows[1], torch.Tensor):
+            return None
+        _, tw, tb = self.teacher_rows
+        return tw[:self.vocab].to(logits_dtype), None if tb is None else tb[:self.vocab].to(logits_dtype)
+
+    def teacher(self, a, b, logits_dtype, head=None, out=None):
+        """The teacher's rows a:b for the row op: dense, its logits (under no_grad; from `head`, the
+        run's teacher_head, into `out`, the loop's teacher buffer); sparse, its entries."""
         if not self.dense:
             return tuple(x[a:b] for x in self.teacher_rows)
-        th, tw, tb = self.teacher_rows
+        th, tw, _ = self.teacher_rows
         with torch.no_grad():
-            if not isinstance(tw, torch.Tensor):  # the teacher's own head module, on this chunk's rows
+            if head is None:  # the teacher's own head module, on this chunk's rows
                 z = tw(th[a:b])[:, :self.vocab].to(logits_dtype)
                 return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
-            return head_logits(th[a:b].to(logits_dtype), tw[:self.vocab].to(logits_dtype),
-                               None if tb is None else tb[:self.vocab].to(logits_dtype), self.softcap, out)
+            return head_logits(th[a:b].to(logits_dtype), *head, self.softcap, out)
 
     def run(self, compute_grad: bool, grad_scale=1.0, row_scale=None, need=(True, True, True)):
         """-> (loss rows [N] fp32, grad_h, grad_w (fp32, [V_full, H]), grad_b (fp32)); grads are
@@ -119,12 +126,13 @@ class Chunked:
         # one [chunk, V] buffer of student logits (and one of a dense teacher's), reused by every chunk
         rows_c = min(self.chunk, n)
         z_buf = torch.empty(rows_c, self.vocab, dtype=dtype, device=h.device)
-        t_buf = torch.empty_like(z_buf) if self.dense and isinstance(self.teacher_rows[1], torch.Tensor) else None
+        t_head = self.teacher_head(dtype)
+        t_buf = torch.empty_like(z_buf) if t_head is not None else None
         for a in range(0, n, self.chunk):
             hc = h[a:a + self.chunk].to(dtype)
             z = head_logits(hc, w_used, b_used, self.softcap, z_buf)
             lab = None if self.labels is None else self.labels[a:a + self.chunk]
-            t = self.teacher(a, a + hc.shape[0], z.dtype, t_buf)
+            t = self.teacher(a, a + hc.shape[0], z.dtype, t_head, t_buf)
             try:
                 loss, g = self.row_op(z, t, lab, grad_scale, compute_grad)
             except ValueError as e:  # the op checks what it reads (labels, teacher ids): name the call's row
@@ -199,6 +207,11 @@ class Checked(NamedTuple):
     dtype: torch.dtype
 
 
+def check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
     """Every check that needs no other rank -> Checked. A sharded call's vocabulary is checked once
     the ranks agree on its total (fastkd.distributed.fused_linear_kd_loss)."""
@@ -214,8 +227,7 @@ def check_heads(heads: Heads, labels, o, sharded=False) -> Checked:
         raise ValueError(f"student_bias must be [{student_weight.shape[0]}], got {tuple(student_bias.shape)}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     dense = teacher is None
     if dense == (teacher_weight is None) or dense != (teacher_hidden is not None):
         raise ValueError("give the teacher either as teacher_hidden + teacher_weight (+ teacher_bias), "

@@ -91,14 +91,18 @@ def generate_completions(model, prompt_ids, prompt_mask, generation_config):
     return new, (~ended).long()
 
 
+def _id_sources(generation_config, model):
+    """Where generate() reads its special token ids, first to last: the config, then (as
+    transformers does) the model's generation_config, then its config."""
+    inner = unwrap(model)
+    sources = (generation_config, getattr(inner, "generation_config", None), getattr(inner, "config", None))
+    return [s for s in sources if s is not None]
+
+
 def eos_of(generation_config, model):
-    """The EOS id(s) generate() stops at: the config's, else (as transformers does) the model's
-    generation_config's, else its config's."""
-    for source in (generation_config, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if eos is not None:
-            return eos
-    return None
+    """The EOS id(s) generate() stops at: the first of _id_sources that names one."""
+    return next((s.eos_token_id for s in _id_sources(generation_config, model)
+                 if getattr(s, "eos_token_id", None) is not None), None)
 
 
 def _has_prompts(dataset) -> bool:
@@ -109,10 +113,10 @@ def _has_prompts(dataset) -> bool:
 
 
 def _pad_id(generation_config, model) -> int:
-    for source in (generation_config, getattr(unwrap(model), "generation_config", None), getattr(unwrap(model),
-                                                                                                 "config", None)):
+    """The id completions are padded with: the first pad (else EOS) id of _id_sources, else 0."""
+    for source in _id_sources(generation_config, model):
         for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(source, name, None) if source is not None else None
+            value = getattr(source, name, None)
             if isinstance(value, (list, tuple)):
                 value = value[0] if value else None
             if isinstance(value, int):
@@ -145,7 +149,7 @@ def generation_config_for(config, model):
     if config.pad_token_id is None:
         config.pad_token_id = _pad_id(None, model)
     if config.eos_token_id is None:
-        config.eos_token_id = eos_of(None, unwrap(model))
+        config.eos_token_id = eos_of(None, model)
     return config
 
 

@@ -8,6 +8,7 @@ import torch
 
 import transformers
 
+from .._fused_loop import check_chunk_size
 from .._metrics import NAMES as _METRIC_NAMES, KDMetrics
 from .._options import loss_options
 from ..sparse_teacher import SparseTeacher
@@ -32,13 +33,11 @@ def check_kd_options(kd_options, sparse):
     if unknown:
         raise ValueError(f"kd_options has {unknown}, which the DistillationTrainer does not take: it sets the batch's "
                          f"labels, ignore_index and reduction itself; the options are {list(KD_OPTIONS)}")
-    chunk = kd_options.get("chunk_size")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"kd_options['chunk_size'] must be a positive int or None, got {chunk!r}")
-    checked = {k: v for k, v in kd_options.items() if k not in ("chunk_size",)}
+    checked = {k: v for k, v in kd_options.items() if k != "chunk_size"}
     if sparse:
         checked.setdefault("temperature", None)
     try:
+        check_chunk_size(kd_options.get("chunk_size"))
         loss_options(**checked, sparse=sparse)
     except (TypeError, ValueError) as e:
         raise type(e)(f"kd_options: {e}") from e
@@ -184,11 +183,10 @@ class DistillationTrainer(transformers.Trainer):
         if not batches:
             return batches, None
         if self.token_teacher is not None:
-            count = sum(int(b["input_ids"].shape[0]) for b in batches)
-        else:
-            count = sum(int((shifted_labels(b["input_ids"], b.get("attention_mask"), b.get("labels")) != -100).sum())
-                        for b in batches)
-        count = torch.tensor(count, dtype=torch.long, device=device)
+            count = torch.tensor(sum(b["input_ids"].shape[0] for b in batches), device=device)
+        else:  # (summed on the batches' device: no host sync per micro-batch)
+            count = sum((shifted_labels(b["input_ids"], b.get("attention_mask"), b.get("labels")) != -100).sum()
+                        for b in batches).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum() // self._replicas()
         return batches, count
