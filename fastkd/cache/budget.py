@@ -12,7 +12,7 @@ from ..sparse_teacher import expected_unique
 
 # The frontier measured by `python -m fastkd study cache` (V = 8192, T = 1, 3 seeds; docs/fidelity.md):
 # family -> ((size, mean validation loss of the students), ...), the size being top-k's k or the
-# sampled cache's mean unique ids per row. Lower is better; dense KD (no cache) scored 3.440.
+# sampled cache's mean unique ids per row. Lower is better; dense KD (no cache) scored DENSE.
 # The whole run: benchmarks/results/cache-study.json.
 DENSE = 3.440
 FRONTIER = {

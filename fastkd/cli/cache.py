@@ -20,7 +20,7 @@ import torch
 from ..cache import CacheError, CacheWriter, TeacherCache
 from ..cache.writer import SHARD_TOKENS
 from ..sparse_teacher import sample_teacher, topk_teacher
-from . import UsageError
+from . import UsageError, check_temperature_flag
 
 
 HELP = "run a teacher over tokens and write its sparse rows to a cache"
@@ -158,8 +158,7 @@ def run(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.num_samples is not None and args.num_samples > 255:
         raise UsageError(f"--num-samples must be at most 255, got {args.num_samples}")
-    if not 0 < args.temperature < float("inf"):
-        raise UsageError(f"--temperature must be positive and finite, got {args.temperature}")
+    check_temperature_flag(args.temperature)
     if not 0 <= args.seed < 2 ** 40:
         raise UsageError(f"--seed must lie in [0, 2**40), got {args.seed}")
     check_device(args.device)

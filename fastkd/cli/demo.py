@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import UsageError
+from . import UsageError, check_temperature_flag
 from ._publish import publish
 
 HELP = "distil a small language model end to end on this machine, every method, and report"
@@ -101,8 +101,7 @@ def _run(args) -> int:
     for name in ("vocab", "seq_len", "batch_size"):
         if getattr(args, name) < 2:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}")
-    if not 0 < args.temperature < math.inf:
-        raise UsageError(f"--temperature must be positive and finite, got {args.temperature}")
+    check_temperature_flag(args.temperature)
     if not 0 <= args.hard_weight <= 1:
         raise UsageError(f"--hard-weight must lie in [0, 1], got {args.hard_weight}")
     if args.device != "cpu":

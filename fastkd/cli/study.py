@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from . import UsageError, demo
+from . import UsageError, check_temperature_flag, demo
 from ._publish import publish
 
 HELP = "measure the teacher cache's quality per byte (python -m fastkd study cache)"
@@ -129,8 +129,7 @@ def _run(args) -> int:
     seeds_n = (2 if args.quick else 3) if args.seeds is None else args.seeds
     if seeds_n < 1:
         raise UsageError(f"--seeds must be at least 1, got {seeds_n}")
-    if not 0 < args.temperature < math.inf:
-        raise UsageError(f"--temperature must be positive and finite, got {args.temperature}")
+    check_temperature_flag(args.temperature)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file; give a directory (created if missing)")
     d = _settings(args)
